@@ -1,0 +1,9 @@
+"""On integration.token.check-expiring: find expiring connections, request one refresh each."""
+
+import azure.functions as func
+
+from shared.expiring_check import handle_check_expiring_message
+
+
+def main(message: func.ServiceBusMessage) -> None:
+    handle_check_expiring_message(message.get_body())

@@ -1,0 +1,191 @@
+"""The wire contract: CloudEvents 1.0 envelopes (structured JSON mode) and typed payloads.
+
+Every event the app publishes or consumes goes through these models, so a field name or shape can
+only change here. Payload fields are camelCase on the wire, snake_case in Python.
+"""
+
+from __future__ import annotations
+
+import json
+import uuid
+from datetime import UTC, datetime
+from typing import Any, ClassVar, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_serializer, field_validator
+from pydantic.alias_generators import to_camel
+
+SOURCE = "integration-token-refresh"
+CONTENT_TYPE = "application/cloudevents+json"
+
+CHECK_EXPIRING = "integration.token.check-expiring"
+REFRESH_REQUESTED = "integration.token.refresh-requested"
+REFRESHED = "integration.token.refreshed"
+REFRESH_FAILED = "integration.token.refresh.failed"
+
+# Messages bigger than this are not events of ours: refuse them before parsing.
+MAX_EVENT_BYTES = 64 * 1024
+
+# Fixed namespace so refresh-requested ids are stable across processes, hosts and deployments.
+_REFRESH_REQUEST_NAMESPACE = uuid.UUID("5b0f7c1e-8d1e-4b7a-9a55-3f6a2a0e6c11")
+
+
+class InvalidEventError(ValueError):
+    """A message is not a valid event of the expected type. Retrying it cannot help."""
+
+
+def utc_now() -> datetime:
+    return datetime.now(UTC)
+
+
+def format_time(moment: datetime) -> str:
+    """ISO-8601 UTC with millisecond precision and a Z suffix, e.g. 2026-11-26T14:00:00.000Z."""
+    return moment.astimezone(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+def parse_time(text: str) -> datetime:
+    """Parse an ISO-8601 timestamp; a value without an offset is taken as UTC."""
+    moment = datetime.fromisoformat(text.strip().replace("z", "Z"))
+    if moment.tzinfo is None:
+        moment = moment.replace(tzinfo=UTC)
+    return moment.astimezone(UTC)
+
+
+class _Payload(BaseModel):
+    model_config = ConfigDict(alias_generator=to_camel, populate_by_name=True, extra="ignore", frozen=True)
+    event_type: ClassVar[str]
+
+    @field_serializer("*", when_used="json")
+    def _serialize_times(self, value: Any) -> Any:
+        return format_time(value) if isinstance(value, datetime) else value
+
+    @field_validator("*", mode="after")
+    @classmethod
+    def _times_are_utc(cls, value: Any) -> Any:
+        if isinstance(value, datetime):
+            if value.tzinfo is None:
+                value = value.replace(tzinfo=UTC)
+            return value.astimezone(UTC)
+        return value
+
+
+class CheckExpiringData(_Payload):
+    event_type: ClassVar[str] = CHECK_EXPIRING
+    timestamp: datetime
+    threshold_time: datetime
+
+
+class ConnectionRef(_Payload):
+    """The three ids that name a connection, in every per-connection event."""
+
+    connection_id: str = Field(min_length=1, max_length=1024)
+    integration_id: str = Field(min_length=1, max_length=1024)
+    tenant_id: str = Field(min_length=1, max_length=1024)
+
+
+class RefreshRequestedData(ConnectionRef):
+    event_type: ClassVar[str] = REFRESH_REQUESTED
+    expires_at: datetime
+    requested_at: datetime
+
+
+class RefreshedData(ConnectionRef):
+    event_type: ClassVar[str] = REFRESHED
+    refreshed_at: datetime
+    expires_at: datetime | None = None
+
+
+class RefreshError(_Payload):
+    code: str
+    message: str
+    http_status: int | None = None
+
+
+class RefreshFailedData(ConnectionRef):
+    event_type: ClassVar[str] = REFRESH_FAILED
+    failed_at: datetime
+    error: RefreshError
+    retryable: bool
+    attempts: int = Field(ge=1)
+
+
+PAYLOAD_TYPES: dict[str, type[_Payload]] = {
+    model.event_type: model for model in (CheckExpiringData, RefreshRequestedData, RefreshedData, RefreshFailedData)
+}
+
+
+class CloudEvent(BaseModel):
+    """A CloudEvents 1.0 envelope around one of the payloads above."""
+
+    model_config = ConfigDict(extra="ignore", frozen=True)
+
+    specversion: Literal["1.0"] = "1.0"
+    id: str = Field(min_length=1, max_length=128)
+    source: str = Field(min_length=1)
+    type: str
+    time: datetime
+    datacontenttype: Literal["application/json"] = "application/json"
+    data: dict[str, Any]
+
+    def to_json(self) -> bytes:
+        body = self.model_dump(mode="json")
+        body["time"] = format_time(self.time)
+        return json.dumps(body, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+
+    def payload(self) -> _Payload:
+        try:
+            return PAYLOAD_TYPES[self.type].model_validate(self.data)
+        except KeyError:
+            raise InvalidEventError(f"unknown event type {self.type!r}") from None
+
+
+def make_event(data: _Payload, event_id: str | None = None, time: datetime | None = None) -> CloudEvent:
+    return CloudEvent(
+        id=event_id or str(uuid.uuid4()),
+        source=SOURCE,
+        type=data.event_type,
+        time=time or utc_now(),
+        data=data.model_dump(mode="json", by_alias=True, exclude_none=True),
+    )
+
+
+def refresh_request_id(connection: ConnectionRef, expires_at: datetime) -> str:
+    """Deterministic id: the same connection with the same expiresAt always gives the same id."""
+    key = "\x1f".join(
+        (connection.tenant_id, connection.integration_id, connection.connection_id, format_time(expires_at))
+    )
+    return str(uuid.uuid5(_REFRESH_REQUEST_NAMESPACE, key))
+
+
+def parse_event(body: bytes | str, expected_type: str) -> tuple[CloudEvent, Any]:
+    """Parse and validate a message body as a CloudEvent of `expected_type`.
+
+    Returns the envelope and its typed payload; raises InvalidEventError with a short reason
+    (no message content, which could carry anything) when the body does not fit the contract.
+    """
+    raw = body.encode("utf-8") if isinstance(body, str) else bytes(body)
+    if len(raw) > MAX_EVENT_BYTES:
+        raise InvalidEventError(f"message body is {len(raw)} bytes, over the {MAX_EVENT_BYTES}-byte limit")
+    try:
+        document = json.loads(raw)
+    except (UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise InvalidEventError(f"message body is not UTF-8 JSON ({error.__class__.__name__})") from None
+    if not isinstance(document, dict):
+        raise InvalidEventError("message body is not a JSON object")
+    try:
+        envelope = CloudEvent.model_validate(document)
+    except ValidationError as error:
+        raise InvalidEventError(f"not a CloudEvents 1.0 envelope: {_fields(error)}") from None
+    if envelope.type != expected_type:
+        raise InvalidEventError(f"event type is {envelope.type!r}, expected {expected_type!r}")
+    try:
+        payload = envelope.payload()
+    except ValidationError as error:
+        raise InvalidEventError(f"invalid {expected_type} data: {_fields(error)}") from None
+    return envelope, payload
+
+
+def _fields(error: ValidationError) -> str:
+    return "; ".join(
+        f"{'.'.join(str(p) for p in item['loc']) or 'body'}: {item['msg']}"
+        for item in error.errors(include_input=False, include_url=False)
+    )

@@ -1,0 +1,195 @@
+"""Client of integration-manager's refresh endpoint.
+
+`POST {INTEGRATION_MANAGER_URL}/api/v1/integrations/{integrationId}/connections/{connectionId}/refresh`
+
+Ids come from documents and messages, so they are untrusted: each is percent-encoded as exactly one
+path segment, ids that HTTP clients or servers would treat as dot segments are refused, and the
+prepared URL is checked to be the intended endpoint before anything is sent. Redirects are never
+followed (the bearer token must not travel to another URL). Response bodies are read only for a
+short error code and a new expiry, never echoed (they could carry secrets).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+from urllib.parse import quote, urlsplit
+
+import requests
+
+from shared.settings import Settings, SettingsError
+
+logger = logging.getLogger(__name__)
+
+MAX_RESPONSE_BYTES = 256 * 1024
+_SAFE_ERROR_CODE = re.compile(r"^[A-Za-z][A-Za-z0-9_.:-]{0,63}$")
+_PRINTABLE_ASCII = re.compile(r"^[\x20-\x7e]+$")
+
+
+class InvalidConnectionId(ValueError):
+    """An id cannot be sent as a single path segment (e.g. only dots). Retrying cannot help."""
+
+
+@dataclass(frozen=True)
+class RefreshOutcome:
+    succeeded: bool
+    http_status: int | None = None
+    error_code: str | None = None
+    error_message: str | None = None
+    retryable: bool = False
+    expires_at: datetime | None = None
+
+
+def path_segment(value: str, name: str) -> str:
+    """Percent-encode an id as one path segment; refuse ids a URL would reinterpret."""
+    if not value:
+        raise InvalidConnectionId(f"{name} is empty")
+    if set(value) <= {"."}:
+        # "." and ".." are dot segments: clients and servers remove or resolve them, changing the path.
+        raise InvalidConnectionId(f"{name} consists only of dots")
+    return quote(value, safe="")
+
+
+def refresh_path(integration_id: str, connection_id: str) -> str:
+    return (
+        f"/api/v1/integrations/{path_segment(integration_id, 'integrationId')}"
+        f"/connections/{path_segment(connection_id, 'connectionId')}/refresh"
+    )
+
+
+class IntegrationManagerClient:
+    """One HTTP session per process: connections to integration-manager are kept alive and reused."""
+
+    def __init__(
+        self,
+        base_url: str,
+        token: str | None = None,
+        connect_timeout_s: float = 5.0,
+        read_timeout_s: float = 30.0,
+        session: requests.Session | None = None,
+    ):
+        self._base_url = base_url.rstrip("/")
+        self._base_path = urlsplit(self._base_url).path
+        self._timeout = (connect_timeout_s, read_timeout_s)
+        self._session = session or requests.Session()
+        self._session.headers["Accept"] = "application/json"
+        self._session.headers["User-Agent"] = "integration-token-refresh"
+        if token:
+            self._session.headers["Authorization"] = f"Bearer {token}"
+        self._session.trust_env = False  # no netrc/proxy surprises; the URL says where requests go
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> IntegrationManagerClient:
+        if not settings.integration_manager_url:
+            raise SettingsError(
+                "INTEGRATION_MANAGER_URL is not set; expected the http(s) base URL of integration-manager"
+            )
+        token = settings.integration_manager_token
+        return cls(
+            settings.integration_manager_url,
+            token.get_secret_value() if token else None,
+            settings.integration_manager_connect_timeout_ms / 1000,
+            settings.integration_manager_timeout_ms / 1000,
+        )
+
+    def refresh_connection(self, integration_id: str, connection_id: str, tenant_id: str) -> RefreshOutcome:
+        try:
+            path = self._base_path + refresh_path(integration_id, connection_id)
+        except InvalidConnectionId as error:
+            return RefreshOutcome(False, error_code="invalid_connection_id", error_message=str(error))
+        headers = {"X-Tenant-Id": tenant_id} if _PRINTABLE_ASCII.match(tenant_id) else {}
+        request = requests.Request(
+            "POST", self._base_url.removesuffix(self._base_path) + path, json={"tenantId": tenant_id}, headers=headers
+        )
+        prepared = self._session.prepare_request(request)
+        if urlsplit(prepared.url).path != path:
+            # Defence in depth: nothing an id contains may change which endpoint is called.
+            return RefreshOutcome(
+                False, error_code="invalid_connection_id", error_message="ids would change the endpoint path"
+            )
+        try:
+            response = self._session.send(prepared, timeout=self._timeout, allow_redirects=False, stream=True)
+        except requests.Timeout:
+            return RefreshOutcome(
+                False, error_code="timeout", error_message="integration-manager did not answer in time", retryable=True
+            )
+        except requests.RequestException as error:
+            return RefreshOutcome(
+                False,
+                error_code="network_error",
+                error_message=f"could not reach integration-manager ({error.__class__.__name__})",
+                retryable=True,
+            )
+        with response:
+            body = _read_json(response)
+        return _outcome(response.status_code, body)
+
+    def close(self) -> None:
+        self._session.close()
+
+
+def _read_json(response: requests.Response) -> Any:
+    try:
+        raw = b""
+        for chunk in response.iter_content(64 * 1024):
+            raw += chunk
+            if len(raw) > MAX_RESPONSE_BYTES:
+                return None
+        return json.loads(raw) if raw else None
+    except (requests.RequestException, ValueError):
+        return None
+
+
+def _outcome(status: int, body: Any) -> RefreshOutcome:
+    if 200 <= status < 300:
+        return RefreshOutcome(True, http_status=status, expires_at=_new_expiry(body))
+    code = _error_code(body)
+    if 300 <= status < 400:
+        default_code, retryable = "redirect_refused", False
+    elif status in (408, 429) or status >= 500:
+        default_code, retryable = (
+            ("rate_limited" if status == 429 else "timeout" if status == 408 else "server_error"),
+            True,
+        )
+    else:
+        default_code, retryable = "refresh_rejected", False
+    message = f"integration-manager answered HTTP {status}" + (f" ({code})" if code else "")
+    return RefreshOutcome(
+        False, http_status=status, error_code=code or default_code, error_message=message, retryable=retryable
+    )
+
+
+def _error_code(body: Any) -> str | None:
+    """A short machine code such as `invalid_grant` from common error shapes; never free text."""
+    if not isinstance(body, dict):
+        return None
+    candidates = [body.get("code"), body.get("error")]
+    if isinstance(body.get("error"), dict):
+        candidates.append(body["error"].get("code"))
+    for candidate in candidates:
+        if isinstance(candidate, str) and _SAFE_ERROR_CODE.match(candidate):
+            return candidate
+    return None
+
+
+def _new_expiry(body: Any) -> datetime | None:
+    from shared.connection_store import parse_expires_at
+
+    if not isinstance(body, dict):
+        return None
+    for holder in (
+        body,
+        body.get("oauth"),
+        body.get("data"),
+        (body.get("data") or {}).get("oauth") if isinstance(body.get("data"), dict) else None,
+    ):
+        if isinstance(holder, dict) and "expiresAt" in holder:
+            try:
+                return parse_expires_at(holder["expiresAt"])
+            except (ValueError, TypeError, OverflowError, OSError):
+                return None
+    return None

@@ -1,0 +1,214 @@
+"""Application settings: the one place that reads and validates configuration.
+
+Azure Functions exposes application settings as environment variables; `func start` and the local
+CLI load `local.settings.json` `Values` into the environment first. A bad value fails fast with a
+`SettingsError` that names the setting and the expected form, never the (possibly secret) value.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Annotated, Any
+from urllib.parse import urlsplit
+
+from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+logger = logging.getLogger(__name__)
+
+# Time a refresh needs between being selected and the token expiring: queueing, the refresh call,
+# provider latency. A threshold shorter than interval + this margin can let tokens expire between checks.
+SAFETY_MARGIN_MS = 5 * 60 * 1000
+
+DEFAULT_SKIP_STATUSES = ("revoked", "disabled", "deleted")
+
+
+class SettingsError(ValueError):
+    """A setting is missing or malformed. The message names the setting and the expected form."""
+
+
+def _expected_form(setting: str) -> str:
+    return _EXPECTED_FORMS.get(setting, "see the README settings table")
+
+
+_EXPECTED_FORMS = {
+    "TOKEN_REFRESH_ENABLED": "true or false",
+    "TOKEN_REFRESH_INTERVAL_MS": "a whole number of milliseconds, at least 1000 (e.g. 3600000)",
+    "TOKEN_REFRESH_EXPIRATION_THRESHOLD_MS": "a whole number of milliseconds, 0 or more (e.g. 3600000)",
+    "TOKEN_REFRESH_SKIP_STATUSES": "a comma-separated list of connection statuses, e.g. revoked,disabled,deleted",
+    "TOKEN_REFRESH_PAGE_SIZE": "a whole number between 1 and 1000",
+    "COSMOS_ENDPOINT": "an https:// URL such as https://myaccount.documents.azure.com:443/",
+    "COSMOS_DATABASE": "a non-empty database name",
+    "COSMOS_CONNECTIONS_CONTAINER": "a non-empty container name",
+    "ServiceBusConnection": "a Service Bus connection string: Endpoint=sb://<namespace>.servicebus.windows.net/;"
+    "SharedAccessKeyName=...;SharedAccessKey=...",
+    "ServiceBusConnection__fullyQualifiedNamespace": "a host name such as mynamespace.servicebus.windows.net",
+    "RABBITMQ_URL": "an amqp:// or amqps:// URL",
+    "RABBITMQ_EXCHANGE": "a non-empty exchange name",
+    "INTEGRATION_MANAGER_URL": "an http:// or https:// base URL without query, fragment or credentials",
+    "INTEGRATION_MANAGER_CONNECT_TIMEOUT_MS": "a whole number of milliseconds between 100 and 60000",
+    "INTEGRATION_MANAGER_TIMEOUT_MS": "a whole number of milliseconds between 100 and 600000",
+}
+
+
+class Settings(BaseSettings):
+    """Every setting the app reads. Field aliases are the application-setting names."""
+
+    model_config = SettingsConfigDict(case_sensitive=True, populate_by_name=True, extra="ignore")
+
+    enabled: bool = Field(True, alias="TOKEN_REFRESH_ENABLED")
+    interval_ms: int = Field(3_600_000, alias="TOKEN_REFRESH_INTERVAL_MS", ge=1000)
+    expiration_threshold_ms: int = Field(3_600_000, alias="TOKEN_REFRESH_EXPIRATION_THRESHOLD_MS", ge=0)
+    skip_statuses: Annotated[tuple[str, ...], NoDecode] = Field(
+        DEFAULT_SKIP_STATUSES, alias="TOKEN_REFRESH_SKIP_STATUSES"
+    )
+    page_size: int = Field(200, alias="TOKEN_REFRESH_PAGE_SIZE", ge=1, le=1000)
+
+    cosmos_endpoint: str | None = Field(None, alias="COSMOS_ENDPOINT")
+    cosmos_key: SecretStr | None = Field(None, alias="COSMOS_KEY")
+    cosmos_database: str = Field("integrations", alias="COSMOS_DATABASE", min_length=1)
+    cosmos_connections_container: str = Field(
+        "integration_connections", alias="COSMOS_CONNECTIONS_CONTAINER", min_length=1
+    )
+
+    service_bus_connection_string: SecretStr | None = Field(None, alias="ServiceBusConnection")
+    service_bus_namespace: str | None = Field(None, alias="ServiceBusConnection__fullyQualifiedNamespace")
+
+    rabbitmq_url: SecretStr | None = Field(None, alias="RABBITMQ_URL")
+    rabbitmq_exchange: str = Field("integration.events", alias="RABBITMQ_EXCHANGE", min_length=1)
+
+    integration_manager_url: str | None = Field(None, alias="INTEGRATION_MANAGER_URL")
+    integration_manager_token: SecretStr | None = Field(None, alias="INTEGRATION_MANAGER_TOKEN")
+    integration_manager_connect_timeout_ms: int = Field(
+        5_000, alias="INTEGRATION_MANAGER_CONNECT_TIMEOUT_MS", ge=100, le=60_000
+    )
+    integration_manager_timeout_ms: int = Field(30_000, alias="INTEGRATION_MANAGER_TIMEOUT_MS", ge=100, le=600_000)
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _blank_means_unset(cls, value: Any, info) -> Any:
+        # App settings cannot be "deleted" in some UIs; an empty value means "use the default".
+        if isinstance(value, str) and not value.strip():
+            default = cls.model_fields[info.field_name].default
+            return default
+        return value.strip() if isinstance(value, str) else value
+
+    @field_validator("skip_statuses", mode="before")
+    @classmethod
+    def _split_statuses(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            return tuple(part.strip().lower() for part in value.split(",") if part.strip())
+        return tuple(str(v).lower() for v in value)
+
+    @field_validator("cosmos_endpoint")
+    @classmethod
+    def _check_cosmos_endpoint(cls, value: str | None) -> str | None:
+        if value is not None:
+            parts = urlsplit(value)
+            if parts.scheme != "https" or not parts.hostname:
+                raise ValueError("not an https:// URL")
+        return value
+
+    @field_validator("integration_manager_url")
+    @classmethod
+    def _check_manager_url(cls, value: str | None) -> str | None:
+        if value is None:
+            return None
+        parts = urlsplit(value)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise ValueError("not an http:// or https:// URL")
+        if parts.query or parts.fragment:
+            raise ValueError("has a query or fragment")
+        if parts.username or parts.password:
+            # Credentials in a URL end up in logs and exception texts; use INTEGRATION_MANAGER_TOKEN.
+            raise ValueError("contains credentials")
+        return value.rstrip("/")
+
+    @field_validator("rabbitmq_url")
+    @classmethod
+    def _check_rabbitmq_url(cls, value: SecretStr | None) -> SecretStr | None:
+        if value is not None:
+            parts = urlsplit(value.get_secret_value())
+            if parts.scheme not in ("amqp", "amqps") or not parts.hostname:
+                raise ValueError("not an amqp:// or amqps:// URL")
+        return value
+
+    @field_validator("service_bus_connection_string")
+    @classmethod
+    def _check_service_bus_connection_string(cls, value: SecretStr | None) -> SecretStr | None:
+        if value is not None:
+            text = value.get_secret_value()
+            fields = dict(part.split("=", 1) for part in text.split(";") if "=" in part)
+            if not fields.get("Endpoint", "").startswith("sb://"):
+                raise ValueError("is not a Service Bus connection string (no Endpoint=sb://...)")
+        return value
+
+    @field_validator("service_bus_namespace")
+    @classmethod
+    def _check_namespace(cls, value: str | None) -> str | None:
+        if value is not None and ("://" in value or "/" in value or "." not in value):
+            raise ValueError("is not a fully qualified host name")
+        return value
+
+    @model_validator(mode="after")
+    def _check_combinations(self) -> Settings:
+        if self.service_bus_connection_string and self.service_bus_namespace:
+            raise SettingsError(
+                "Both ServiceBusConnection and ServiceBusConnection__fullyQualifiedNamespace are set. "
+                "Set only one: the connection string (key-based) or the namespace (managed identity)."
+            )
+        return self
+
+    # Derived views -----------------------------------------------------------------------------
+
+    @property
+    def service_bus_configured(self) -> bool:
+        return bool(self.service_bus_connection_string or self.service_bus_namespace)
+
+    @property
+    def rabbitmq_configured(self) -> bool:
+        return self.rabbitmq_url is not None
+
+    def threshold_is_risky(self) -> bool:
+        """True when tokens could expire between two checks (threshold < interval + safety margin)."""
+        return self.expiration_threshold_ms < self.interval_ms + SAFETY_MARGIN_MS
+
+
+def load_settings(environ: dict[str, str] | None = None) -> Settings:
+    """Read and validate settings from `environ` (default: the process environment)."""
+    try:
+        if environ is None:
+            return Settings()
+        known = {name: environ[name] for name in _setting_names() if name in environ}
+        return Settings.model_validate(known)
+    except ValidationError as error:
+        raise SettingsError(_describe(error)) from None
+
+
+def _setting_names() -> list[str]:
+    return [field.alias for field in Settings.model_fields.values() if field.alias]
+
+
+def _describe(error: ValidationError) -> str:
+    problems = []
+    for item in error.errors(include_input=False, include_url=False):
+        setting = str(item["loc"][0]) if item["loc"] else ""
+        reason = item["msg"].removeprefix("Value error, ")
+        if not setting:
+            problems.append(reason)
+            continue
+        problems.append(f"{setting}: {reason}; expected {_expected_form(setting)}")
+    return "Invalid application settings: " + " | ".join(problems)
+
+
+def warn_about_risky_threshold(settings: Settings) -> None:
+    if settings.threshold_is_risky():
+        logger.warning(
+            "TOKEN_REFRESH_EXPIRATION_THRESHOLD_MS (%d) is shorter than TOKEN_REFRESH_INTERVAL_MS (%d) "
+            "plus a %d ms safety margin: a token can expire between two checks. "
+            "Set the threshold to at least %d.",
+            settings.expiration_threshold_ms,
+            settings.interval_ms,
+            SAFETY_MARGIN_MS,
+            settings.interval_ms + SAFETY_MARGIN_MS,
+        )

@@ -1,0 +1,9 @@
+"""On integration.token.refresh-requested: refresh through integration-manager, publish the outcome."""
+
+import azure.functions as func
+
+from shared.token_refresh import handle_refresh_requested_message
+
+
+def main(message: func.ServiceBusMessage) -> None:
+    handle_refresh_requested_message(message.get_body(), delivery_count=message.delivery_count)

@@ -1,0 +1,159 @@
+"""Service Bus adapter at the SDK boundary: no broker can run here, so the SDK's real client, message
+and batch types are used and only the network send is replaced by a recorder."""
+
+import json
+import threading
+
+import pytest
+from azure.identity import DefaultAzureCredential
+from azure.servicebus import ServiceBusClient, ServiceBusMessage, ServiceBusMessageBatch
+
+from shared.events import (
+    CHECK_EXPIRING,
+    CONTENT_TYPE,
+    REFRESH_REQUESTED,
+    CheckExpiringData,
+    RefreshRequestedData,
+    make_event,
+    utc_now,
+)
+from shared.messaging import EventPublisher, PublishError, ServiceBusTransport, publisher_from_settings
+from shared.settings import SettingsError, load_settings
+
+CONNECTION_STRING = (
+    "Endpoint=sb://example-ns.servicebus.windows.net/;SharedAccessKeyName=RootManageSharedAccessKey;"
+    "SharedAccessKey=bm90LWEtcmVhbC1rZXk="
+)
+
+
+class RecordingSender:
+    """Stands in for the network half of ServiceBusSender; batches are the SDK's real type."""
+
+    def __init__(self, queue, max_batch_bytes):
+        self.queue = queue
+        self.max_batch_bytes = max_batch_bytes
+        self.sent_batches: list[list[ServiceBusMessage]] = []
+        self.in_send = 0
+        self.overlapped = False
+
+    def create_message_batch(self):
+        return ServiceBusMessageBatch(max_size_in_bytes=self.max_batch_bytes)
+
+    def send_messages(self, batch):
+        assert isinstance(batch, ServiceBusMessageBatch)
+        self.in_send += 1
+        self.overlapped |= self.in_send > 1
+        self.sent_batches.append(list(batch._messages))
+        self.in_send -= 1
+
+    def close(self):
+        pass
+
+
+class RecordingClient:
+    def __init__(self, max_batch_bytes=256 * 1024):
+        self.senders: dict[str, RecordingSender] = {}
+        self.max_batch_bytes = max_batch_bytes
+
+    def get_queue_sender(self, queue):
+        sender = RecordingSender(queue, self.max_batch_bytes)
+        self.senders[queue] = sender
+        return sender
+
+    def close(self):
+        pass
+
+
+def refresh_request(n: int):
+    now = utc_now()
+    return make_event(
+        RefreshRequestedData(
+            connection_id=f"conn-{n}", integration_id="hubspot", tenant_id="t", expires_at=now, requested_at=now
+        ),
+        event_id=f"id-{n}",
+    )
+
+
+def test_events_go_to_the_queue_named_after_their_type_with_contract_properties():
+    client = RecordingClient()
+    transport = ServiceBusTransport(client)
+    check = make_event(CheckExpiringData(timestamp=utc_now(), threshold_time=utc_now()))
+    transport.send([check, refresh_request(1)])
+
+    assert set(client.senders) == {CHECK_EXPIRING, REFRESH_REQUESTED}
+    [[message]] = client.senders[REFRESH_REQUESTED].sent_batches
+    assert message.message_id == "id-1"
+    assert message.content_type == CONTENT_TYPE
+    assert message.application_properties == {"type": REFRESH_REQUESTED}
+    assert json.loads(b"".join(message.body))["data"]["connectionId"] == "conn-1"
+
+
+def test_many_events_are_sent_in_batches_that_fit_the_size_limit():
+    client = RecordingClient(max_batch_bytes=4096)
+    ServiceBusTransport(client).send([refresh_request(n) for n in range(100)])
+    batches = client.senders[REFRESH_REQUESTED].sent_batches
+    assert len(batches) > 1
+    sent_ids = [message.message_id for batch in batches for message in batch]
+    assert sent_ids == [f"id-{n}" for n in range(100)]  # all, in order, each once
+
+
+def test_one_sender_per_queue_is_reused_and_sends_never_overlap():
+    client = RecordingClient()
+    transport = ServiceBusTransport(client)
+    threads = [
+        threading.Thread(target=lambda k=k: [transport.send([refresh_request(k * 100 + n)]) for n in range(50)])
+        for k in range(8)
+    ]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    sender = client.senders[REFRESH_REQUESTED]
+    assert len(client.senders) == 1
+    assert sum(len(batch) for batch in sender.sent_batches) == 400
+    assert not sender.overlapped
+
+
+def test_connection_string_builds_a_key_based_client_without_connecting():
+    transport = ServiceBusTransport.from_settings(load_settings({"ServiceBusConnection": CONNECTION_STRING}))
+    assert isinstance(transport._client, ServiceBusClient)
+    assert transport._client.fully_qualified_namespace == "example-ns.servicebus.windows.net"
+    assert not isinstance(transport._client._credential, DefaultAzureCredential)
+
+
+def test_namespace_builds_an_identity_based_client():
+    transport = ServiceBusTransport.from_settings(
+        load_settings({"ServiceBusConnection__fullyQualifiedNamespace": "example-ns.servicebus.windows.net"})
+    )
+    assert transport._client.fully_qualified_namespace == "example-ns.servicebus.windows.net"
+    assert isinstance(transport._client._credential, DefaultAzureCredential)
+
+
+def test_publisher_needs_at_least_one_transport():
+    with pytest.raises(SettingsError, match="No event transport"):
+        publisher_from_settings(load_settings({}))
+
+
+def test_both_configured_means_both_transports():
+    publisher = publisher_from_settings(
+        load_settings({"ServiceBusConnection": CONNECTION_STRING, "RABBITMQ_URL": "amqp://guest:guest@127.0.0.1:1/"})
+    )
+    assert [transport.name for transport in publisher.transports] == ["service-bus", "rabbitmq"]
+
+
+class FailingTransport:
+    name = "broken"
+
+    def send(self, events):
+        raise ConnectionError("broker down")
+
+    def close(self):
+        pass
+
+
+def test_a_failing_transport_does_not_starve_the_other_and_the_publish_fails():
+    client = RecordingClient()
+    publisher = EventPublisher([FailingTransport(), ServiceBusTransport(client)])
+    with pytest.raises(PublishError, match="broken: ConnectionError"):
+        publisher.publish([refresh_request(1)])
+    assert len(client.senders[REFRESH_REQUESTED].sent_batches) == 1

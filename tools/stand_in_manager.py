@@ -1,0 +1,145 @@
+"""A small stand-in for integration-manager's refresh endpoint, for the demo and the tests.
+
+It answers `POST /api/v1/integrations/{integrationId}/connections/{connectionId}/refresh`:
+- by default with 200 and a new `expiresAt`; with a Cosmos container it also "refreshes" the
+  connection by moving `oauth.expiresAt` forward (and writing new token values) in the document;
+- with whatever a `script(call) -> Answer` callable decides, for scripted failures in tests.
+Every call is recorded (path, decoded ids, headers, body), and accepted sockets are counted.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
+from urllib.parse import unquote
+
+PATH_PREFIX = "/api/v1/integrations/"
+
+
+@dataclass
+class Call:
+    raw_path: str
+    integration_id: str | None
+    connection_id: str | None
+    headers: dict[str, str]
+    body: Any
+
+
+@dataclass
+class Answer:
+    status: int = 200
+    body: Any = None
+    headers: dict[str, str] = field(default_factory=dict)
+    delay_s: float = 0.0
+
+
+def parse_refresh_path(raw_path: str) -> tuple[str, str] | None:
+    """The two ids of a well-formed refresh path (each exactly one encoded segment), else None."""
+    if not raw_path.startswith(PATH_PREFIX) or "?" in raw_path:
+        return None
+    parts = raw_path[len(PATH_PREFIX) :].split("/")
+    if len(parts) != 4 or parts[1] != "connections" or parts[3] != "refresh":
+        return None
+    return unquote(parts[0]), unquote(parts[2])
+
+
+class StandInManager:
+    def __init__(
+        self,
+        script: Callable[[Call], Answer] | None = None,
+        container: Any = None,
+        token_lifetime: timedelta = timedelta(hours=1),
+        port: int = 0,
+    ):
+        self.script = script
+        self.container = container
+        self.token_lifetime = token_lifetime
+        self.calls: list[Call] = []
+        self.sockets_accepted = 0
+        self._lock = threading.Lock()
+        manager = self
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"  # keep-alive, like a real API behind a load balancer
+            # Headers and body in one segment, sent at once: otherwise delayed ACKs add ~40 ms a call.
+            wbufsize = 64 * 1024
+            disable_nagle_algorithm = True
+
+            def setup(self) -> None:
+                with manager._lock:
+                    manager.sockets_accepted += 1
+                super().setup()
+
+            def do_POST(self) -> None:
+                length = int(self.headers.get("Content-Length") or 0)
+                raw = self.rfile.read(length) if length else b""
+                try:
+                    body = json.loads(raw) if raw else None
+                except ValueError:
+                    body = raw.decode("utf-8", "replace")
+                ids = parse_refresh_path(self.path)
+                call = Call(self.path, ids[0] if ids else None, ids[1] if ids else None, dict(self.headers), body)
+                with manager._lock:
+                    manager.calls.append(call)
+                answer = manager.answer(call) if ids else Answer(404, {"error": "not_found"})
+                if answer.delay_s:
+                    time.sleep(answer.delay_s)
+                payload = b"" if answer.body is None else json.dumps(answer.body).encode()
+                self.send_response(answer.status)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(payload)))
+                for name, value in answer.headers.items():
+                    self.send_header(name, value)
+                self.end_headers()
+                self.wfile.write(payload)
+
+            def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - stdlib signature
+                pass
+
+        self._server = ThreadingHTTPServer(("127.0.0.1", port), Handler)
+        self._server.daemon_threads = True
+        self.port = self._server.server_address[1]
+        self.url = f"http://127.0.0.1:{self.port}"
+        self._thread = threading.Thread(target=self._server.serve_forever, args=(0.05,), name="stand-in-manager", daemon=True)
+
+    def answer(self, call: Call) -> Answer:
+        if self.script is not None:
+            answer = self.script(call)
+            if answer.status != 200 or self.container is None:
+                return answer
+        return self._refresh_in_cosmos(call)
+
+    def _refresh_in_cosmos(self, call: Call) -> Answer:
+        new_expiry = datetime.now(UTC) + self.token_lifetime
+        expires_at = new_expiry.isoformat(timespec="milliseconds").replace("+00:00", "Z")
+        if self.container is not None:
+            tenant_id = (call.body or {}).get("tenantId") if isinstance(call.body, dict) else None
+            document = self.container.read_item(call.connection_id, partition_key=tenant_id)
+            stamp = int(time.time() * 1000)
+            document["oauth"].update(
+                expiresAt=expires_at,
+                accessToken=f"access-refreshed-{stamp}",
+                refreshToken=f"refresh-refreshed-{stamp}",
+            )
+            self.container.replace_item(document["id"], document)
+        return Answer(200, {"connectionId": call.connection_id, "expiresAt": expires_at})
+
+    def start(self) -> StandInManager:
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self._server.shutdown()
+        self._server.server_close()
+
+    def __enter__(self) -> StandInManager:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
