@@ -59,7 +59,7 @@ def _command_run(settings: Settings, args: argparse.Namespace) -> int:
     from shared import runtime
     from shared.local_host import LocalHost
 
-    host = LocalHost(settings, max_deliveries=args.max_deliveries)
+    host = LocalHost(settings, max_deliveries=args.max_deliveries, queue_prefix=args.queue_prefix)
     if args.once:
         try:
             summary = host.run_once()
@@ -97,6 +97,11 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--once", action="store_true", help="one full cycle, print a summary, exit")
     run.add_argument(
         "--max-deliveries", type=int, default=5, help="attempts per message before it is dead-lettered (default 5)"
+    )
+    run.add_argument(
+        "--queue-prefix",
+        default="integration-token-refresh.",
+        help="prefix of the local host's RabbitMQ queues (default integration-token-refresh.)",
     )
     run.set_defaults(handler=_command_run)
 

@@ -21,11 +21,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import azure.functions as func
 import azure.functions.servicebus as func_servicebus
+from azure.functions.timer import TimerRequest
 import pika
 
-from shared.events import REFRESH_FAILED, REFRESHED
+from shared.events import CHECK_EXPIRING, REFRESH_FAILED, REFRESHED
 from shared.settings import Settings
 
 logger = logging.getLogger(__name__)
@@ -42,10 +42,7 @@ class QueueFunction:
     name: str
     event_type: str
     main: Callable[[Any], Any]
-
-    @property
-    def queue(self) -> str:
-        return QUEUE_PREFIX + self.event_type.removeprefix("integration.token.")
+    queue: str
 
     @property
     def dead_letter_queue(self) -> str:
@@ -62,7 +59,9 @@ class CycleSummary:
     failures: list[dict[str, Any]] = field(default_factory=list)
 
 
-def load_function_app(app_root: Path = APP_ROOT) -> tuple[Callable[[Any], Any], list[QueueFunction]]:
+def load_function_app(
+    app_root: Path = APP_ROOT, queue_prefix: str = QUEUE_PREFIX
+) -> tuple[Callable[[Any], Any], list[QueueFunction]]:
     """Import every function folder; return the timer's main and the queue-triggered functions."""
     timer_main = None
     queue_functions = []
@@ -73,7 +72,9 @@ def load_function_app(app_root: Path = APP_ROOT) -> tuple[Callable[[Any], Any], 
         if trigger["type"] == "timerTrigger":
             timer_main = module.main
         elif trigger["type"] == "serviceBusTrigger":
-            queue_functions.append(QueueFunction(manifest.parent.name, trigger["queueName"], module.main))
+            event_type = trigger["queueName"]  # Service Bus queue name = event type = routing key
+            queue = queue_prefix + event_type.removeprefix("integration.token.")
+            queue_functions.append(QueueFunction(manifest.parent.name, event_type, module.main, queue))
     if timer_main is None or not queue_functions:
         raise RuntimeError(f"no timer and queue functions found under {app_root}")
     return timer_main, queue_functions
@@ -93,12 +94,18 @@ def trigger_message(body: bytes, properties: pika.BasicProperties) -> func_servi
 
 
 class LocalHost:
-    def __init__(self, settings: Settings, max_deliveries: int = DEFAULT_MAX_DELIVERIES, app_root: Path = APP_ROOT):
+    def __init__(
+        self,
+        settings: Settings,
+        max_deliveries: int = DEFAULT_MAX_DELIVERIES,
+        queue_prefix: str = QUEUE_PREFIX,
+        app_root: Path = APP_ROOT,
+    ):
         if settings.rabbitmq_url is None:
             raise SystemExit("The local host needs RABBITMQ_URL: RabbitMQ is its transport.")
         self.settings = settings
         self.max_deliveries = max_deliveries
-        self.timer_main, self.functions = load_function_app(app_root)
+        self.timer_main, self.functions = load_function_app(app_root, queue_prefix)
         self._by_queue = {function.queue: function for function in self.functions}
         self._connection: Any = None
         self._channel: Any = None
@@ -149,7 +156,7 @@ class LocalHost:
         return True
 
     def tick_timer(self) -> None:
-        self.timer_main(func.TimerRequest(past_due=False))
+        self.timer_main(TimerRequest(past_due=False))
 
     # Modes --------------------------------------------------------------------------------------
 
@@ -170,7 +177,7 @@ class LocalHost:
                 while (delivery := channel.basic_get(function.queue)) != (None, None, None):
                     method, properties, body = delivery
                     if self.invoke(function.queue, method, properties, body):
-                        if function.queue.endswith("check-expiring"):
+                        if function.event_type == CHECK_EXPIRING:
                             summary.checks += 1
                         else:
                             summary.found += 1

@@ -77,8 +77,9 @@ def test_failed_event_carries_error_retryable_and_attempts():
 
 
 def test_times_in_other_offsets_are_normalised_to_utc():
-    data = CheckExpiringData(timestamp=datetime(2026, 11, 26, 16, 0, tzinfo=timezone(timedelta(hours=2))),
-                             threshold_time=NOW)
+    data = CheckExpiringData(
+        timestamp=datetime(2026, 11, 26, 16, 0, tzinfo=timezone(timedelta(hours=2))), threshold_time=NOW
+    )
     body = json.loads(make_event(data).to_json())
     assert body["data"]["timestamp"] == "2026-11-26T14:00:00.000Z"
 
@@ -128,12 +129,42 @@ def valid_body(**changes):
         (valid_body(type=CHECK_EXPIRING), "expected 'integration.token.refresh-requested'"),
         (valid_body(type="integration.unknown"), "event type is 'integration.unknown'"),
         (valid_body(data={"connectionId": "c"}), "integrationId"),
-        (valid_body(data={"connectionId": 5, "integrationId": "i", "tenantId": "t",
-                          "expiresAt": "2026-01-01T00:00:00Z", "requestedAt": "2026-01-01T00:00:00Z"}), "connectionId"),
-        (valid_body(data={"connectionId": "c", "integrationId": "i", "tenantId": "t",
-                          "expiresAt": "yesterday", "requestedAt": "2026-01-01T00:00:00Z"}), "expiresAt"),
-        (valid_body(data={"connectionId": "", "integrationId": "i", "tenantId": "t",
-                          "expiresAt": "2026-01-01T00:00:00Z", "requestedAt": "2026-01-01T00:00:00Z"}), "connectionId"),
+        (
+            valid_body(
+                data={
+                    "connectionId": 5,
+                    "integrationId": "i",
+                    "tenantId": "t",
+                    "expiresAt": "2026-01-01T00:00:00Z",
+                    "requestedAt": "2026-01-01T00:00:00Z",
+                }
+            ),
+            "connectionId",
+        ),
+        (
+            valid_body(
+                data={
+                    "connectionId": "c",
+                    "integrationId": "i",
+                    "tenantId": "t",
+                    "expiresAt": "yesterday",
+                    "requestedAt": "2026-01-01T00:00:00Z",
+                }
+            ),
+            "expiresAt",
+        ),
+        (
+            valid_body(
+                data={
+                    "connectionId": "",
+                    "integrationId": "i",
+                    "tenantId": "t",
+                    "expiresAt": "2026-01-01T00:00:00Z",
+                    "requestedAt": "2026-01-01T00:00:00Z",
+                }
+            ),
+            "connectionId",
+        ),
         (b"{" + b" " * MAX_EVENT_BYTES + b"}", "over the"),
     ],
 )

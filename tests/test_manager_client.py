@@ -45,7 +45,9 @@ def test_any_id_reaches_exactly_the_refresh_endpoint_with_the_same_ids(manager, 
     assert (call.integration_id, call.connection_id) == (integration_id, connection_id)
 
 
-@pytest.mark.parametrize(("integration_id", "connection_id"), [("..", "c"), ("i", "."), ("i", ".."), ("", "c"), ("i", "...")])
+@pytest.mark.parametrize(
+    ("integration_id", "connection_id"), [("..", "c"), ("i", "."), ("i", ".."), ("", "c"), ("i", "...")]
+)
 def test_ids_that_are_only_dots_or_empty_are_refused_without_a_call(manager, integration_id, connection_id):
     outcome = client_for(manager).refresh_connection(integration_id, connection_id, "t")
     assert not outcome.succeeded

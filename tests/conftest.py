@@ -1,0 +1,112 @@
+"""Fixtures shared by the integration and end-to-end tests.
+
+Real services (RabbitMQ, the Cosmos-compatible server, Azurite) are started once per session by
+`tests/service_fixtures.py`; each test gets its own Cosmos container, RabbitMQ exchange and queue
+prefix so tests never see each other's data.
+"""
+
+import json
+import uuid
+from dataclasses import dataclass
+from typing import Any
+
+import pika
+import pytest
+from azure.cosmos import CosmosClient, PartitionKey
+
+from shared import check_timer, runtime
+from tests.service_fixtures import azurite, cosmos_server, rabbitmq  # noqa: F401 - pytest fixtures
+from tools.stand_in_manager import StandInManager
+
+MANAGER_TOKEN = "manager-token-canary-0b7e1d"
+
+
+@pytest.fixture(scope="session")
+def cosmos_database(cosmos_server):  # noqa: F811
+    client = CosmosClient(cosmos_server.endpoint, credential=cosmos_server.key)
+    return client.create_database_if_not_exists("integrations")
+
+
+@pytest.fixture
+def cosmos_container(cosmos_database):
+    name = f"connections_{uuid.uuid4().hex[:10]}"
+    container = cosmos_database.create_container(name, partition_key=PartitionKey(path="/tenantId"))
+    yield container
+    cosmos_database.delete_container(name)
+
+
+@pytest.fixture
+def exchange():
+    return f"test.events.{uuid.uuid4().hex[:10]}"
+
+
+@dataclass
+class CapturedEvent:
+    routing_key: str
+    properties: Any
+    body: dict
+
+
+class EventTap:
+    """An exclusive queue bound to every routing key of the exchange: sees every published event."""
+
+    def __init__(self, url: str, exchange_name: str):
+        self.connection = pika.BlockingConnection(pika.URLParameters(url))
+        self.channel = self.connection.channel()
+        self.channel.exchange_declare(exchange_name, exchange_type="topic", durable=True)
+        self.queue = self.channel.queue_declare("", exclusive=True).method.queue
+        self.channel.queue_bind(self.queue, exchange_name, routing_key="#")
+
+    def drain(self) -> list[CapturedEvent]:
+        events = []
+        while True:
+            method, properties, body = self.channel.basic_get(self.queue, auto_ack=True)
+            if method is None:
+                return events
+            events.append(CapturedEvent(method.routing_key, properties, json.loads(body)))
+
+    def of_type(self, event_type: str) -> list[dict]:
+        return [event.body for event in self.drain() if event.routing_key == event_type]
+
+    def close(self) -> None:
+        if self.connection.is_open:
+            self.connection.close()
+
+
+@pytest.fixture
+def event_tap(rabbitmq, exchange):  # noqa: F811
+    tap = EventTap(rabbitmq.url, exchange)
+    yield tap
+    tap.close()
+
+
+@pytest.fixture
+def manager():
+    with StandInManager() as server:
+        yield server
+
+
+@pytest.fixture
+def app_env(monkeypatch, rabbitmq, cosmos_server, cosmos_container, exchange, manager):  # noqa: F811
+    """Application settings pointing the app at the real local services, as `func start` would."""
+    values = {
+        "TOKEN_REFRESH_ENABLED": "true",
+        "TOKEN_REFRESH_INTERVAL_MS": "3600000",
+        "TOKEN_REFRESH_EXPIRATION_THRESHOLD_MS": "3900000",
+        "COSMOS_ENDPOINT": cosmos_server.endpoint,
+        "COSMOS_KEY": cosmos_server.key,
+        "COSMOS_DATABASE": "integrations",
+        "COSMOS_CONNECTIONS_CONTAINER": cosmos_container.id,
+        "RABBITMQ_URL": rabbitmq.url,
+        "RABBITMQ_EXCHANGE": exchange,
+        "INTEGRATION_MANAGER_URL": manager.url,
+        "INTEGRATION_MANAGER_TOKEN": MANAGER_TOKEN,
+    }
+    for name in ("ServiceBusConnection", "ServiceBusConnection__fullyQualifiedNamespace", "TOKEN_REFRESH_SKIP_STATUSES"):
+        monkeypatch.delenv(name, raising=False)
+    for name, value in values.items():
+        monkeypatch.setenv(name, value)
+    runtime.reset()
+    monkeypatch.setattr(check_timer, "cadence", check_timer.CheckCadence())
+    yield values
+    runtime.reset()

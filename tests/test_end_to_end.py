@@ -1,0 +1,219 @@
+"""End to end: `python -m shared.cli` (the local host running the three functions' main()) against
+real RabbitMQ and the Cosmos-compatible server, with a stand-in integration-manager that refreshes
+by moving `oauth.expiresAt` forward in Cosmos and fails where scripted."""
+
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import pika
+import pytest
+
+from shared.events import (
+    CHECK_EXPIRING,
+    REFRESH_FAILED,
+    REFRESH_REQUESTED,
+    REFRESHED,
+    parse_event,
+)
+from tests.conftest import MANAGER_TOKEN
+from tools.stand_in_manager import Answer, StandInManager
+
+APP_ROOT = Path(__file__).resolve().parent.parent
+CANARY = "canary-" + uuid.uuid4().hex
+EXPECTED_DATA_KEYS = {
+    REFRESH_REQUESTED: {"connectionId", "integrationId", "tenantId", "expiresAt", "requestedAt"},
+    REFRESHED: {"connectionId", "integrationId", "tenantId", "refreshedAt", "expiresAt"},
+    REFRESH_FAILED: {"connectionId", "integrationId", "tenantId", "failedAt", "error", "retryable", "attempts"},
+    CHECK_EXPIRING: {"timestamp", "thresholdTime"},
+}
+
+
+def iso(moment: datetime) -> str:
+    return moment.isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+def run_cli(env: dict, *args: str, timeout: float = 240) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "shared.cli", *args],
+        cwd=APP_ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=False,
+    )
+
+
+@pytest.fixture
+def cli_env(app_env, manager):
+    env = {key: value for key, value in os.environ.items() if not key.startswith(("TOKEN_REFRESH", "COSMOS", "RABBITMQ"))}
+    env.update(app_env)
+    # Blank = unset: keeps a developer's local.settings.json from pointing the test at Service Bus.
+    env.update({"ServiceBusConnection": "", "ServiceBusConnection__fullyQualifiedNamespace": ""})
+    env["PYTHONPATH"] = str(APP_ROOT)
+    return env
+
+
+def build_fleet(now: datetime, size: int = 1200, seed: int = 7):
+    """A mixed fleet: due (ISO strings and epoch ms, odd ids), not yet due, and not refreshable."""
+    rng = random.Random(seed)
+    # Cosmos ids cannot hold / \\ ? #, so those go into integration ids, which are free text.
+    odd_ids = ["100%", "%2e%2e", "sp ace", "ünï-😀", "..a", "a..", "semi;colon", "x" * 255]
+    odd_integrations = ["with/slash", "q?x=1", "hash#frag", "a/../../admin", "..", "sp ace"]
+    documents, due, rejected, flaky, dots = [], set(), set(), set(), set()
+    for n in range(size):
+        kind = rng.random()
+        conn_id = odd_ids[n] if n < len(odd_ids) else f"conn-{n:05d}"
+        tenant = f"tenant-{n % 13}"
+        integration = rng.choice(["salesforce", "google", "hubspot", "slack"])
+        if len(odd_ids) <= n < len(odd_ids) + len(odd_integrations):
+            integration = odd_integrations[n - len(odd_ids)]
+        status = "active"
+        if kind < 0.65:
+            expiry = now + timedelta(seconds=rng.randint(-86_400, 3_800))
+            due.add(conn_id)
+            if rng.random() < 0.1:
+                rejected.add(conn_id)
+            elif rng.random() < 0.05:
+                flaky.add(conn_id)
+        elif kind < 0.9:
+            expiry = now + timedelta(seconds=rng.randint(4_000, 90 * 86_400))
+        else:
+            expiry = now - timedelta(minutes=5)
+            status = rng.choice(["revoked", "disabled", "deleted", "Revoked"])
+        if conn_id in due and set(integration) == {"."}:
+            due.discard(conn_id)
+            rejected.discard(conn_id)
+            flaky.discard(conn_id)
+            dots.add(conn_id)
+        stored = iso(expiry) if rng.random() < 0.7 else int(expiry.timestamp() * 1000)
+        documents.append({
+            "id": conn_id, "tenantId": tenant, "integrationId": integration, "status": status,
+            "oauth": {"accessToken": f"at-{CANARY}-{n}", "refreshToken": f"rt-{CANARY}-{n}", "expiresAt": stored},
+        })
+    # Ids made only of dots cannot be addressed safely: they must end as failed events, never as calls.
+    for dot_id in ("..", "."):
+        documents.append({"id": dot_id, "tenantId": "tenant-x", "integrationId": "google", "status": "active",
+                          "oauth": {"accessToken": f"at-{CANARY}", "refreshToken": f"rt-{CANARY}",
+                                    "expiresAt": iso(now)}})
+        dots.add(dot_id)
+    return documents, due, rejected, flaky, dots
+
+
+def test_full_cycle_over_a_mixed_fleet(cli_env, cosmos_container, manager, event_tap):
+    now = datetime.now(UTC)
+    documents, due, rejected, flaky, dots = build_fleet(now)
+    for document in documents:
+        cosmos_container.upsert_item(document)
+    by_id = {d["id"]: d for d in documents}
+    manager.container = cosmos_container
+    manager.token_lifetime = timedelta(hours=2)
+
+    def script(call):
+        if call.connection_id in rejected:
+            return Answer(400, {"error": "invalid_grant", "error_description": f"bad {CANARY}"})
+        if call.connection_id in flaky:
+            return Answer(503, {"message": "upstream down"})
+        return Answer(200)
+
+    manager.script = script
+    result = run_cli(cli_env, "run", "--once")
+    assert result.returncode == 0, result.stderr[-3000:]
+
+    # Exactly one refresh call per due connection; nothing else touched.
+    called = [(c.integration_id, c.connection_id) for c in manager.calls]
+    assert len(called) == len(set(called)) == len(due)
+    assert {conn for _, conn in called} == due
+    for integration_id, connection_id in called:
+        assert by_id[connection_id]["integrationId"] == integration_id
+    for call in manager.calls:
+        assert call.headers["Authorization"] == f"Bearer {MANAGER_TOKEN}"
+        assert call.body == {"tenantId": by_id[call.connection_id]["tenantId"]}
+
+    # The right outcome event for each, every event in the documented shape.
+    events = event_tap.drain()
+    by_type: dict[str, list[dict]] = {}
+    for captured in events:
+        envelope, _ = parse_event(json.dumps(captured.body), captured.routing_key)
+        assert captured.properties.message_id == envelope.id
+        assert set(captured.body["data"]) == EXPECTED_DATA_KEYS[captured.routing_key]
+        by_type.setdefault(captured.routing_key, []).append(captured.body)
+    assert len(by_type[CHECK_EXPIRING]) == 1
+    assert {e["data"]["connectionId"] for e in by_type[REFRESH_REQUESTED]} == due | dots
+    assert len(by_type[REFRESH_REQUESTED]) == len(due | dots)
+    refreshed = {e["data"]["connectionId"] for e in by_type[REFRESHED]}
+    failed = {e["data"]["connectionId"]: e["data"] for e in by_type[REFRESH_FAILED]}
+    assert refreshed == due - rejected - flaky
+    assert set(failed) == rejected | flaky | dots
+    for conn_id, data in failed.items():
+        if conn_id in rejected:
+            assert (data["error"]["code"], data["error"]["httpStatus"], data["retryable"]) == ("invalid_grant", 400, False)
+        elif conn_id in flaky:
+            assert (data["error"]["httpStatus"], data["retryable"]) == (503, True)
+        else:
+            assert (data["error"]["code"], data["retryable"]) == ("invalid_connection_id", False)
+    assert f"found {len(due | dots)}, refreshed {len(refreshed)}, failed {len(failed)}" in result.stdout
+
+    # No token value anywhere: events, logs, CLI output.
+    everything = json.dumps([e.body for e in events]) + result.stdout + result.stderr
+    assert CANARY not in everything
+    assert MANAGER_TOKEN not in everything
+
+    # Refreshed connections really moved on: a dry run now lists only the ones that failed.
+    dry = run_cli(cli_env, "check", "--dry-run")
+    assert dry.returncode == 0, dry.stderr
+    assert f"{len(rejected | flaky | dots)} connection(s) would be refreshed." in dry.stdout
+    assert CANARY not in dry.stdout + dry.stderr
+
+
+def test_a_malformed_message_is_retried_then_dead_lettered_for_inspection(cli_env, rabbitmq, exchange, manager):
+    connection = pika.BlockingConnection(pika.URLParameters(rabbitmq.url))
+    channel = connection.channel()
+    prefix = f"e2e-{uuid.uuid4().hex[:8]}."
+    # First run declares the topology; then a broken message arrives and a second run handles it.
+    assert run_cli(cli_env, "run", "--once", "--queue-prefix", prefix, "--max-deliveries", "3").returncode == 0
+    channel.basic_publish(exchange, REFRESH_REQUESTED, b'{"specversion": "1.0", "oops": true}',
+                          pika.BasicProperties(message_id="poison-1", delivery_mode=2))
+    result = run_cli(cli_env, "run", "--once", "--queue-prefix", prefix, "--max-deliveries", "3")
+    assert result.returncode == 0, result.stderr
+    assert "dead-lettered 1" in result.stdout
+    assert result.stderr.count("Function sync_refresh_handler failed on message poison-1") == 3
+    assert "dead-lettering to" in result.stderr
+    method, properties, body = channel.basic_get(prefix + "refresh-requested.dead-letter", auto_ack=True)
+    assert body == b'{"specversion": "1.0", "oops": true}'
+    assert properties.message_id == "poison-1"
+    assert manager.calls == []
+    connection.close()
+
+
+def test_run_keeps_going_on_the_interval_and_stops_cleanly_on_ctrl_c(cli_env, cosmos_container, manager):
+    now = datetime.now(UTC)
+    for n in range(5):
+        cosmos_container.upsert_item({"id": f"c{n}", "tenantId": "t", "integrationId": "google", "status": "active",
+                                      "oauth": {"expiresAt": iso(now + timedelta(minutes=n))}})
+    manager.container = cosmos_container
+    manager.token_lifetime = timedelta(hours=3)
+    env = cli_env | {"TOKEN_REFRESH_INTERVAL_MS": "1000"}
+    process = subprocess.Popen([sys.executable, "-m", "shared.cli", "run", "--queue-prefix", f"fg-{uuid.uuid4().hex[:6]}."],
+                               cwd=APP_ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 30
+        while len(manager.calls) < 5 and time.monotonic() < deadline:
+            time.sleep(0.2)
+        time.sleep(2.5)  # a few more timer runs: refreshed connections are no longer due
+        process.send_signal(signal.SIGINT)
+        stdout, stderr = process.communicate(timeout=20)
+    finally:
+        process.kill()
+    assert process.returncode == 0, stderr[-2000:]
+    assert sorted(c.connection_id for c in manager.calls) == [f"c{n}" for n in range(5)]
+    assert stderr.count("Published check-expiring event") >= 2
+    assert stderr.count("Token refresh worker initialized and started") == 1

@@ -1,0 +1,186 @@
+"""Each function's own main(), invoked with real azure.functions trigger objects, against real
+RabbitMQ and the Cosmos-compatible server, and the stand-in integration-manager."""
+
+import json
+import logging
+from datetime import UTC, datetime, timedelta
+
+import azure.functions as func
+from azure.functions.timer import TimerRequest
+import pytest
+from azure.functions.servicebus import ServiceBusMessage
+
+import check_expiring_timer
+import manager_check_handler
+import sync_refresh_handler
+from shared.events import (
+    CHECK_EXPIRING,
+    REFRESH_FAILED,
+    REFRESH_REQUESTED,
+    REFRESHED,
+    CheckExpiringData,
+    InvalidEventError,
+    RefreshRequestedData,
+    make_event,
+    parse_time,
+    utc_now,
+)
+from tools.stand_in_manager import Answer
+
+
+def trigger(event_or_body, delivery_count=1) -> ServiceBusMessage:
+    body = event_or_body.to_json() if hasattr(event_or_body, "to_json") else event_or_body
+    return ServiceBusMessage(
+        body=body, message_id="m-1", delivery_count=delivery_count, application_properties={}, user_properties={}
+    )
+
+
+def iso(moment: datetime) -> str:
+    return moment.isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+# Timer -------------------------------------------------------------------------------------------
+
+
+def test_timer_publishes_check_expiring_with_the_threshold(app_env, event_tap, caplog):
+    with caplog.at_level(logging.INFO):
+        before = utc_now()
+        check_expiring_timer.main(TimerRequest(past_due=False))
+    [event] = event_tap.of_type(CHECK_EXPIRING)
+    data = event["data"]
+    timestamp, threshold = parse_time(data["timestamp"]), parse_time(data["thresholdTime"])
+    assert before - timedelta(seconds=1) <= timestamp <= utc_now()
+    assert threshold - timestamp == timedelta(milliseconds=3_900_000)
+    assert "Token refresh worker initialized and started" in caplog.text
+    assert "Published check-expiring event, integration-manager will handle token refresh detection" in caplog.text
+
+
+def test_timer_runs_once_per_interval_and_announces_once_per_process(app_env, event_tap, caplog):
+    with caplog.at_level(logging.INFO):
+        for _ in range(3):
+            check_expiring_timer.main(TimerRequest(past_due=False))
+    assert len(event_tap.of_type(CHECK_EXPIRING)) == 1
+    assert caplog.text.count("Token refresh worker initialized and started") == 1
+
+
+def test_timer_cadence_follows_the_interval_setting(app_env, monkeypatch):
+    from shared.check_timer import cadence
+
+    start = datetime(2026, 11, 26, 12, 0, tzinfo=UTC)
+    due = [cadence.claim_run(start + timedelta(minutes=m, milliseconds=(-3 if m % 2 else 4)), 10 * 60_000)
+           for m in range(0, 31)]
+    # A 10-minute interval on a one-minute tick runs at minutes 0, 10, 20 and 30 despite tick jitter.
+    assert [m for m, ran in enumerate(due) if ran] == [0, 10, 20, 30]
+
+
+def test_timer_publishes_nothing_when_disabled(app_env, monkeypatch, event_tap, caplog):
+    monkeypatch.setenv("TOKEN_REFRESH_ENABLED", "false")
+    with caplog.at_level(logging.INFO):
+        check_expiring_timer.main(TimerRequest(past_due=False))
+        check_expiring_timer.main(TimerRequest(past_due=True))
+    assert event_tap.drain() == []
+    assert caplog.text.count("Token refresh is disabled") == 1
+    assert "initialized and started" not in caplog.text
+
+
+# Manager check handler ---------------------------------------------------------------------------
+
+
+def seed(container, count_due=3, count_later=2):
+    now = utc_now()
+    for n in range(count_due):
+        container.upsert_item({"id": f"due-{n}", "tenantId": f"t-{n % 2}", "integrationId": "google", "status": "active",
+                               "oauth": {"accessToken": "at", "refreshToken": "rt", "expiresAt": iso(now + timedelta(minutes=n))}})
+    for n in range(count_later):
+        container.upsert_item({"id": f"later-{n}", "tenantId": "t-0", "integrationId": "google", "status": "active",
+                               "oauth": {"accessToken": "at", "refreshToken": "rt", "expiresAt": iso(now + timedelta(days=2))}})
+
+
+def check_event(threshold_minutes=65):
+    now = utc_now()
+    return make_event(CheckExpiringData(timestamp=now, threshold_time=now + timedelta(minutes=threshold_minutes)))
+
+
+def test_check_handler_requests_one_refresh_per_expiring_connection(app_env, cosmos_container, event_tap, caplog):
+    seed(cosmos_container)
+    with caplog.at_level(logging.INFO):
+        manager_check_handler.main(trigger(check_event()))
+    requests_ = event_tap.of_type(REFRESH_REQUESTED)
+    assert sorted(event["data"]["connectionId"] for event in requests_) == ["due-0", "due-1", "due-2"]
+    assert "Token check-expiring event received" in caplog.text
+    assert "Found OAuth connections with expiring tokens (count=3" in caplog.text
+    for event in requests_:
+        assert set(event["data"]) == {"connectionId", "integrationId", "tenantId", "expiresAt", "requestedAt"}
+
+
+def test_check_handler_gives_the_same_ids_for_the_same_connection_and_expiry(app_env, cosmos_container, event_tap):
+    seed(cosmos_container)
+    manager_check_handler.main(trigger(check_event()))
+    first = {e["data"]["connectionId"]: e["id"] for e in event_tap.of_type(REFRESH_REQUESTED)}
+    manager_check_handler.main(trigger(check_event()))
+    second = {e["data"]["connectionId"]: e["id"] for e in event_tap.of_type(REFRESH_REQUESTED)}
+    assert first == second
+
+
+@pytest.mark.parametrize("body", [b"{not json", b'{"specversion":"1.0"}', b"[]"])
+def test_check_handler_rejects_malformed_messages_with_a_clear_error(app_env, event_tap, body):
+    with pytest.raises(InvalidEventError):
+        manager_check_handler.main(trigger(body))
+    assert event_tap.drain() == []
+
+
+# Sync refresh handler ----------------------------------------------------------------------------
+
+
+def refresh_request(connection_id="conn-1"):
+    now = utc_now()
+    return make_event(RefreshRequestedData(connection_id=connection_id, integration_id="github", tenant_id="t-9",
+                                           expires_at=now + timedelta(minutes=5), requested_at=now))
+
+
+def test_refresh_handler_calls_the_manager_and_publishes_refreshed(app_env, manager, event_tap, caplog):
+    with caplog.at_level(logging.INFO):
+        sync_refresh_handler.main(trigger(refresh_request()))
+    [call] = manager.calls
+    assert call.raw_path == "/api/v1/integrations/github/connections/conn-1/refresh"
+    assert call.headers["Authorization"] == f"Bearer {app_env['INTEGRATION_MANAGER_TOKEN']}"
+    [event] = event_tap.of_type(REFRESHED)
+    assert {k: event["data"][k] for k in ("connectionId", "integrationId", "tenantId")} == {
+        "connectionId": "conn-1", "integrationId": "github", "tenantId": "t-9"}
+    assert "expiresAt" in event["data"] and "refreshedAt" in event["data"]
+    assert "Refreshing OAuth tokens for connection" in caplog.text
+    assert "OAuth tokens refreshed successfully" in caplog.text
+
+
+@pytest.mark.parametrize(("status", "body", "retryable"), [
+    (400, {"error": "invalid_grant"}, False),
+    (503, None, True),
+    (429, None, True),
+])
+def test_refresh_handler_publishes_failed_with_error_retryable_and_attempts(app_env, manager, event_tap, status, body,
+                                                                           retryable):
+    manager.script = lambda call: Answer(status, body)
+    sync_refresh_handler.main(trigger(refresh_request(), delivery_count=3))
+    [event] = event_tap.of_type(REFRESH_FAILED)
+    data = event["data"]
+    assert data["error"]["httpStatus"] == status
+    assert data["retryable"] is retryable
+    assert data["attempts"] == 3
+    assert event_tap.of_type(REFRESHED) == []
+
+
+def test_refresh_handler_rejects_an_event_of_another_type(app_env, manager):
+    with pytest.raises(InvalidEventError, match="expected 'integration.token.refresh-requested'"):
+        sync_refresh_handler.main(trigger(check_event()))
+    assert manager.calls == []
+
+
+def test_function_json_bindings_match_the_queues_and_connection():
+    for folder, queue in (("manager_check_handler", CHECK_EXPIRING), ("sync_refresh_handler", REFRESH_REQUESTED)):
+        with open(f"{folder}/function.json") as handle:
+            [binding] = json.load(handle)["bindings"]
+        assert binding == {"name": "message", "type": "serviceBusTrigger", "direction": "in",
+                           "queueName": queue, "connection": "ServiceBusConnection"}
+    with open("check_expiring_timer/function.json") as handle:
+        [binding] = json.load(handle)["bindings"]
+    assert binding["type"] == "timerTrigger" and binding["name"] == "timer"
