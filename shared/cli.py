@@ -88,6 +88,13 @@ def _command_run(settings: Settings, args: argparse.Namespace) -> int:
     return 0
 
 
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be 1 or more, not {value}")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m shared.cli", description=__doc__.splitlines()[0])
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
@@ -96,7 +103,10 @@ def build_parser() -> argparse.ArgumentParser:
     run = commands.add_parser("run", help="run the three functions locally with RabbitMQ as the transport")
     run.add_argument("--once", action="store_true", help="one full cycle, print a summary, exit")
     run.add_argument(
-        "--max-deliveries", type=int, default=5, help="attempts per message before it is dead-lettered (default 5)"
+        "--max-deliveries",
+        type=_positive_int,
+        default=5,
+        help="attempts per message before it is dead-lettered (default 5)",
     )
     run.add_argument(
         "--queue-prefix",

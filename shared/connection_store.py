@@ -8,10 +8,12 @@ matches one page at a time.
 from __future__ import annotations
 
 import logging
+import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
+from urllib.parse import urlsplit
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
@@ -24,6 +26,7 @@ logger = logging.getLogger(__name__)
 # A string with another offset can be off by up to 14 hours, so the query admits strings up to
 # this much past the threshold and the exact comparison happens in Python on the parsed instant.
 _MAX_UTC_OFFSET = timedelta(hours=14)
+_LOOPBACK_HOSTS = ("127.0.0.1", "localhost")
 
 EXPIRING_CONNECTIONS_QUERY = """
 SELECT c.id, c.tenantId, c.integrationId, c.status, c.oauth.expiresAt AS expiresAt
@@ -124,6 +127,11 @@ class ConnectionStore:
             from azure.identity import DefaultAzureCredential
 
             credential = DefaultAzureCredential()
+        if urlsplit(settings.cosmos_endpoint).hostname in _LOOPBACK_HOSTS:
+            # The SDK skips TLS verification for a loopback emulator only; say so once, not per request.
+            logger.info("Cosmos endpoint is a local emulator: TLS verification is off for it")
+            for host in _LOOPBACK_HOSTS:
+                warnings.filterwarnings("ignore", message=f"Unverified HTTPS request is being made to host '{host}'")
         client = CosmosClient(settings.cosmos_endpoint, credential=credential)
         container = client.get_database_client(settings.cosmos_database).get_container_client(
             settings.cosmos_connections_container

@@ -20,6 +20,7 @@ from shared.events import (
     CheckExpiringData,
     CloudEvent,
     RefreshRequestedData,
+    format_time,
     make_event,
     parse_event,
     refresh_request_id,
@@ -74,7 +75,7 @@ def request_refresh_for_expiring_connections(
             "Found OAuth connections with expiring tokens (count=%d page=%d thresholdTime=%s)",
             len(page.connections),
             summary.pages,
-            check.threshold_time.isoformat(),
+            format_time(check.threshold_time),
         )
         requested_at = utc_now()
         summary.published += publisher.publish(
@@ -98,7 +99,7 @@ def handle_check_expiring_message(body: bytes) -> CheckSummary:
     """The manager_check_handler function: parse the trigger message, run the check."""
     logger.info("Token check-expiring event received")
     envelope, check = parse_event(body, CHECK_EXPIRING)
-    logger.info("Checking for tokens expiring by %s (eventId=%s)", check.threshold_time.isoformat(), envelope.id)
+    logger.info("Checking for tokens expiring by %s (eventId=%s)", format_time(check.threshold_time), envelope.id)
     return request_refresh_for_expiring_connections(
         check, runtime.connection_store(), runtime.publisher(), runtime.settings()
     )

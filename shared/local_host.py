@@ -22,8 +22,8 @@ from pathlib import Path
 from typing import Any
 
 import azure.functions.servicebus as func_servicebus
-from azure.functions.timer import TimerRequest
 import pika
+from azure.functions.timer import TimerRequest
 
 from shared.events import CHECK_EXPIRING, REFRESH_FAILED, REFRESHED
 from shared.settings import Settings

@@ -102,7 +102,11 @@ def app_env(monkeypatch, rabbitmq, cosmos_server, cosmos_container, exchange, ma
         "INTEGRATION_MANAGER_URL": manager.url,
         "INTEGRATION_MANAGER_TOKEN": MANAGER_TOKEN,
     }
-    for name in ("ServiceBusConnection", "ServiceBusConnection__fullyQualifiedNamespace", "TOKEN_REFRESH_SKIP_STATUSES"):
+    for name in (
+        "ServiceBusConnection",
+        "ServiceBusConnection__fullyQualifiedNamespace",
+        "TOKEN_REFRESH_SKIP_STATUSES",
+    ):
         monkeypatch.delenv(name, raising=False)
     for name, value in values.items():
         monkeypatch.setenv(name, value)

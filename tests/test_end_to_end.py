@@ -24,7 +24,7 @@ from shared.events import (
     parse_event,
 )
 from tests.conftest import MANAGER_TOKEN
-from tools.stand_in_manager import Answer, StandInManager
+from tools.stand_in_manager import Answer
 
 APP_ROOT = Path(__file__).resolve().parent.parent
 CANARY = "canary-" + uuid.uuid4().hex
@@ -54,7 +54,9 @@ def run_cli(env: dict, *args: str, timeout: float = 240) -> subprocess.Completed
 
 @pytest.fixture
 def cli_env(app_env, manager):
-    env = {key: value for key, value in os.environ.items() if not key.startswith(("TOKEN_REFRESH", "COSMOS", "RABBITMQ"))}
+    env = {
+        key: value for key, value in os.environ.items() if not key.startswith(("TOKEN_REFRESH", "COSMOS", "RABBITMQ"))
+    }
     env.update(app_env)
     # Blank = unset: keeps a developer's local.settings.json from pointing the test at Service Bus.
     env.update({"ServiceBusConnection": "", "ServiceBusConnection__fullyQualifiedNamespace": ""})
@@ -95,15 +97,26 @@ def build_fleet(now: datetime, size: int = 1200, seed: int = 7):
             flaky.discard(conn_id)
             dots.add(conn_id)
         stored = iso(expiry) if rng.random() < 0.7 else int(expiry.timestamp() * 1000)
-        documents.append({
-            "id": conn_id, "tenantId": tenant, "integrationId": integration, "status": status,
-            "oauth": {"accessToken": f"at-{CANARY}-{n}", "refreshToken": f"rt-{CANARY}-{n}", "expiresAt": stored},
-        })
+        documents.append(
+            {
+                "id": conn_id,
+                "tenantId": tenant,
+                "integrationId": integration,
+                "status": status,
+                "oauth": {"accessToken": f"at-{CANARY}-{n}", "refreshToken": f"rt-{CANARY}-{n}", "expiresAt": stored},
+            }
+        )
     # Ids made only of dots cannot be addressed safely: they must end as failed events, never as calls.
     for dot_id in ("..", "."):
-        documents.append({"id": dot_id, "tenantId": "tenant-x", "integrationId": "google", "status": "active",
-                          "oauth": {"accessToken": f"at-{CANARY}", "refreshToken": f"rt-{CANARY}",
-                                    "expiresAt": iso(now)}})
+        documents.append(
+            {
+                "id": dot_id,
+                "tenantId": "tenant-x",
+                "integrationId": "google",
+                "status": "active",
+                "oauth": {"accessToken": f"at-{CANARY}", "refreshToken": f"rt-{CANARY}", "expiresAt": iso(now)},
+            }
+        )
         dots.add(dot_id)
     return documents, due, rejected, flaky, dots
 
@@ -155,7 +168,11 @@ def test_full_cycle_over_a_mixed_fleet(cli_env, cosmos_container, manager, event
     assert set(failed) == rejected | flaky | dots
     for conn_id, data in failed.items():
         if conn_id in rejected:
-            assert (data["error"]["code"], data["error"]["httpStatus"], data["retryable"]) == ("invalid_grant", 400, False)
+            assert (data["error"]["code"], data["error"]["httpStatus"], data["retryable"]) == (
+                "invalid_grant",
+                400,
+                False,
+            )
         elif conn_id in flaky:
             assert (data["error"]["httpStatus"], data["retryable"]) == (503, True)
         else:
@@ -180,14 +197,18 @@ def test_a_malformed_message_is_retried_then_dead_lettered_for_inspection(cli_en
     prefix = f"e2e-{uuid.uuid4().hex[:8]}."
     # First run declares the topology; then a broken message arrives and a second run handles it.
     assert run_cli(cli_env, "run", "--once", "--queue-prefix", prefix, "--max-deliveries", "3").returncode == 0
-    channel.basic_publish(exchange, REFRESH_REQUESTED, b'{"specversion": "1.0", "oops": true}',
-                          pika.BasicProperties(message_id="poison-1", delivery_mode=2))
+    channel.basic_publish(
+        exchange,
+        REFRESH_REQUESTED,
+        b'{"specversion": "1.0", "oops": true}',
+        pika.BasicProperties(message_id="poison-1", delivery_mode=2),
+    )
     result = run_cli(cli_env, "run", "--once", "--queue-prefix", prefix, "--max-deliveries", "3")
     assert result.returncode == 0, result.stderr
     assert "dead-lettered 1" in result.stdout
     assert result.stderr.count("Function sync_refresh_handler failed on message poison-1") == 3
     assert "dead-lettering to" in result.stderr
-    method, properties, body = channel.basic_get(prefix + "refresh-requested.dead-letter", auto_ack=True)
+    _, properties, body = channel.basic_get(prefix + "refresh-requested.dead-letter", auto_ack=True)
     assert body == b'{"specversion": "1.0", "oops": true}'
     assert properties.message_id == "poison-1"
     assert manager.calls == []
@@ -197,20 +218,33 @@ def test_a_malformed_message_is_retried_then_dead_lettered_for_inspection(cli_en
 def test_run_keeps_going_on_the_interval_and_stops_cleanly_on_ctrl_c(cli_env, cosmos_container, manager):
     now = datetime.now(UTC)
     for n in range(5):
-        cosmos_container.upsert_item({"id": f"c{n}", "tenantId": "t", "integrationId": "google", "status": "active",
-                                      "oauth": {"expiresAt": iso(now + timedelta(minutes=n))}})
+        cosmos_container.upsert_item(
+            {
+                "id": f"c{n}",
+                "tenantId": "t",
+                "integrationId": "google",
+                "status": "active",
+                "oauth": {"expiresAt": iso(now + timedelta(minutes=n))},
+            }
+        )
     manager.container = cosmos_container
     manager.token_lifetime = timedelta(hours=3)
     env = cli_env | {"TOKEN_REFRESH_INTERVAL_MS": "1000"}
-    process = subprocess.Popen([sys.executable, "-m", "shared.cli", "run", "--queue-prefix", f"fg-{uuid.uuid4().hex[:6]}."],
-                               cwd=APP_ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    process = subprocess.Popen(
+        [sys.executable, "-m", "shared.cli", "run", "--queue-prefix", f"fg-{uuid.uuid4().hex[:6]}."],
+        cwd=APP_ROOT,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     try:
         deadline = time.monotonic() + 30
         while len(manager.calls) < 5 and time.monotonic() < deadline:
             time.sleep(0.2)
         time.sleep(2.5)  # a few more timer runs: refreshed connections are no longer due
         process.send_signal(signal.SIGINT)
-        stdout, stderr = process.communicate(timeout=20)
+        _, stderr = process.communicate(timeout=20)
     finally:
         process.kill()
     assert process.returncode == 0, stderr[-2000:]

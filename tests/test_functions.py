@@ -5,10 +5,9 @@ import json
 import logging
 from datetime import UTC, datetime, timedelta
 
-import azure.functions as func
-from azure.functions.timer import TimerRequest
 import pytest
 from azure.functions.servicebus import ServiceBusMessage
+from azure.functions.timer import TimerRequest
 
 import check_expiring_timer
 import manager_check_handler
@@ -67,8 +66,10 @@ def test_timer_cadence_follows_the_interval_setting(app_env, monkeypatch):
     from shared.check_timer import cadence
 
     start = datetime(2026, 11, 26, 12, 0, tzinfo=UTC)
-    due = [cadence.claim_run(start + timedelta(minutes=m, milliseconds=(-3 if m % 2 else 4)), 10 * 60_000)
-           for m in range(0, 31)]
+    due = [
+        cadence.claim_run(start + timedelta(minutes=m, milliseconds=(-3 if m % 2 else 4)), 10 * 60_000)
+        for m in range(0, 31)
+    ]
     # A 10-minute interval on a one-minute tick runs at minutes 0, 10, 20 and 30 despite tick jitter.
     assert [m for m, ran in enumerate(due) if ran] == [0, 10, 20, 30]
 
@@ -89,11 +90,25 @@ def test_timer_publishes_nothing_when_disabled(app_env, monkeypatch, event_tap, 
 def seed(container, count_due=3, count_later=2):
     now = utc_now()
     for n in range(count_due):
-        container.upsert_item({"id": f"due-{n}", "tenantId": f"t-{n % 2}", "integrationId": "google", "status": "active",
-                               "oauth": {"accessToken": "at", "refreshToken": "rt", "expiresAt": iso(now + timedelta(minutes=n))}})
+        container.upsert_item(
+            {
+                "id": f"due-{n}",
+                "tenantId": f"t-{n % 2}",
+                "integrationId": "google",
+                "status": "active",
+                "oauth": {"accessToken": "at", "refreshToken": "rt", "expiresAt": iso(now + timedelta(minutes=n))},
+            }
+        )
     for n in range(count_later):
-        container.upsert_item({"id": f"later-{n}", "tenantId": "t-0", "integrationId": "google", "status": "active",
-                               "oauth": {"accessToken": "at", "refreshToken": "rt", "expiresAt": iso(now + timedelta(days=2))}})
+        container.upsert_item(
+            {
+                "id": f"later-{n}",
+                "tenantId": "t-0",
+                "integrationId": "google",
+                "status": "active",
+                "oauth": {"accessToken": "at", "refreshToken": "rt", "expiresAt": iso(now + timedelta(days=2))},
+            }
+        )
 
 
 def check_event(threshold_minutes=65):
@@ -134,8 +149,15 @@ def test_check_handler_rejects_malformed_messages_with_a_clear_error(app_env, ev
 
 def refresh_request(connection_id="conn-1"):
     now = utc_now()
-    return make_event(RefreshRequestedData(connection_id=connection_id, integration_id="github", tenant_id="t-9",
-                                           expires_at=now + timedelta(minutes=5), requested_at=now))
+    return make_event(
+        RefreshRequestedData(
+            connection_id=connection_id,
+            integration_id="github",
+            tenant_id="t-9",
+            expires_at=now + timedelta(minutes=5),
+            requested_at=now,
+        )
+    )
 
 
 def test_refresh_handler_calls_the_manager_and_publishes_refreshed(app_env, manager, event_tap, caplog):
@@ -146,19 +168,26 @@ def test_refresh_handler_calls_the_manager_and_publishes_refreshed(app_env, mana
     assert call.headers["Authorization"] == f"Bearer {app_env['INTEGRATION_MANAGER_TOKEN']}"
     [event] = event_tap.of_type(REFRESHED)
     assert {k: event["data"][k] for k in ("connectionId", "integrationId", "tenantId")} == {
-        "connectionId": "conn-1", "integrationId": "github", "tenantId": "t-9"}
+        "connectionId": "conn-1",
+        "integrationId": "github",
+        "tenantId": "t-9",
+    }
     assert "expiresAt" in event["data"] and "refreshedAt" in event["data"]
     assert "Refreshing OAuth tokens for connection" in caplog.text
     assert "OAuth tokens refreshed successfully" in caplog.text
 
 
-@pytest.mark.parametrize(("status", "body", "retryable"), [
-    (400, {"error": "invalid_grant"}, False),
-    (503, None, True),
-    (429, None, True),
-])
-def test_refresh_handler_publishes_failed_with_error_retryable_and_attempts(app_env, manager, event_tap, status, body,
-                                                                           retryable):
+@pytest.mark.parametrize(
+    ("status", "body", "retryable"),
+    [
+        (400, {"error": "invalid_grant"}, False),
+        (503, None, True),
+        (429, None, True),
+    ],
+)
+def test_refresh_handler_publishes_failed_with_error_retryable_and_attempts(
+    app_env, manager, event_tap, status, body, retryable
+):
     manager.script = lambda call: Answer(status, body)
     sync_refresh_handler.main(trigger(refresh_request(), delivery_count=3))
     [event] = event_tap.of_type(REFRESH_FAILED)
@@ -170,7 +199,7 @@ def test_refresh_handler_publishes_failed_with_error_retryable_and_attempts(app_
 
 
 def test_refresh_handler_rejects_an_event_of_another_type(app_env, manager):
-    with pytest.raises(InvalidEventError, match="expected 'integration.token.refresh-requested'"):
+    with pytest.raises(InvalidEventError, match=r"expected 'integration\.token\.refresh-requested'"):
         sync_refresh_handler.main(trigger(check_event()))
     assert manager.calls == []
 
@@ -179,8 +208,13 @@ def test_function_json_bindings_match_the_queues_and_connection():
     for folder, queue in (("manager_check_handler", CHECK_EXPIRING), ("sync_refresh_handler", REFRESH_REQUESTED)):
         with open(f"{folder}/function.json") as handle:
             [binding] = json.load(handle)["bindings"]
-        assert binding == {"name": "message", "type": "serviceBusTrigger", "direction": "in",
-                           "queueName": queue, "connection": "ServiceBusConnection"}
+        assert binding == {
+            "name": "message",
+            "type": "serviceBusTrigger",
+            "direction": "in",
+            "queueName": queue,
+            "connection": "ServiceBusConnection",
+        }
     with open("check_expiring_timer/function.json") as handle:
         [binding] = json.load(handle)["bindings"]
     assert binding["type"] == "timerTrigger" and binding["name"] == "timer"
