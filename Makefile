@@ -1,8 +1,10 @@
 # The two commands of the README: `make demo` (the pipeline once, on real local services) and
 # `make test` (lint + the whole test suite). Both install what they need first (scripts/setup.sh).
-PYTHON := .venv/bin/python
+VENV ?= .venv
+PYTHON := $(VENV)/bin/python
+export VENV
 
-.PHONY: setup demo test lint run services-up services-down clean
+.PHONY: setup demo test lint run stand-in-manager services-up services-down clean
 
 setup:
 	bash scripts/setup.sh
@@ -17,15 +19,21 @@ lint: setup
 	$(PYTHON) -m ruff check .
 	$(PYTHON) -m ruff format --check .
 
-# Long-running local host against the services in .local/services (see README "Run it locally").
+# Long-running local services for `python -m shared.cli ...` (see README "Run it locally"): starts
+# them, writes local.settings.json if there is none, creates the container and seeds sample connections.
 services-up: setup
 	$(PYTHON) -m tools.local_services start --state-dir .local/services
+	$(PYTHON) -m tools.local_settings .local/services/services.json
+	$(PYTHON) -m tools.sample_data
 
 services-down:
 	$(PYTHON) -m tools.local_services stop --state-dir .local/services
 
 run: setup
 	$(PYTHON) -m shared.cli run
+
+stand-in-manager: setup
+	$(PYTHON) -m tools.stand_in_manager
 
 clean:
 	rm -rf .venv node_modules .local .pytest_cache .ruff_cache

@@ -6,7 +6,7 @@
 #   2. npm packages (Azurite, the Cosmos DB-compatible server) when node_modules is missing or older
 #      than package-lock.json
 #   3. .venv (Python >= 3.11) with requirements-dev.txt, re-installed only when a requirements file
-#      changed
+#      changed. VENV=dir and SETUP_PYTHON=interpreter choose another venv / Python (CI tests 3.12 too).
 set -euo pipefail
 
 repo_root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -60,29 +60,30 @@ python_ok() {  # the interpreter exists and is >= 3.11
     "$1" -c 'import sys; sys.exit(0 if sys.version_info >= (3, 11) else 1)' >/dev/null 2>&1
 }
 
-if [[ -x .venv/bin/python ]] && ! python_ok .venv/bin/python; then
-    log ".venv is broken or older than Python 3.11: recreating it"
-    rm -rf .venv
+venv="${VENV:-.venv}"
+if [[ -x "$venv/bin/python" ]] && ! python_ok "$venv/bin/python"; then
+    log "$venv is broken or older than Python 3.11: recreating it"
+    rm -rf "$venv"
 fi
 
-if [[ ! -x .venv/bin/python ]]; then
+if [[ ! -x "$venv/bin/python" ]]; then
     python=""
-    for candidate in python3.11 python3; do
+    for candidate in ${SETUP_PYTHON:-python3.11 python3}; do
         if command -v "$candidate" >/dev/null 2>&1 && python_ok "$candidate"; then
             python="$candidate"
             break
         fi
     done
     [[ -n "$python" ]] || die "Python >= 3.11 is needed (python3.11 or python3 on PATH)"
-    log "creating .venv with $("$python" --version 2>&1)"
-    "$python" -m venv .venv
+    log "creating $venv with $("$python" --version 2>&1)"
+    "$python" -m venv "$venv"
 fi
 
-stamp=.venv/.requirements.sha256
+stamp="$venv/.requirements.sha256"
 wanted="$(cat requirements.txt requirements-dev.txt | sha256sum | cut -d' ' -f1)"
 if [[ ! -f "$stamp" || "$(cat "$stamp")" != "$wanted" ]]; then
     log "installing Python packages (requirements-dev.txt)"
-    .venv/bin/python -m pip install --quiet --disable-pip-version-check -r requirements-dev.txt
+    "$venv/bin/python" -m pip install --quiet --disable-pip-version-check -r requirements-dev.txt
     printf '%s\n' "$wanted" >"$stamp"
 else
     log "Python packages up to date"

@@ -54,6 +54,13 @@ class ExpiringConnection(BaseModel):
     def _status_text(cls, value: Any) -> Any:
         return None if value is None else str(value)
 
+    @field_validator("integration_id", "tenant_id", mode="before")
+    @classmethod
+    def _whole_numbers_as_text(cls, value: Any) -> Any:
+        # Some writers store numeric tenant/integration ids; they address the same thing as text.
+        # Booleans, objects and null stay invalid.
+        return str(value) if isinstance(value, int) and not isinstance(value, bool) else value
+
 
 def parse_expires_at(value: Any) -> datetime:
     """`oauth.expiresAt` as stored: an ISO-8601 string or epoch milliseconds (int or float)."""

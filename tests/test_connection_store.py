@@ -39,6 +39,9 @@ DUE = [
     doc("status-missing", iso(NOW), status=...),
     doc("status-expired", iso(NOW), status="expired"),
     doc("other-tenant", iso(NOW), tenantId="t-2"),
+    doc("numeric-ids", iso(NOW), tenantId=7, integrationId=42),
+    doc("dotnet-7-digit-fraction", "2026-01-01T00:00:00.1234567Z"),
+    doc("space-separated", (NOW + timedelta(minutes=1)).strftime("%Y-%m-%d %H:%M:%SZ")),
 ]
 NOT_DUE = [
     doc("iso-later", iso(THRESHOLD + timedelta(milliseconds=1))),
@@ -58,7 +61,8 @@ NOT_DUE = [
 INVALID = [
     doc("garbage-expiry", "0000-garbage"),
     doc("missing-integration", iso(NOW), integrationId=None),
-    doc("numeric-integration", iso(NOW), integrationId=42),
+    doc("boolean-integration", iso(NOW), integrationId=True),
+    doc("boolean-tenant", iso(NOW), tenantId=False),
 ]
 
 
@@ -85,6 +89,7 @@ def test_expiry_is_normalised_to_the_same_instant_whatever_the_stored_form(seede
     assert found["iso-offset-ahead"].expires_at == NOW + timedelta(minutes=40)
     assert found["epoch-ms"].expires_at == NOW + timedelta(minutes=15)
     assert found["iso-naive-utc"].expires_at == NOW + timedelta(minutes=5)
+    assert (found["numeric-ids"].tenant_id, found["numeric-ids"].integration_id) == ("7", "42")
 
 
 def test_pages_with_continuation_tokens_cover_everything_once(seeded):

@@ -22,41 +22,11 @@ from azure.cosmos import CosmosClient, PartitionKey
 from urllib3.exceptions import InsecureRequestWarning
 
 from tools.local_services import Azurite, CosmosServer, RabbitMQ
+from tools.sample_data import REJECTED_CONNECTIONS, iso, sample_connections
 from tools.stand_in_manager import Answer, StandInManager
 
 APP_ROOT = Path(__file__).resolve().parent.parent
 THRESHOLD_MS = 65 * 60 * 1000
-
-
-def iso(moment: datetime) -> str:
-    return moment.isoformat(timespec="milliseconds").replace("+00:00", "Z")
-
-
-def sample_connections(now: datetime) -> list[dict]:
-    def connection(conn_id, tenant, integration, status, expires_at):
-        return {
-            "id": conn_id,
-            "tenantId": tenant,
-            "integrationId": integration,
-            "status": status,
-            "oauth": {
-                "accessToken": f"demo-access-{conn_id}",
-                "refreshToken": f"demo-refresh-{conn_id}",
-                "expiresAt": expires_at,
-            },
-        }
-
-    return [
-        connection("conn-salesforce-1", "acme", "salesforce", "active", iso(now + timedelta(minutes=10))),
-        connection("conn-google-7", "acme", "google", "active", int((now + timedelta(minutes=30)).timestamp() * 1000)),
-        connection("conn-hubspot-3", "globex", "hubspot", "active", iso(now - timedelta(hours=2))),
-        connection("conn-slack-2", "globex", "slack", "active", iso(now + timedelta(days=3))),
-        connection("conn-github-9", "initech", "github", "revoked", iso(now + timedelta(minutes=5))),
-        connection("conn-xero-4", "initech", "xero", "active", iso(now + timedelta(minutes=20))),
-    ]
-
-
-REJECTED = {"conn-xero-4"}  # the stand-in manager answers 400 invalid_grant for this one
 
 
 def show(title: str, rows: list[dict], before: dict[str, object] | None = None) -> None:
@@ -102,7 +72,9 @@ def main() -> int:
         show(f"Before (threshold: tokens expiring by {iso(now + timedelta(milliseconds=THRESHOLD_MS))}):", before_rows)
 
         manager = StandInManager(
-            script=lambda call: Answer(400, {"error": "invalid_grant"}) if call.connection_id in REJECTED else Answer(),
+            script=lambda call: (
+                Answer(400, {"error": "invalid_grant"}) if call.connection_id in REJECTED_CONNECTIONS else Answer()
+            ),
             container=container,
         ).start()
         env = os.environ | {

@@ -145,3 +145,41 @@ class StandInManager:
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python -m tools.stand_in_manager`: serve until Ctrl-C, refreshing in the app's Cosmos container."""
+    import argparse
+
+    from shared.cli import load_local_settings
+    from shared.settings import load_settings
+    from tools.sample_data import REJECTED_CONNECTIONS, open_container
+
+    parser = argparse.ArgumentParser(prog="python -m tools.stand_in_manager", description=main.__doc__)
+    parser.add_argument("--port", type=int, default=3000)
+    args = parser.parse_args(argv)
+    load_local_settings()
+    container = open_container(load_settings())
+    rejected = Answer(400, {"error": "invalid_grant"})
+    server = StandInManager(
+        script=lambda call: rejected if call.connection_id in REJECTED_CONNECTIONS else Answer(),
+        container=container,
+        port=args.port,
+    ).start()
+    print(
+        f"stand-in integration-manager on {server.url} "
+        f"(rejects {', '.join(sorted(REJECTED_CONNECTIONS))}); Ctrl-C stops"
+    )
+    try:
+        while True:
+            time.sleep(1)
+    except KeyboardInterrupt:
+        server.stop()
+        print(f"stopped after {len(server.calls)} call(s)")
+    return 0
+
+
+if __name__ == "__main__":
+    import sys
+
+    sys.exit(main())
