@@ -6,4 +6,6 @@ from shared.expiring_check import handle_check_expiring_message
 
 
 def main(message: func.ServiceBusMessage) -> None:
-    handle_check_expiring_message(message.get_body())
+    handle_check_expiring_message(
+        message.get_body(), delivery_count=message.delivery_count, message_id=message.message_id
+    )

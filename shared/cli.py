@@ -15,6 +15,7 @@ import sys
 from datetime import timedelta
 from pathlib import Path
 
+from shared.runtime import QUIET_LOGGERS
 from shared.settings import Settings, SettingsError, load_settings, warn_about_risky_threshold
 
 APP_ROOT = Path(__file__).resolve().parent.parent
@@ -45,7 +46,7 @@ def _command_check(settings: Settings, args: argparse.Namespace) -> int:
     print(f"Connections whose token expires by {format_time(threshold)} (dry run: nothing is published):")
     print(f"{'connectionId':<36} {'integrationId':<20} {'tenantId':<20} {'status':<10} expiresAt")
     count = 0
-    for connection in find_expiring_connections(runtime.connection_store(), threshold, settings):
+    for connection in find_expiring_connections(runtime.connection_store(), runtime.state_store(), threshold, settings):
         count += 1
         print(
             f"{connection.connection_id!s:<36} {connection.integration_id!s:<20} {connection.tenant_id!s:<20} "
@@ -59,7 +60,7 @@ def _command_run(settings: Settings, args: argparse.Namespace) -> int:
     from shared import runtime
     from shared.local_host import LocalHost
 
-    host = LocalHost(settings, max_deliveries=args.max_deliveries, queue_prefix=args.queue_prefix)
+    host = LocalHost(settings, queue_prefix=args.queue_prefix)
     if args.once:
         try:
             summary = host.run_once()
@@ -105,8 +106,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument(
         "--max-deliveries",
         type=_positive_int,
-        default=5,
-        help="attempts per message before it is dead-lettered (default 5)",
+        help="deliveries per message before it is dead-lettered (sets TOKEN_REFRESH_MAX_DELIVERY_COUNT, default 10)",
     )
     run.add_argument(
         "--queue-prefix",
@@ -128,8 +128,10 @@ def main(argv: list[str] | None = None) -> int:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         stream=sys.stderr,
     )
-    for noisy in ("pika", "azure", "urllib3"):
+    for noisy in QUIET_LOGGERS:
         logging.getLogger(noisy).setLevel(logging.WARNING)
+    if getattr(args, "max_deliveries", None):
+        os.environ["TOKEN_REFRESH_MAX_DELIVERY_COUNT"] = str(args.max_deliveries)
     try:
         load_local_settings()
         settings = load_settings()

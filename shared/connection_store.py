@@ -1,8 +1,8 @@
-"""Reads OAuth connections from Cosmos DB (container `integration_connections`).
+"""Reads OAuth connections from Cosmos DB (container `integration_connections`). Never writes them.
 
-The query projects only ids, status and `oauth.expiresAt`: token values are never read. It runs
-cross-partition and pages with continuation tokens, so callers can stream through any number of
-matches one page at a time.
+Queries project only ids, status, `oauth.expiresAt` and the document timestamp `_ts`: token values
+are never read. The scan runs cross-partition and pages with continuation tokens, so callers can
+stream through any number of matches one page at a time.
 """
 
 from __future__ import annotations
@@ -13,12 +13,11 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
-from urllib.parse import urlsplit
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from shared.events import format_time, parse_time
-from shared.settings import Settings, SettingsError
+from shared.settings import LOOPBACK_HOSTS, Settings, SettingsError
 
 logger = logging.getLogger(__name__)
 
@@ -26,20 +25,32 @@ logger = logging.getLogger(__name__)
 # A string with another offset can be off by up to 14 hours, so the query admits strings up to
 # this much past the threshold and the exact comparison happens in Python on the parsed instant.
 _MAX_UTC_OFFSET = timedelta(hours=14)
-_LOOPBACK_HOSTS = ("127.0.0.1", "localhost")
 
-EXPIRING_CONNECTIONS_QUERY = """
-SELECT c.id, c.tenantId, c.integrationId, c.status, c.oauth.expiresAt AS expiresAt
-FROM c
-WHERE IS_DEFINED(c.oauth.expiresAt)
-  AND ((IS_STRING(c.oauth.expiresAt) AND c.oauth.expiresAt <= @thresholdTextBound)
-       OR (IS_NUMBER(c.oauth.expiresAt) AND c.oauth.expiresAt <= @thresholdEpochMs))
-  AND (NOT IS_DEFINED(c.status) OR NOT ARRAY_CONTAINS(@skipStatuses, c.status))
-""".strip()
+_PROJECTION = "SELECT c.id, c.tenantId, c.integrationId, c.status, c.oauth.expiresAt AS expiresAt, c._ts FROM c"
+_DUE_BY_EXPIRY = (
+    "(IS_STRING(c.oauth.expiresAt) AND c.oauth.expiresAt <= @thresholdTextBound)"
+    " OR (IS_NUMBER(c.oauth.expiresAt) AND c.oauth.expiresAt <= @thresholdEpochMs)"
+)
+# Opt-in (TOKEN_REFRESH_MAX_AGE_MS): tokens without an expiry, refreshed when the document is old.
+# IS_DEFINED tests that a refresh token exists without reading it.
+_DUE_BY_AGE = (
+    " OR ((NOT IS_DEFINED(c.oauth.expiresAt) OR IS_NULL(c.oauth.expiresAt))"
+    " AND IS_DEFINED(c.oauth.refreshToken) AND NOT IS_NULL(c.oauth.refreshToken) AND c._ts <= @maxAgeCutoffTs)"
+)
+_NOT_SKIPPED = "(NOT IS_DEFINED(c.status) OR NOT ARRAY_CONTAINS(@skipStatuses, c.status))"
+
+
+def expiring_connections_query(with_max_age: bool) -> str:
+    due = _DUE_BY_EXPIRY + (_DUE_BY_AGE if with_max_age else "")
+    return f"{_PROJECTION} WHERE ({due}) AND {_NOT_SKIPPED}"
+
+
+EXPIRING_CONNECTIONS_QUERY = expiring_connections_query(with_max_age=False)
 
 
 class ExpiringConnection(BaseModel):
-    """A connection whose token expires within the threshold (projection of the Cosmos document)."""
+    """A connection due for refresh (projection of the Cosmos document). `expires_at` is None for a
+    token without expiry selected by TOKEN_REFRESH_MAX_AGE_MS."""
 
     model_config = ConfigDict(frozen=True)
 
@@ -47,18 +58,19 @@ class ExpiringConnection(BaseModel):
     integration_id: str = Field(min_length=1)
     tenant_id: str = Field(min_length=1)
     status: str | None = None
-    expires_at: datetime
+    expires_at: datetime | None
+    document_ts: int | None = None
 
     @field_validator("status", mode="before")
     @classmethod
     def _status_text(cls, value: Any) -> Any:
         return None if value is None else str(value)
 
-    @field_validator("integration_id", "tenant_id", mode="before")
+    @field_validator("integration_id", mode="before")
     @classmethod
     def _whole_numbers_as_text(cls, value: Any) -> Any:
-        # Some writers store numeric tenant/integration ids; they address the same thing as text.
-        # Booleans, objects and null stay invalid.
+        # Some writers store numeric integration ids; they name the same integration as text.
+        # (tenantId is the partition key: it must be the string the platform stores.)
         return str(value) if isinstance(value, int) and not isinstance(value, bool) else value
 
 
@@ -83,82 +95,111 @@ class ScanPage:
     continuation: str | None
 
 
+@dataclass(frozen=True)
+class ConnectionState:
+    """What the refresh step re-reads just before calling integration-manager."""
+
+    status: str | None
+    expires_at: Any
+    document_ts: int | None
+
+
 class InvalidConnectionDocument(ValueError):
     """A matching document lacks what a refresh needs (ids, a readable expiresAt)."""
 
 
 def to_expiring_connection(
-    row: dict[str, Any], threshold: datetime, skip_statuses: tuple[str, ...]
+    row: dict[str, Any],
+    threshold: datetime,
+    skip_statuses: tuple[str, ...],
+    max_age_cutoff_ts: int | None = None,
 ) -> ExpiringConnection | None:
     """Validate one query row: the connection when it is due, None when it is not (skipped status,
     or admitted only by the widened text bound). Raises InvalidConnectionDocument for unusable rows."""
-    connection_id = row.get("id")
     status = row.get("status")
     if isinstance(status, str) and status.strip().lower() in skip_statuses:
         return None
-    try:
-        expires_at = parse_expires_at(row.get("expiresAt"))
-    except (ValueError, TypeError, OverflowError, OSError) as error:
-        raise InvalidConnectionDocument(
-            f"oauth.expiresAt is not an ISO-8601 time or epoch milliseconds ({error.__class__.__name__})"
-        ) from None
-    if expires_at > threshold:
-        return None  # admitted only by the query's widened text bound
+    raw_expiry = row.get("expiresAt")
+    document_ts = row.get("_ts") if isinstance(row.get("_ts"), int) else None
+    if raw_expiry is None:
+        if max_age_cutoff_ts is None or document_ts is None or document_ts > max_age_cutoff_ts:
+            return None
+        expires_at = None
+    else:
+        try:
+            expires_at = parse_expires_at(raw_expiry)
+        except (ValueError, TypeError, OverflowError, OSError) as error:
+            raise InvalidConnectionDocument(
+                f"oauth.expiresAt is not an ISO-8601 time or epoch milliseconds ({error.__class__.__name__})"
+            ) from None
+        if expires_at > threshold:
+            return None  # admitted only by the query's widened text bound
     try:
         return ExpiringConnection(
-            connection_id=connection_id,
+            connection_id=row.get("id"),
             integration_id=row.get("integrationId"),
             tenant_id=row.get("tenantId"),
             status=status,
             expires_at=expires_at,
+            document_ts=document_ts,
         )
     except ValidationError as error:
         fields = ", ".join(str(item["loc"][0]) for item in error.errors(include_input=False))
         raise InvalidConnectionDocument(f"missing or invalid {fields}") from None
 
 
+def cosmos_client_from_settings(settings: Settings) -> Any:
+    from azure.cosmos import CosmosClient
+
+    if not settings.cosmos_endpoint:
+        raise SettingsError("COSMOS_ENDPOINT is not set; expected an https:// URL of the Cosmos account")
+    if settings.cosmos_key is not None:
+        credential: Any = settings.cosmos_key.get_secret_value()
+    else:
+        from azure.identity import DefaultAzureCredential
+
+        credential = DefaultAzureCredential()
+    if settings.cosmos_emulator:
+        # Allowed only for loopback endpoints (see Settings): say so once, not per request.
+        logger.info("COSMOS_EMULATOR=true: TLS verification is off for the local Cosmos emulator")
+        for host in LOOPBACK_HOSTS:
+            warnings.filterwarnings("ignore", message=f"Unverified HTTPS request is being made to host '{host}'")
+    return CosmosClient(settings.cosmos_endpoint, credential=credential)
+
+
 class ConnectionStore:
-    def __init__(self, container: Any, page_size: int = 200):
+    def __init__(self, container: Any, page_size: int = 200, max_age_ms: int = 0):
         self._container = container
         self._page_size = page_size
+        self._max_age_ms = max_age_ms
 
     @classmethod
-    def from_settings(cls, settings: Settings) -> ConnectionStore:
-        from azure.cosmos import CosmosClient
-
-        if not settings.cosmos_endpoint:
-            raise SettingsError("COSMOS_ENDPOINT is not set; expected an https:// URL of the Cosmos account")
-        if settings.cosmos_key is not None:
-            credential: Any = settings.cosmos_key.get_secret_value()
-        else:
-            from azure.identity import DefaultAzureCredential
-
-            credential = DefaultAzureCredential()
-        if urlsplit(settings.cosmos_endpoint).hostname in _LOOPBACK_HOSTS:
-            # The SDK skips TLS verification for a loopback emulator only; say so once, not per request.
-            logger.info("Cosmos endpoint is a local emulator: TLS verification is off for it")
-            for host in _LOOPBACK_HOSTS:
-                warnings.filterwarnings("ignore", message=f"Unverified HTTPS request is being made to host '{host}'")
-        client = CosmosClient(settings.cosmos_endpoint, credential=credential)
-        container = client.get_database_client(settings.cosmos_database).get_container_client(
+    def from_settings(cls, settings: Settings, cosmos_client: Any) -> ConnectionStore:
+        container = cosmos_client.get_database_client(settings.cosmos_database).get_container_client(
             settings.cosmos_connections_container
         )
-        return cls(container, settings.page_size)
+        return cls(container, settings.page_size, settings.max_age_ms)
 
     def expiring_connection_pages(
         self,
         threshold: datetime,
         skip_statuses: tuple[str, ...],
         continuation: str | None = None,
+        now: datetime | None = None,
     ) -> Iterator[ScanPage]:
-        """Yield pages of connections with `oauth.expiresAt <= threshold`, across all partitions."""
+        """Yield pages of connections due by `threshold`, across all partitions."""
         parameters = [
             {"name": "@thresholdTextBound", "value": format_time(threshold + _MAX_UTC_OFFSET)},
             {"name": "@thresholdEpochMs", "value": int(threshold.timestamp() * 1000)},
             {"name": "@skipStatuses", "value": list(skip_statuses)},
         ]
+        max_age_cutoff_ts = None
+        if self._max_age_ms > 0:
+            # `_ts` is in epoch seconds.
+            max_age_cutoff_ts = int((now or datetime.now(UTC)).timestamp() - self._max_age_ms / 1000)
+            parameters.append({"name": "@maxAgeCutoffTs", "value": max_age_cutoff_ts})
         pager = self._container.query_items(
-            query=EXPIRING_CONNECTIONS_QUERY,
+            query=expiring_connections_query(with_max_age=max_age_cutoff_ts is not None),
             parameters=parameters,
             enable_cross_partition_query=True,
             max_item_count=self._page_size,
@@ -167,7 +208,7 @@ class ConnectionStore:
             connections, invalid = [], 0
             for row in page:
                 try:
-                    connection = to_expiring_connection(row, threshold, skip_statuses)
+                    connection = to_expiring_connection(row, threshold, skip_statuses, max_age_cutoff_ts)
                 except InvalidConnectionDocument as error:
                     invalid += 1
                     logger.warning("Skipping connection %r: %s", row.get("id"), error)
@@ -175,3 +216,18 @@ class ConnectionStore:
                 if connection is not None:
                     connections.append(connection)
             yield ScanPage(connections, invalid, pager.continuation_token)
+
+    def current_state(self, tenant_id: str, connection_id: str) -> ConnectionState | None:
+        """The connection's status, expiry and version now (None when it no longer exists)."""
+        rows = list(
+            self._container.query_items(
+                "SELECT c.status, c.oauth.expiresAt AS expiresAt, c._ts FROM c "
+                "WHERE c.id = @id AND c.tenantId = @tenantId",
+                parameters=[{"name": "@id", "value": connection_id}, {"name": "@tenantId", "value": tenant_id}],
+                partition_key=tenant_id,
+            )
+        )
+        if not rows:
+            return None
+        row = rows[0]
+        return ConnectionState(row.get("status"), row.get("expiresAt"), row.get("_ts"))

@@ -7,12 +7,15 @@ only change here. Payload fields are camelCase on the wire, snake_case in Python
 from __future__ import annotations
 
 import json
+import logging
 import uuid
 from datetime import UTC, datetime
 from typing import Any, ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_serializer, field_validator
 from pydantic.alias_generators import to_camel
+
+logger = logging.getLogger(__name__)
 
 SOURCE = "integration-token-refresh"
 CONTENT_TYPE = "application/cloudevents+json"
@@ -84,7 +87,7 @@ class ConnectionRef(_Payload):
 
 class RefreshRequestedData(ConnectionRef):
     event_type: ClassVar[str] = REFRESH_REQUESTED
-    expires_at: datetime
+    expires_at: datetime | None = None  # absent for tokens without expiry (TOKEN_REFRESH_MAX_AGE_MS)
     requested_at: datetime
 
 
@@ -148,11 +151,11 @@ def make_event(data: _Payload, event_id: str | None = None, time: datetime | Non
     )
 
 
-def refresh_request_id(connection: ConnectionRef, expires_at: datetime) -> str:
-    """Deterministic id: the same connection with the same expiresAt always gives the same id."""
-    key = "\x1f".join(
-        (connection.tenant_id, connection.integration_id, connection.connection_id, format_time(expires_at))
-    )
+def refresh_request_id(connection: ConnectionRef, expires_at: datetime | None, document_ts: int | None = None) -> str:
+    """Deterministic id: the same connection with the same expiresAt always gives the same id.
+    A token without expiry is identified by its document version (`_ts`) instead."""
+    version = format_time(expires_at) if expires_at is not None else f"ts:{document_ts}"
+    key = "\x1f".join((connection.tenant_id, connection.integration_id, connection.connection_id, version))
     return str(uuid.uuid5(_REFRESH_REQUEST_NAMESPACE, key))
 
 
@@ -182,6 +185,25 @@ def parse_event(body: bytes | str, expected_type: str) -> tuple[CloudEvent, Any]
     except ValidationError as error:
         raise InvalidEventError(f"invalid {expected_type} data: {_fields(error)}") from None
     return envelope, payload
+
+
+def parse_trigger_message(
+    body: bytes | str, expected_type: str, message_id: str | None, delivery_count: int
+) -> tuple[CloudEvent, Any]:
+    """parse_event for a function's trigger message: a message that is not a valid event is a poison
+    message; say so in one clear line, then raise so the queue dead-letters it after its delivery limit."""
+    try:
+        return parse_event(body, expected_type)
+    except InvalidEventError as error:
+        logger.error(
+            "Poison message %s on the %s queue (delivery %d): %s. Retrying cannot help; it goes to the "
+            "dead-letter queue when its delivery limit is reached.",
+            message_id or "(no id)",
+            expected_type,
+            delivery_count,
+            error,
+        )
+        raise
 
 
 def _fields(error: ValidationError) -> str:

@@ -22,12 +22,13 @@ from shared.events import (
     RefreshRequestedData,
     format_time,
     make_event,
-    parse_event,
+    parse_trigger_message,
     refresh_request_id,
     utc_now,
 )
 from shared.messaging import EventPublisher
 from shared.settings import Settings
+from shared.state_store import StateStore, connection_key
 
 logger = logging.getLogger(__name__)
 
@@ -37,6 +38,7 @@ class CheckSummary:
     found: int = 0
     published: int = 0
     invalid: int = 0
+    suppressed: int = 0
     pages: int = 0
     duration_ms: int = 0
 
@@ -49,57 +51,95 @@ def refresh_requested_event(connection: ExpiringConnection, requested_at: dateti
         expires_at=connection.expires_at,
         requested_at=requested_at,
     )
-    return make_event(data, event_id=refresh_request_id(data, connection.expires_at), time=requested_at)
+    event_id = refresh_request_id(data, connection.expires_at, connection.document_ts)
+    return make_event(data, event_id=event_id, time=requested_at)
 
 
 def find_expiring_connections(
-    store: ConnectionStore, threshold: datetime, settings: Settings
+    store: ConnectionStore, states: StateStore, threshold: datetime, settings: Settings
 ) -> Iterator[ExpiringConnection]:
-    """Every connection due for refresh by `threshold` (used by `check --dry-run`)."""
+    """Every connection a check would request a refresh for now (used by `check --dry-run`)."""
     for page in store.expiring_connection_pages(threshold, settings.skip_statuses):
-        yield from page.connections
+        yield from without_recent_permanent_failures(page.connections, states, settings.failure_cooldown_ms)[0]
+
+
+def without_recent_permanent_failures(
+    connections: list[ExpiringConnection], states: StateStore, cooldown_ms: int
+) -> tuple[list[ExpiringConnection], int]:
+    """Drop connections whose refresh failed permanently for this same document version within the
+    cooldown: requesting them again would fail again (no refresh storm)."""
+    keys = {connection_key(c.tenant_id, c.integration_id, c.connection_id): c for c in connections}
+    suppressed = states.suppressed_keys(
+        {key: c.document_ts for key, c in keys.items()}, int(time.time() * 1000), cooldown_ms
+    )
+    for key, record in suppressed.items():
+        connection = keys[key]
+        logger.info(
+            "Not requesting refresh for connection %r (%s): it failed permanently (%s) and its document "
+            "has not changed since",
+            connection.connection_id,
+            connection.integration_id,
+            record.get("code"),
+        )
+    return [c for key, c in keys.items() if key not in suppressed], len(suppressed)
 
 
 def request_refresh_for_expiring_connections(
-    check: CheckExpiringData, store: ConnectionStore, publisher: EventPublisher, settings: Settings
+    check: CheckExpiringData,
+    *,
+    store: ConnectionStore,
+    states: StateStore,
+    publisher: EventPublisher,
+    settings: Settings,
 ) -> CheckSummary:
     started = time.monotonic()
     summary = CheckSummary()
     for page in store.expiring_connection_pages(check.threshold_time, settings.skip_statuses):
         summary.pages += 1
         summary.invalid += page.invalid
-        if not page.connections:
+        connections, suppressed = without_recent_permanent_failures(
+            page.connections, states, settings.failure_cooldown_ms
+        )
+        summary.suppressed += suppressed
+        if not connections:
             continue
-        summary.found += len(page.connections)
+        summary.found += len(connections)
         logger.info(
             "Found OAuth connections with expiring tokens (count=%d page=%d thresholdTime=%s)",
-            len(page.connections),
+            len(connections),
             summary.pages,
             format_time(check.threshold_time),
         )
         requested_at = utc_now()
         summary.published += publisher.publish(
-            refresh_requested_event(connection, requested_at) for connection in page.connections
+            refresh_requested_event(connection, requested_at) for connection in connections
         )
     if summary.found == 0:
         logger.info("Found OAuth connections with expiring tokens (count=0)")
     summary.duration_ms = int((time.monotonic() - started) * 1000)
     logger.info(
-        "Check-expiring run finished (found=%d published=%d invalid=%d pages=%d durationMs=%d)",
+        "Check-expiring run finished (found=%d published=%d invalid=%d suppressed=%d pages=%d durationMs=%d)",
         summary.found,
         summary.published,
         summary.invalid,
+        summary.suppressed,
         summary.pages,
         summary.duration_ms,
     )
     return summary
 
 
-def handle_check_expiring_message(body: bytes) -> CheckSummary:
+def handle_check_expiring_message(
+    body: bytes, delivery_count: int | None = None, message_id: str | None = None
+) -> CheckSummary:
     """The manager_check_handler function: parse the trigger message, run the check."""
     logger.info("Token check-expiring event received")
-    envelope, check = parse_event(body, CHECK_EXPIRING)
+    envelope, check = parse_trigger_message(body, CHECK_EXPIRING, message_id, max(1, delivery_count or 1))
     logger.info("Checking for tokens expiring by %s (eventId=%s)", format_time(check.threshold_time), envelope.id)
     return request_refresh_for_expiring_connections(
-        check, runtime.connection_store(), runtime.publisher(), runtime.settings()
+        check,
+        store=runtime.connection_store(),
+        states=runtime.state_store(),
+        publisher=runtime.publisher(),
+        settings=runtime.settings(),
     )

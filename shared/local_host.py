@@ -15,7 +15,6 @@ import importlib
 import json
 import logging
 import threading
-import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -32,7 +31,6 @@ logger = logging.getLogger(__name__)
 
 APP_ROOT = Path(__file__).resolve().parent.parent
 QUEUE_PREFIX = "integration-token-refresh."
-DEFAULT_MAX_DELIVERIES = 5
 
 
 @dataclass(frozen=True)
@@ -94,17 +92,12 @@ def trigger_message(body: bytes, properties: pika.BasicProperties) -> func_servi
 
 
 class LocalHost:
-    def __init__(
-        self,
-        settings: Settings,
-        max_deliveries: int = DEFAULT_MAX_DELIVERIES,
-        queue_prefix: str = QUEUE_PREFIX,
-        app_root: Path = APP_ROOT,
-    ):
+    def __init__(self, settings: Settings, queue_prefix: str = QUEUE_PREFIX, app_root: Path = APP_ROOT):
         if settings.rabbitmq_url is None:
             raise SystemExit("The local host needs RABBITMQ_URL: RabbitMQ is its transport.")
         self.settings = settings
-        self.max_deliveries = max_deliveries
+        # The functions read the same setting to know their last delivery, as with Service Bus.
+        self.max_deliveries = settings.max_delivery_count
         self.timer_main, self.functions = load_function_app(app_root, queue_prefix)
         self._by_queue = {function.queue: function for function in self.functions}
         self._connection: Any = None
@@ -136,24 +129,47 @@ class LocalHost:
             function.main(message)
         except Exception as error:
             last = message.delivery_count >= self.max_deliveries
+            reason = f"{error.__class__.__name__}: {error}"[:1000]
             logger.error(
-                "Function %s failed on message %s (delivery %d of %d): %s: %s%s",
+                "Function %s failed on message %s (delivery %d of %d): %s%s",
                 function.name,
                 message.message_id,
                 message.delivery_count,
                 self.max_deliveries,
-                error.__class__.__name__,
-                error,
+                reason,
                 f"; dead-lettering to {function.dead_letter_queue}" if last else "; will retry",
             )
             logger.debug("function failure", exc_info=True)
-            if not last:
-                # Brief back-off so a failing dependency is not hammered in a tight loop.
-                time.sleep(min(2.0, 0.1 * 2 ** (message.delivery_count - 1)))
-            self._channel.basic_nack(method.delivery_tag, requeue=not last)
+            if last:
+                self._dead_letter(function, properties, body, reason, message.delivery_count)
+                self._channel.basic_ack(method.delivery_tag)
+            else:
+                # Like a Service Bus abandon: redelivered at once (the functions back off inside an invocation).
+                self._channel.basic_nack(method.delivery_tag, requeue=True)
             return False
         self._channel.basic_ack(method.delivery_tag)
         return True
+
+    def _dead_letter(self, function: QueueFunction, properties: Any, body: bytes, reason: str, deliveries: int) -> None:
+        """Park the message with the reason, like Service Bus's DeadLetterReason/ErrorDescription."""
+        headers = dict(properties.headers or {}) | {
+            "x-dead-letter-reason": "MaxDeliveryCountExceeded",
+            "x-dead-letter-error-description": reason,
+            "x-source-queue": function.queue,
+            "x-delivery-count": deliveries,
+        }
+        self._channel.basic_publish(
+            "",
+            function.dead_letter_queue,
+            body,
+            pika.BasicProperties(
+                content_type=properties.content_type,
+                message_id=properties.message_id,
+                type=properties.type,
+                delivery_mode=pika.DeliveryMode.Persistent,
+                headers=headers,
+            ),
+        )
 
     def tick_timer(self) -> None:
         self.timer_main(TimerRequest(past_due=False))
@@ -237,7 +253,8 @@ def declare_topology(channel: Any, exchange: str, functions: list[QueueFunction]
             durable=True,
             arguments={
                 "x-queue-type": "quorum",
-                "x-delivery-limit": max_deliveries - 1,  # redeliveries allowed after the first delivery
+                # Safety net for a host that dies mid-message over and over; failures dead-letter in invoke().
+                "x-delivery-limit": max_deliveries,
                 "x-dead-letter-exchange": "",
                 "x-dead-letter-routing-key": function.dead_letter_queue,
             },

@@ -14,8 +14,9 @@ from __future__ import annotations
 import json
 import logging
 import re
-from dataclasses import dataclass
-from datetime import datetime
+from dataclasses import dataclass, replace
+from datetime import UTC, datetime
+from email.utils import parsedate_to_datetime
 from typing import Any
 from urllib.parse import quote, urlsplit
 
@@ -42,6 +43,7 @@ class RefreshOutcome:
     error_message: str | None = None
     retryable: bool = False
     expires_at: datetime | None = None
+    retry_after_s: float | None = None  # the callee's Retry-After, when it sent one
 
 
 def path_segment(value: str, name: str) -> str:
@@ -126,10 +128,30 @@ class IntegrationManagerClient:
             )
         with response:
             body = _read_json(response)
-        return _outcome(response.status_code, body)
+        outcome = _outcome(response.status_code, body)
+        if not outcome.succeeded and outcome.retryable:
+            outcome = replace(outcome, retry_after_s=parse_retry_after(response.headers.get("Retry-After")))
+        return outcome
 
     def close(self) -> None:
         self._session.close()
+
+
+def parse_retry_after(value: str | None, now: datetime | None = None) -> float | None:
+    """Retry-After as seconds (delta-seconds or an HTTP date), capped at an hour; None when absent or odd."""
+    if not value:
+        return None
+    value = value.strip()
+    if value.isdigit():
+        return min(float(value), 3600.0)
+    try:
+        moment = parsedate_to_datetime(value)
+    except (TypeError, ValueError, IndexError):
+        return None
+    if moment.tzinfo is None:
+        return None
+    delta = (moment - (now or datetime.now(UTC))).total_seconds()
+    return min(max(delta, 0.0), 3600.0)
 
 
 def _read_json(response: requests.Response) -> Any:

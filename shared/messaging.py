@@ -17,6 +17,7 @@ from typing import Any, Protocol
 
 from shared.events import CHECK_EXPIRING, CONTENT_TYPE, REFRESH_REQUESTED, CloudEvent
 from shared.settings import Settings, SettingsError
+from shared.state_store import connection_key
 
 logger = logging.getLogger(__name__)
 
@@ -188,6 +189,7 @@ class ServiceBusTransport:
                         message_id=event.id,
                         content_type=CONTENT_TYPE,
                         application_properties={"type": event.type},
+                        session_id=session_id(event),
                     )
                     try:
                         batch.add_message(message)
@@ -212,6 +214,15 @@ class ServiceBusTransport:
                 sender.close()
             self._senders.clear()
             self._client.close()
+
+
+def session_id(event: CloudEvent) -> str | None:
+    """Refresh requests of one connection share a Service Bus session, so the session-enabled
+    refresh queue hands them to one invocation at a time (README "Failure handling")."""
+    if event.type != REFRESH_REQUESTED:
+        return None
+    data = event.data
+    return connection_key(str(data["tenantId"]), str(data["integrationId"]), str(data["connectionId"]))
 
 
 def publisher_from_settings(settings: Settings) -> EventPublisher:

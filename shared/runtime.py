@@ -4,6 +4,7 @@ Python worker may run several invocations on threads at once."""
 
 from __future__ import annotations
 
+import logging
 import threading
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, TypeVar
@@ -14,6 +15,7 @@ if TYPE_CHECKING:
     from shared.connection_store import ConnectionStore
     from shared.manager_client import IntegrationManagerClient
     from shared.messaging import EventPublisher
+    from shared.state_store import StateStore
 
 T = TypeVar("T")
 _lock = threading.RLock()
@@ -30,8 +32,14 @@ def _once(name: str, build: Callable[[], T]) -> T:
     return instance
 
 
+# SDK loggers log every HTTP request at INFO; in Application Insights that drowns the app's own lines.
+QUIET_LOGGERS = ("azure", "pika", "urllib3")
+
+
 def settings() -> Settings:
     def build() -> Settings:
+        for name in QUIET_LOGGERS:
+            logging.getLogger(name).setLevel(logging.WARNING)
         loaded = load_settings()
         warn_about_risky_threshold(loaded)
         return loaded
@@ -45,10 +53,22 @@ def publisher() -> EventPublisher:
     return _once("publisher", lambda: publisher_from_settings(settings()))
 
 
+def cosmos_client() -> Any:
+    from shared.connection_store import cosmos_client_from_settings
+
+    return _once("cosmos_client", lambda: cosmos_client_from_settings(settings()))
+
+
 def connection_store() -> ConnectionStore:
     from shared.connection_store import ConnectionStore
 
-    return _once("connection_store", lambda: ConnectionStore.from_settings(settings()))
+    return _once("connection_store", lambda: ConnectionStore.from_settings(settings(), cosmos_client()))
+
+
+def state_store() -> StateStore:
+    from shared.state_store import StateStore
+
+    return _once("state_store", lambda: StateStore.from_settings(settings(), cosmos_client()))
 
 
 def manager_client() -> IntegrationManagerClient:

@@ -21,6 +21,7 @@ logger = logging.getLogger(__name__)
 SAFETY_MARGIN_MS = 5 * 60 * 1000
 
 DEFAULT_SKIP_STATUSES = ("revoked", "disabled", "deleted")
+LOOPBACK_HOSTS = ("127.0.0.1", "localhost")
 
 
 class SettingsError(ValueError):
@@ -48,6 +49,15 @@ _EXPECTED_FORMS = {
     "INTEGRATION_MANAGER_URL": "an http:// or https:// base URL without query, fragment or credentials",
     "INTEGRATION_MANAGER_CONNECT_TIMEOUT_MS": "a whole number of milliseconds between 100 and 60000",
     "INTEGRATION_MANAGER_TIMEOUT_MS": "a whole number of milliseconds between 100 and 600000",
+    "INTEGRATION_MANAGER_MAX_ATTEMPTS": "a whole number of calls per delivery between 1 and 10",
+    "INTEGRATION_MANAGER_RETRY_BUDGET_MS": "a whole number of milliseconds between 0 and 300000",
+    "INTEGRATION_MANAGER_BACKOFF_INITIAL_MS": "a whole number of milliseconds between 1 and 60000",
+    "TOKEN_REFRESH_MAX_DELIVERY_COUNT": "the refresh queue's MaxDeliveryCount, a whole number between 1 and 100",
+    "TOKEN_REFRESH_FAILURE_COOLDOWN_MS": "a whole number of milliseconds, 0 (off) or more",
+    "TOKEN_REFRESH_CLAIM_LEASE_MS": "a whole number of milliseconds, at least 1000",
+    "TOKEN_REFRESH_MAX_AGE_MS": "a whole number of milliseconds, 0 (off) or more",
+    "COSMOS_STATE_CONTAINER": "a non-empty container name",
+    "COSMOS_EMULATOR": "true or false",
 }
 
 
@@ -83,6 +93,21 @@ class Settings(BaseSettings):
         5_000, alias="INTEGRATION_MANAGER_CONNECT_TIMEOUT_MS", ge=100, le=60_000
     )
     integration_manager_timeout_ms: int = Field(30_000, alias="INTEGRATION_MANAGER_TIMEOUT_MS", ge=100, le=600_000)
+    integration_manager_max_attempts: int = Field(3, alias="INTEGRATION_MANAGER_MAX_ATTEMPTS", ge=1, le=10)
+    integration_manager_backoff_initial_ms: int = Field(
+        500, alias="INTEGRATION_MANAGER_BACKOFF_INITIAL_MS", ge=1, le=60_000
+    )
+    integration_manager_retry_budget_ms: int = Field(
+        60_000, alias="INTEGRATION_MANAGER_RETRY_BUDGET_MS", ge=0, le=300_000
+    )
+
+    # Failure handling (README "Failure handling")
+    max_delivery_count: int = Field(10, alias="TOKEN_REFRESH_MAX_DELIVERY_COUNT", ge=1, le=100)
+    failure_cooldown_ms: int = Field(86_400_000, alias="TOKEN_REFRESH_FAILURE_COOLDOWN_MS", ge=0)
+    claim_lease_ms: int = Field(600_000, alias="TOKEN_REFRESH_CLAIM_LEASE_MS", ge=1000)
+    max_age_ms: int = Field(0, alias="TOKEN_REFRESH_MAX_AGE_MS", ge=0)
+    cosmos_state_container: str = Field("token_refresh_state", alias="COSMOS_STATE_CONTAINER", min_length=1)
+    cosmos_emulator: bool = Field(False, alias="COSMOS_EMULATOR")
 
     @field_validator("*", mode="before")
     @classmethod
@@ -149,6 +174,23 @@ class Settings(BaseSettings):
         if value is not None and ("://" in value or "/" in value or "." not in value):
             raise ValueError("is not a fully qualified host name")
         return value
+
+    @model_validator(mode="after")
+    def _check_emulator(self) -> Settings:
+        # The Cosmos SDK silently skips TLS verification for localhost/127.0.0.1. Make that an
+        # explicit choice, and never allow it for a real (non-loopback) account.
+        if self.cosmos_endpoint:
+            loopback = urlsplit(self.cosmos_endpoint).hostname in LOOPBACK_HOSTS
+            if loopback and not self.cosmos_emulator:
+                raise SettingsError(
+                    "COSMOS_ENDPOINT is a loopback address, for which the Cosmos SDK does not verify TLS; "
+                    "set COSMOS_EMULATOR=true to accept that for a local emulator"
+                )
+            if self.cosmos_emulator and not loopback:
+                raise SettingsError(
+                    "COSMOS_EMULATOR=true is only allowed with a loopback COSMOS_ENDPOINT (localhost or 127.0.0.1)"
+                )
+        return self
 
     @model_validator(mode="after")
     def _check_combinations(self) -> Settings:

@@ -6,4 +6,6 @@ from shared.token_refresh import handle_refresh_requested_message
 
 
 def main(message: func.ServiceBusMessage) -> None:
-    handle_refresh_requested_message(message.get_body(), delivery_count=message.delivery_count)
+    handle_refresh_requested_message(
+        message.get_body(), delivery_count=message.delivery_count, message_id=message.message_id
+    )

@@ -5,7 +5,9 @@ Real services (RabbitMQ, the Cosmos-compatible server, Azurite) are started once
 prefix so tests never see each other's data.
 """
 
+import contextlib
 import json
+import logging
 import uuid
 from dataclasses import dataclass
 from typing import Any
@@ -13,12 +15,16 @@ from typing import Any
 import pika
 import pytest
 from azure.cosmos import CosmosClient, PartitionKey
+from azure.cosmos.exceptions import CosmosResourceNotFoundError
 
 from shared import check_timer, runtime
 from tests.service_fixtures import azurite, cosmos_server, rabbitmq  # noqa: F401 - pytest fixtures
 from tools.stand_in_manager import StandInManager
 
 MANAGER_TOKEN = "manager-token-canary-0b7e1d"
+
+for _noisy in ("azure", "pika", "urllib3"):  # as the app does (shared.runtime.QUIET_LOGGERS)
+    logging.getLogger(_noisy).setLevel(logging.WARNING)
 
 
 @pytest.fixture(scope="session")
@@ -87,7 +93,16 @@ def manager():
 
 
 @pytest.fixture
-def app_env(monkeypatch, rabbitmq, cosmos_server, cosmos_container, exchange, manager):  # noqa: F811
+def state_container_name(cosmos_database):
+    """The app's own state container for one test (the app creates it on first use)."""
+    name = f"state_{uuid.uuid4().hex[:10]}"
+    yield name
+    with contextlib.suppress(CosmosResourceNotFoundError):
+        cosmos_database.delete_container(name)
+
+
+@pytest.fixture
+def app_env(monkeypatch, rabbitmq, cosmos_server, cosmos_container, state_container_name, exchange, manager):  # noqa: F811
     """Application settings pointing the app at the real local services, as `func start` would."""
     values = {
         "TOKEN_REFRESH_ENABLED": "true",
@@ -95,12 +110,19 @@ def app_env(monkeypatch, rabbitmq, cosmos_server, cosmos_container, exchange, ma
         "TOKEN_REFRESH_EXPIRATION_THRESHOLD_MS": "3900000",
         "COSMOS_ENDPOINT": cosmos_server.endpoint,
         "COSMOS_KEY": cosmos_server.key,
+        "COSMOS_EMULATOR": "true",
         "COSMOS_DATABASE": "integrations",
         "COSMOS_CONNECTIONS_CONTAINER": cosmos_container.id,
+        "COSMOS_STATE_CONTAINER": state_container_name,
         "RABBITMQ_URL": rabbitmq.url,
         "RABBITMQ_EXCHANGE": exchange,
         "INTEGRATION_MANAGER_URL": manager.url,
         "INTEGRATION_MANAGER_TOKEN": MANAGER_TOKEN,
+        # Fast failure handling, same rules: 2 calls per delivery, 3 deliveries, millisecond back-off.
+        "INTEGRATION_MANAGER_MAX_ATTEMPTS": "2",
+        "INTEGRATION_MANAGER_BACKOFF_INITIAL_MS": "5",
+        "INTEGRATION_MANAGER_RETRY_BUDGET_MS": "5000",
+        "TOKEN_REFRESH_MAX_DELIVERY_COUNT": "3",
     }
     for name in (
         "ServiceBusConnection",

@@ -4,6 +4,7 @@ RabbitMQ and the Cosmos-compatible server, and the stand-in integration-manager.
 import json
 import logging
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 
 import pytest
 from azure.functions.servicebus import ServiceBusMessage
@@ -22,9 +23,12 @@ from shared.events import (
     RefreshRequestedData,
     make_event,
     parse_time,
+    refresh_request_id,
     utc_now,
 )
 from tools.stand_in_manager import Answer
+
+APP_ROOT = Path(__file__).resolve().parent.parent
 
 
 def trigger(event_or_body, delivery_count=1) -> ServiceBusMessage:
@@ -147,22 +151,30 @@ def test_check_handler_rejects_malformed_messages_with_a_clear_error(app_env, ev
 # Sync refresh handler ----------------------------------------------------------------------------
 
 
-def refresh_request(connection_id="conn-1"):
+def refresh_request(container, connection_id="conn-1"):
+    """A refresh-requested event for a connection that exists in Cosmos with that expiry."""
     now = utc_now()
-    return make_event(
-        RefreshRequestedData(
-            connection_id=connection_id,
-            integration_id="github",
-            tenant_id="t-9",
-            expires_at=now + timedelta(minutes=5),
-            requested_at=now,
-        )
+    expires_at = now + timedelta(minutes=5)
+    container.upsert_item(
+        {
+            "id": connection_id,
+            "tenantId": "t-9",
+            "integrationId": "github",
+            "status": "active",
+            "oauth": {"accessToken": "at", "refreshToken": "rt", "expiresAt": iso(expires_at)},
+        }
     )
+    data = RefreshRequestedData(
+        connection_id=connection_id, integration_id="github", tenant_id="t-9", expires_at=expires_at, requested_at=now
+    )
+    return make_event(data, event_id=refresh_request_id(data, expires_at))
 
 
-def test_refresh_handler_calls_the_manager_and_publishes_refreshed(app_env, manager, event_tap, caplog):
+def test_refresh_handler_calls_the_manager_and_publishes_refreshed(
+    app_env, cosmos_container, manager, event_tap, caplog
+):
     with caplog.at_level(logging.INFO):
-        sync_refresh_handler.main(trigger(refresh_request()))
+        sync_refresh_handler.main(trigger(refresh_request(cosmos_container)))
     [call] = manager.calls
     assert call.raw_path == "/api/v1/integrations/github/connections/conn-1/refresh"
     assert call.headers["Authorization"] == f"Bearer {app_env['INTEGRATION_MANAGER_TOKEN']}"
@@ -186,15 +198,17 @@ def test_refresh_handler_calls_the_manager_and_publishes_refreshed(app_env, mana
     ],
 )
 def test_refresh_handler_publishes_failed_with_error_retryable_and_attempts(
-    app_env, manager, event_tap, status, body, retryable
+    app_env, cosmos_container, manager, event_tap, status, body, retryable
 ):
     manager.script = lambda call: Answer(status, body)
-    sync_refresh_handler.main(trigger(refresh_request(), delivery_count=3))
+    # The last delivery (TOKEN_REFRESH_MAX_DELIVERY_COUNT=3 in the test settings) reports any failure.
+    sync_refresh_handler.main(trigger(refresh_request(cosmos_container), delivery_count=3))
     [event] = event_tap.of_type(REFRESH_FAILED)
     data = event["data"]
     assert data["error"]["httpStatus"] == status
     assert data["retryable"] is retryable
-    assert data["attempts"] == 3
+    assert data["attempts"] == (2 if retryable else 1)  # transient: INTEGRATION_MANAGER_MAX_ATTEMPTS=2
+    assert len(manager.calls) == data["attempts"]
     assert event_tap.of_type(REFRESHED) == []
 
 
@@ -206,7 +220,7 @@ def test_refresh_handler_rejects_an_event_of_another_type(app_env, manager):
 
 def test_function_json_bindings_match_the_queues_and_connection():
     for folder, queue in (("manager_check_handler", CHECK_EXPIRING), ("sync_refresh_handler", REFRESH_REQUESTED)):
-        with open(f"{folder}/function.json") as handle:
+        with open(APP_ROOT / folder / "function.json") as handle:
             [binding] = json.load(handle)["bindings"]
         assert binding == {
             "name": "message",
@@ -214,7 +228,7 @@ def test_function_json_bindings_match_the_queues_and_connection():
             "direction": "in",
             "queueName": queue,
             "connection": "ServiceBusConnection",
-        }
-    with open("check_expiring_timer/function.json") as handle:
+        } | ({"isSessionsEnabled": True} if queue == REFRESH_REQUESTED else {})
+    with open(APP_ROOT / "check_expiring_timer" / "function.json") as handle:
         [binding] = json.load(handle)["bindings"]
     assert binding["type"] == "timerTrigger" and binding["name"] == "timer"

@@ -82,6 +82,7 @@ def main() -> int:
             "TOKEN_REFRESH_EXPIRATION_THRESHOLD_MS": str(THRESHOLD_MS),
             "COSMOS_ENDPOINT": cosmos.endpoint,
             "COSMOS_KEY": cosmos.key,
+            "COSMOS_EMULATOR": "true",
             "RABBITMQ_URL": rabbitmq.url,
             "INTEGRATION_MANAGER_URL": manager.url,
             "INTEGRATION_MANAGER_TOKEN": "demo-manager-token",

@@ -21,6 +21,7 @@ def local_values(services: dict[str, str]) -> dict[str, str]:
         "AzureWebJobsStorage": services["AzureWebJobsStorage"],
         "COSMOS_ENDPOINT": services["COSMOS_ENDPOINT"],
         "COSMOS_KEY": services["COSMOS_KEY"],
+        "COSMOS_EMULATOR": "true",
         "RABBITMQ_URL": services["RABBITMQ_URL"],
         "ServiceBusConnection": "",
         "INTEGRATION_MANAGER_URL": STAND_IN_MANAGER_URL,

@@ -1,0 +1,172 @@
+"""State this app owns, in its own Cosmos container (COSMOS_STATE_CONTAINER, partition key /id).
+The platform's connection documents are never written.
+
+- Claims, one per refresh request (id = the request's deterministic event id): at most one
+  invocation calls integration-manager for a request at a time, a request that already ended is
+  not called again, and the outcome event is kept so that a redelivery can publish it if the first
+  publish failed.
+- Failure records, one per connection: a connection whose refresh failed permanently is not
+  requested again until its document changes (Cosmos `_ts`) or TOKEN_REFRESH_FAILURE_COOLDOWN_MS
+  has passed (README "Failure handling").
+"""
+
+from __future__ import annotations
+
+import logging
+import uuid
+from dataclasses import dataclass
+from typing import Any, Literal
+
+from shared.settings import Settings
+
+logger = logging.getLogger(__name__)
+
+CLAIM_TTL_S = 7 * 24 * 3600  # claims outlive any redelivery or duplicate-detection window
+_KEY_NAMESPACE = uuid.UUID("0e1b7d2c-5a6f-4c3e-9f8a-2b7c6d5e4f30")
+
+IN_PROGRESS, RETRY_PENDING, REFRESHED, FAILED = "in_progress", "retry_pending", "refreshed", "failed"
+TERMINAL_STATES = (REFRESHED, FAILED)
+
+
+def connection_key(tenant_id: str, integration_id: str, connection_id: str) -> str:
+    """A short, id-safe key for a connection (Cosmos ids cannot hold / \\ ? # and are <= 255 chars)."""
+    return uuid.uuid5(_KEY_NAMESPACE, "\x1f".join((tenant_id, integration_id, connection_id))).hex
+
+
+@dataclass
+class ClaimResult:
+    status: Literal["acquired", "done", "busy"]
+    claim: dict[str, Any] | None
+
+
+class StateStore:
+    def __init__(self, container: Any):
+        self._container = container
+
+    @classmethod
+    def from_settings(cls, settings: Settings, cosmos_client: Any) -> StateStore:
+        database = cosmos_client.get_database_client(settings.cosmos_database)
+        if settings.cosmos_key is not None:
+            # Key-based access may create containers; with managed identity (data-plane roles only)
+            # the deployment creates it.
+            return cls(cls.ensure_container(database, settings.cosmos_state_container))
+        return cls(database.get_container_client(settings.cosmos_state_container))
+
+    @staticmethod
+    def ensure_container(database: Any, name: str) -> Any:
+        """Create the state container if missing (deployments create it; the tools and tests use this)."""
+        from azure.cosmos import PartitionKey
+
+        return database.create_container_if_not_exists(name, partition_key=PartitionKey("/id"), default_ttl=-1)
+
+    # Reads go through a query: point reads of a missing id are not reliable on the local emulator.
+    def _get(self, item_id: str) -> dict[str, Any] | None:
+        rows = list(
+            self._container.query_items(
+                "SELECT * FROM c WHERE c.id = @id",
+                parameters=[{"name": "@id", "value": item_id}],
+                partition_key=item_id,
+            )
+        )
+        return rows[0] if rows else None
+
+    # Claims --------------------------------------------------------------------------------------
+
+    def claim(self, request_id: str, key: str, now_ms: int, lease_ms: int) -> ClaimResult:
+        from azure.core import MatchConditions
+        from azure.cosmos.exceptions import CosmosAccessConditionFailedError, CosmosResourceExistsError
+
+        item_id = f"claim-{request_id}"
+        fresh = {
+            "id": item_id,
+            "kind": "claim",
+            "connectionKey": key,
+            "state": IN_PROGRESS,
+            "leaseUntil": now_ms + lease_ms,
+            "attempts": 0,
+            "published": False,
+            "updatedAt": now_ms,
+            "ttl": CLAIM_TTL_S,
+        }
+        try:
+            return ClaimResult("acquired", self._container.create_item(fresh))
+        except CosmosResourceExistsError:
+            existing = self._get(item_id)
+        if existing is None:  # removed in between (TTL): take it fresh
+            return ClaimResult("acquired", self._container.upsert_item(fresh))
+        if existing["state"] in TERMINAL_STATES:
+            return ClaimResult("done", existing)
+        if existing["state"] == IN_PROGRESS and existing.get("leaseUntil", 0) > now_ms:
+            return ClaimResult("busy", existing)
+        # A retry of an earlier delivery, or a lease that ran out (its holder died): take it over,
+        # but only if nobody else did first (etag).
+        taken = existing | {"state": IN_PROGRESS, "leaseUntil": now_ms + lease_ms, "updatedAt": now_ms}
+        try:
+            replaced = self._container.replace_item(
+                item_id, taken, etag=existing["_etag"], match_condition=MatchConditions.IfNotModified
+            )
+        except CosmosAccessConditionFailedError:
+            return ClaimResult("busy", existing)
+        return ClaimResult("acquired", replaced)
+
+    def finish_claim(
+        self, claim: dict[str, Any], state: str, attempts: int, now_ms: int, outcome: dict | None = None
+    ) -> dict[str, Any]:
+        updated = {k: v for k, v in claim.items() if not k.startswith("_")}
+        updated.update(state=state, attempts=attempts, updatedAt=now_ms, leaseUntil=0)
+        if outcome is not None:
+            updated.update(outcome=outcome, published=False)
+        return self._container.upsert_item(updated)
+
+    def mark_published(self, claim: dict[str, Any]) -> None:
+        updated = {k: v for k, v in claim.items() if not k.startswith("_")} | {"published": True}
+        self._container.upsert_item(updated)
+
+    # Failure records -----------------------------------------------------------------------------
+
+    def record_permanent_failure(self, key: str, document_ts: int | None, code: str, now_ms: int, ttl_ms: int) -> None:
+        item_id = f"failure-{key}"
+        previous = self._get(item_id)
+        record = {
+            "id": item_id,
+            "kind": "failure",
+            "connectionKey": key,
+            "documentTs": document_ts,
+            "code": code,
+            "lastFailureAt": now_ms,
+            "failures": (previous or {}).get("failures", 0) + 1,
+        }
+        if ttl_ms > 0:
+            record["ttl"] = max(1, ttl_ms // 1000)
+        self._container.upsert_item(record)
+
+    def clear_failure(self, key: str) -> None:
+        from azure.cosmos.exceptions import CosmosHttpResponseError
+
+        if self._get(f"failure-{key}") is None:
+            return
+        try:
+            self._container.delete_item(f"failure-{key}", partition_key=f"failure-{key}")
+        except CosmosHttpResponseError as error:
+            if error.status_code != 404:
+                raise
+
+    def suppressed_keys(
+        self, candidates: dict[str, int | None], now_ms: int, cooldown_ms: int
+    ) -> dict[str, dict[str, Any]]:
+        """Of `candidates` (connection key -> document _ts), those with a permanent failure recorded for
+        the same document version within the cooldown: they are not requested again."""
+        if cooldown_ms <= 0 or not candidates:
+            return {}
+        rows = self._container.query_items(
+            "SELECT c.connectionKey, c.documentTs, c.lastFailureAt, c.code, c.failures FROM c "
+            "WHERE ARRAY_CONTAINS(@ids, c.id)",
+            parameters=[{"name": "@ids", "value": [f"failure-{key}" for key in candidates]}],
+            enable_cross_partition_query=True,
+        )
+        return {
+            row["connectionKey"]: row
+            for row in rows
+            if row.get("documentTs") == candidates.get(row["connectionKey"])
+            and now_ms - row.get("lastFailureAt", 0) < cooldown_ms
+        }
