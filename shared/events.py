@@ -75,6 +75,8 @@ class CheckExpiringData(_Payload):
     event_type: ClassVar[str] = CHECK_EXPIRING
     timestamp: datetime
     threshold_time: datetime
+    # Set on a follow-up check that resumes a scan which reached its time budget (Cosmos continuation token).
+    continuation: str | None = Field(None, max_length=48 * 1024)
 
 
 class ConnectionRef(_Payload):

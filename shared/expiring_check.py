@@ -41,6 +41,7 @@ class CheckSummary:
     suppressed: int = 0
     pages: int = 0
     duration_ms: int = 0
+    continued: bool = False
 
 
 def refresh_requested_event(connection: ExpiringConnection, requested_at: datetime) -> CloudEvent:
@@ -94,7 +95,10 @@ def request_refresh_for_expiring_connections(
 ) -> CheckSummary:
     started = time.monotonic()
     summary = CheckSummary()
-    for page in store.expiring_connection_pages(check.threshold_time, settings.skip_statuses):
+    pages = store.expiring_connection_pages(
+        check.threshold_time, settings.skip_statuses, continuation=check.continuation, now=check.timestamp
+    )
+    for page in pages:
         summary.pages += 1
         summary.invalid += page.invalid
         connections, suppressed = without_recent_permanent_failures(
@@ -114,17 +118,31 @@ def request_refresh_for_expiring_connections(
         summary.published += publisher.publish(
             refresh_requested_event(connection, requested_at) for connection in connections
         )
-    if summary.found == 0:
+        if page.continuation and (time.monotonic() - started) * 1000 >= settings.check_time_budget_ms:
+            # Hand the rest of the scan to a follow-up invocation before the function times out.
+            follow_up = make_event(check.model_copy(update={"continuation": page.continuation}))
+            publisher.publish([follow_up])
+            summary.continued = True
+            logger.info(
+                "Check-expiring time budget reached after %d page(s); a follow-up check continues the scan "
+                "(eventId=%s)",
+                summary.pages,
+                follow_up.id,
+            )
+            break
+    if summary.found == 0 and not summary.continued:
         logger.info("Found OAuth connections with expiring tokens (count=0)")
     summary.duration_ms = int((time.monotonic() - started) * 1000)
     logger.info(
-        "Check-expiring run finished (found=%d published=%d invalid=%d suppressed=%d pages=%d durationMs=%d)",
+        "Check-expiring run finished (found=%d published=%d invalid=%d suppressed=%d pages=%d durationMs=%d "
+        "continued=%s)",
         summary.found,
         summary.published,
         summary.invalid,
         summary.suppressed,
         summary.pages,
         summary.duration_ms,
+        summary.continued,
     )
     return summary
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import logging
 import threading
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Iterable, Sequence
 from typing import Any, Protocol
 
 from shared.events import CHECK_EXPIRING, CONTENT_TYPE, REFRESH_REQUESTED, CloudEvent
@@ -78,11 +78,17 @@ class EventPublisher:
 
 
 class RabbitMqTransport:
-    """Publishes to a durable topic exchange with publisher confirms; reconnects after a drop."""
+    """Publishes to a durable topic exchange with publisher confirms; reconnects after a drop.
+
+    Confirms are windowed: up to `confirm_window` messages are in flight before waiting for the
+    broker's acks, instead of one round trip per message (~10x the throughput). pika's blocking
+    channel only offers confirm-per-message, so the window is built on its underlying channel
+    (`_impl`), driven by the blocking connection's own event loop.
+    """
 
     name = "rabbitmq"
 
-    def __init__(self, url: str, exchange: str, connect: Callable[[], Any] | None = None):
+    def __init__(self, url: str, exchange: str, confirm_window: int = 200, confirm_timeout_s: float = 30.0):
         import pika  # imported here so a Service-Bus-only worker never loads it
 
         self._pika = pika
@@ -91,10 +97,16 @@ class RabbitMqTransport:
         # A broker under a memory alarm blocks publishers; fail the invocation instead of hanging.
         self._parameters.blocked_connection_timeout = 30
         self._parameters.socket_timeout = 10
-        self._connect = connect or (lambda: pika.BlockingConnection(self._parameters))
+        # Named, so operators can tell this app's connection apart (rabbitmqctl list_connections, UI).
+        self._parameters.client_properties = {"connection_name": "integration-token-refresh"}
+        self._confirm_window = max(1, confirm_window)
+        self._confirm_timeout_s = confirm_timeout_s
         self._lock = threading.Lock()
         self._connection: Any = None
         self._channel: Any = None
+        self._next_tag = 1
+        self._unconfirmed: set[int] = set()
+        self._nacked = 0
         self.connections_opened = 0
 
     def send(self, events: Sequence[CloudEvent]) -> None:
@@ -103,19 +115,7 @@ class RabbitMqTransport:
             # One reconnect covers a connection the broker or a network device dropped while idle.
             for attempt in (1, 2):
                 try:
-                    channel = self._ensure_channel()
-                    for event in events:
-                        channel.basic_publish(
-                            exchange=self._exchange,
-                            routing_key=event.type,
-                            body=event.to_json(),
-                            properties=self._pika.BasicProperties(
-                                content_type=CONTENT_TYPE,
-                                message_id=event.id,
-                                type=event.type,
-                                delivery_mode=self._pika.DeliveryMode.Persistent,
-                            ),
-                        )
+                    self._publish_confirmed(events)
                     return
                 except (errors.AMQPConnectionError, errors.AMQPChannelError, errors.StreamLostError) as error:
                     self._reset()
@@ -123,18 +123,72 @@ class RabbitMqTransport:
                         raise
                     logger.warning("RabbitMQ connection lost (%s); reconnecting", error.__class__.__name__)
 
+    def _publish_confirmed(self, events: Sequence[CloudEvent]) -> None:
+        channel = self._ensure_channel()
+        self._nacked = 0
+        for event in events:
+            channel.basic_publish(
+                exchange=self._exchange,
+                routing_key=event.type,
+                body=event.to_json(),
+                properties=self._pika.BasicProperties(
+                    content_type=CONTENT_TYPE,
+                    message_id=event.id,
+                    type=event.type,
+                    delivery_mode=self._pika.DeliveryMode.Persistent,
+                ),
+            )
+            self._unconfirmed.add(self._next_tag)
+            self._next_tag += 1
+            if len(self._unconfirmed) >= self._confirm_window:
+                self._await_confirms(self._confirm_window // 2)
+        self._await_confirms(0)
+        if self._nacked:
+            raise PublishError(f"RabbitMQ refused {self._nacked} of {len(events)} event(s) (basic.nack)")
+
+    def _await_confirms(self, at_most_unconfirmed: int) -> None:
+        if len(self._unconfirmed) <= at_most_unconfirmed:
+            return
+        timed_out: list[bool] = []
+        timer = self._connection.call_later(self._confirm_timeout_s, lambda: timed_out.append(True))
+        try:
+            # Blocks on the socket (no polling) until enough acks arrived, the timer fired, or the
+            # connection closed -- the same wait pika's blocking channel uses internally.
+            self._connection._flush_output(lambda: len(self._unconfirmed) <= at_most_unconfirmed, lambda: timed_out)
+        finally:
+            self._connection.remove_timeout(timer)
+        if not self._connection.is_open:
+            raise self._pika.exceptions.StreamLostError("connection closed while waiting for publisher confirms")
+        if len(self._unconfirmed) > at_most_unconfirmed:
+            raise self._pika.exceptions.AMQPConnectionError("no publisher confirms within the timeout")
+
+    def _on_confirm(self, frame: Any) -> None:
+        method = frame.method
+        tags = {method.delivery_tag}
+        if method.multiple:
+            tags = {tag for tag in self._unconfirmed if tag <= method.delivery_tag}
+        if method.NAME == "Basic.Nack":
+            self._nacked += len(tags & self._unconfirmed)
+        self._unconfirmed -= tags
+
     def _ensure_channel(self) -> Any:
         if self._channel is None or not self._channel.is_open:
             if self._connection is None or not self._connection.is_open:
-                self._connection = self._connect()
+                self._connection = self._pika.BlockingConnection(self._parameters)
                 self.connections_opened += 1
-            self._channel = self._connection.channel()
-            self._channel.exchange_declare(self._exchange, exchange_type="topic", durable=True)
-            self._channel.confirm_delivery()
+            blocking = self._connection.channel()
+            blocking.exchange_declare(self._exchange, exchange_type="topic", durable=True)
+            selected: list[Any] = []
+            blocking._impl.confirm_delivery(ack_nack_callback=self._on_confirm, callback=selected.append)
+            self._connection._flush_output(lambda: bool(selected))
+            # Publishing on the underlying channel does not wait for each confirm; _on_confirm counts them.
+            self._channel = blocking._impl
+            self._next_tag, self._unconfirmed = 1, set()
         return self._channel
 
     def _reset(self) -> None:
         connection, self._connection, self._channel = self._connection, None, None
+        self._unconfirmed = set()
         if connection is not None and connection.is_open:
             try:
                 connection.close()

@@ -38,6 +38,7 @@ _EXPECTED_FORMS = {
     "TOKEN_REFRESH_EXPIRATION_THRESHOLD_MS": "a whole number of milliseconds, 0 or more (e.g. 3600000)",
     "TOKEN_REFRESH_SKIP_STATUSES": "a comma-separated list of connection statuses, e.g. revoked,disabled,deleted",
     "TOKEN_REFRESH_PAGE_SIZE": "a whole number between 1 and 1000",
+    "TOKEN_REFRESH_CHECK_TIME_BUDGET_MS": "a whole number of milliseconds between 1 and 3600000",
     "COSMOS_ENDPOINT": "an https:// URL such as https://myaccount.documents.azure.com:443/",
     "COSMOS_DATABASE": "a non-empty database name",
     "COSMOS_CONNECTIONS_CONTAINER": "a non-empty container name",
@@ -73,6 +74,7 @@ class Settings(BaseSettings):
         DEFAULT_SKIP_STATUSES, alias="TOKEN_REFRESH_SKIP_STATUSES"
     )
     page_size: int = Field(200, alias="TOKEN_REFRESH_PAGE_SIZE", ge=1, le=1000)
+    check_time_budget_ms: int = Field(240_000, alias="TOKEN_REFRESH_CHECK_TIME_BUDGET_MS", ge=1, le=3_600_000)
 
     cosmos_endpoint: str | None = Field(None, alias="COSMOS_ENDPOINT")
     cosmos_key: SecretStr | None = Field(None, alias="COSMOS_KEY")
