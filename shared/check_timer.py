@@ -41,6 +41,16 @@ class CheckCadence:
             self._last_run = now
             return True
 
+    def release_run(self, now: datetime, previous: datetime | None) -> None:
+        """The run claimed at `now` did not happen (publish failed): the next tick may try again."""
+        with self._lock:
+            if self._last_run == now:
+                self._last_run = previous
+
+    @property
+    def last_run(self) -> datetime | None:
+        return self._last_run
+
     def announce_once(self) -> bool:
         with self._lock:
             first, self._announced = not self._announced, True
@@ -69,12 +79,18 @@ def run_timer_tick(past_due: bool = False, now: datetime | None = None) -> Cloud
             settings.expiration_threshold_ms,
         )
     now = now or utc_now()
+    previous = cadence.last_run
     if not cadence.claim_run(now, settings.interval_ms):
         return None
     if past_due:
         logger.info("Timer is past due (the host was busy or restarting); checking now")
     event = build_check_expiring_event(settings, now)
-    runtime.publisher().publish([event])
+    try:
+        runtime.publisher().publish([event])
+    except Exception:
+        # Not published: the next tick must try again instead of waiting a whole interval.
+        cadence.release_run(now, previous)
+        raise
     logger.info(
         "Published check-expiring event, integration-manager will handle token refresh detection "
         "(eventId=%s thresholdTime=%s)",

@@ -54,9 +54,9 @@ class ExpiringConnection(BaseModel):
 
     model_config = ConfigDict(frozen=True)
 
-    connection_id: str = Field(min_length=1)
-    integration_id: str = Field(min_length=1)
-    tenant_id: str = Field(min_length=1)
+    connection_id: str = Field(min_length=1, max_length=1024)
+    integration_id: str = Field(min_length=1, max_length=1024)
+    tenant_id: str = Field(min_length=1, max_length=1024)
     status: str | None = None
     expires_at: datetime | None
     document_ts: int | None = None
@@ -144,8 +144,13 @@ def to_expiring_connection(
             document_ts=document_ts,
         )
     except ValidationError as error:
-        fields = ", ".join(str(item["loc"][0]) for item in error.errors(include_input=False))
+        fields = ", ".join(
+            _DOCUMENT_FIELDS.get(str(item["loc"][0]), str(item["loc"][0])) for item in error.errors(include_input=False)
+        )
         raise InvalidConnectionDocument(f"missing or invalid {fields}") from None
+
+
+_DOCUMENT_FIELDS = {"connection_id": "id", "integration_id": "integrationId", "tenant_id": "tenantId"}
 
 
 def cosmos_client_from_settings(settings: Settings) -> Any:

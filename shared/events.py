@@ -126,7 +126,7 @@ class CloudEvent(BaseModel):
     specversion: Literal["1.0"] = "1.0"
     id: str = Field(min_length=1, max_length=128)
     source: str = Field(min_length=1)
-    type: str
+    type: str = Field(min_length=1, max_length=256)
     time: datetime
     datacontenttype: Literal["application/json"] = "application/json"
     data: dict[str, Any]
@@ -171,8 +171,9 @@ def parse_event(body: bytes | str, expected_type: str) -> tuple[CloudEvent, Any]
     if len(raw) > MAX_EVENT_BYTES:
         raise InvalidEventError(f"message body is {len(raw)} bytes, over the {MAX_EVENT_BYTES}-byte limit")
     try:
-        document = json.loads(raw)
-    except (UnicodeDecodeError, json.JSONDecodeError) as error:
+        # Decode explicitly: json.loads would also accept UTF-16/32, which the contract does not.
+        document = json.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as error:
         raise InvalidEventError(f"message body is not UTF-8 JSON ({error.__class__.__name__})") from None
     if not isinstance(document, dict):
         raise InvalidEventError("message body is not a JSON object")

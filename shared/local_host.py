@@ -7,15 +7,22 @@ the trigger's queue name as routing key (= the event type), and invokes `main()`
 `max_deliveries` attempts RabbitMQ dead-letters it to `<queue>.dead-letter`, where it can be
 inspected. Queues are quorum queues: the broker counts deliveries (`x-delivery-count`) and applies
 the limit, like Service Bus's MaxDeliveryCount.
+
+The broker may go away (a restart, a dropped connection): `run` reconnects with a short back-off
+and keeps consuming (unacknowledged messages are redelivered by RabbitMQ); `run --once` does the
+same for up to `reconnect_timeout_s`, then stops with a one-line error and a non-zero exit.
 """
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import json
 import logging
 import threading
-from collections.abc import Callable
+import time
+import uuid
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -25,12 +32,42 @@ import pika
 from azure.functions.timer import TimerRequest
 
 from shared.events import CHECK_EXPIRING, REFRESH_FAILED, REFRESHED
+from shared.messaging import PublishError
 from shared.settings import Settings
 
 logger = logging.getLogger(__name__)
 
 APP_ROOT = Path(__file__).resolve().parent.parent
 QUEUE_PREFIX = "integration-token-refresh."
+
+# The connection to the broker is gone (dropped, broker restarting): reconnect, redeclare, go on.
+BROKER_CONNECTION_ERRORS = (
+    pika.exceptions.AMQPConnectionError,  # includes StreamLostError, ConnectionClosedByBroker
+    pika.exceptions.ChannelWrongStateError,  # an operation on a channel of a connection that is gone
+    pika.exceptions.ConsumerCancelled,  # the broker cancelled our consumer (e.g. a queue moved)
+)
+# Retrying cannot fix these: stop with a clear message.
+_FATAL_CONNECTION_ERRORS = (
+    pika.exceptions.ProbableAuthenticationError,
+    pika.exceptions.ProbableAccessDeniedError,
+    pika.exceptions.AuthenticationError,
+    pika.exceptions.IncompatibleProtocolError,
+)
+RECONNECT_INITIAL_S = 0.25
+RECONNECT_MAX_S = 5.0
+RECONNECT_TIMEOUT_S = 60.0  # `run --once`: how long a cycle waits for the broker to come back
+# The per-cycle outcome queue outlives a broker restart (durable) but not a crashed run (expires).
+CYCLE_QUEUE_EXPIRES_MS = 30 * 60 * 1000
+
+
+class BrokerUnavailable(SystemExit):
+    """RabbitMQ cannot be reached (or did not come back in time). A SystemExit: the CLI prints the
+    one-line message and exits 1, without a traceback."""
+
+
+def describe_connection_error(error: BaseException) -> str:
+    text = str(error).strip()
+    return f"{error.__class__.__name__}: {text}"[:300] if text else error.__class__.__name__
 
 
 @dataclass(frozen=True)
@@ -92,12 +129,20 @@ def trigger_message(body: bytes, properties: pika.BasicProperties) -> func_servi
 
 
 class LocalHost:
-    def __init__(self, settings: Settings, queue_prefix: str = QUEUE_PREFIX, app_root: Path = APP_ROOT):
+    def __init__(
+        self,
+        settings: Settings,
+        queue_prefix: str = QUEUE_PREFIX,
+        app_root: Path = APP_ROOT,
+        reconnect_timeout_s: float = RECONNECT_TIMEOUT_S,
+    ):
         if settings.rabbitmq_url is None:
             raise SystemExit("The local host needs RABBITMQ_URL: RabbitMQ is its transport.")
         self.settings = settings
         # The functions read the same setting to know their last delivery, as with Service Bus.
         self.max_deliveries = settings.max_delivery_count
+        self.queue_prefix = queue_prefix
+        self.reconnect_timeout_s = reconnect_timeout_s
         self.timer_main, self.functions = load_function_app(app_root, queue_prefix)
         self._by_queue = {function.queue: function for function in self.functions}
         self._connection: Any = None
@@ -108,16 +153,55 @@ class LocalHost:
 
     def connect(self) -> Any:
         parameters = pika.URLParameters(self.settings.rabbitmq_url.get_secret_value())
-        self._connection = pika.BlockingConnection(parameters)
+        try:
+            with _pika_errors_muted():  # a failure is reported once, by the caller, in one line
+                self._connection = pika.BlockingConnection(parameters)
+        except _FATAL_CONNECTION_ERRORS as error:
+            raise BrokerUnavailable(
+                f"error: RabbitMQ refused the local host's connection ({describe_connection_error(error)}); "
+                "check RABBITMQ_URL"
+            ) from None
         self._channel = self._connection.channel()
         self._channel.basic_qos(prefetch_count=1)
         declare_topology(self._channel, self.settings.rabbitmq_exchange, self.functions, self.max_deliveries)
         return self._channel
 
     def close(self) -> None:
-        if self._connection is not None and self._connection.is_open:
-            self._connection.close()
-        self._connection = self._channel = None
+        connection, self._connection, self._channel = self._connection, None, None
+        if connection is not None and connection.is_open:
+            try:
+                connection.close()
+            except Exception:  # a connection that broke while closing: nothing left to close
+                logger.debug("closing the RabbitMQ connection failed", exc_info=True)
+
+    def _reconnect(self, error: BaseException, deadline: float | None, what: str = "connection lost") -> bool:
+        """After a lost connection: reconnect with a growing back-off (and redeclare the topology).
+        Gives up with BrokerUnavailable at `deadline` (None: never). False when stop() was called."""
+        self.close()
+        delay = RECONNECT_INITIAL_S
+        lost_at = time.monotonic()
+        # Each failed attempt is one line of ours (connect() mutes pika's own stack traces).
+        logger.warning("RabbitMQ %s (%s); reconnecting", what, describe_connection_error(error))
+        while not self._stop.is_set():
+            if deadline is not None and time.monotonic() + delay > deadline:
+                raise BrokerUnavailable(
+                    f"error: RabbitMQ connection lost during the cycle and not back within "
+                    f"{self.reconnect_timeout_s:g} s ({describe_connection_error(error)}); "
+                    "unfinished messages stay queued for the next run"
+                )
+            if self._stop.wait(delay):
+                break
+            try:
+                self.connect()
+            except BROKER_CONNECTION_ERRORS as again:
+                self.close()
+                error = again
+                delay = min(delay * 2, RECONNECT_MAX_S)
+                logger.info("RabbitMQ still unavailable (%s)", describe_connection_error(again))
+                continue
+            logger.warning("Connected to RabbitMQ again after %.1f s", time.monotonic() - lost_at)
+            return True
+        return False
 
     # Invocation ---------------------------------------------------------------------------------
 
@@ -177,63 +261,128 @@ class LocalHost:
     # Modes --------------------------------------------------------------------------------------
 
     def run_once(self) -> CycleSummary:
-        """One full cycle: timer, every check message, every refresh request, every outcome counted."""
-        channel = self._channel or self.connect()
-        outcomes = channel.queue_declare("", exclusive=True, auto_delete=True).method.queue
-        for event_type in (REFRESHED, REFRESH_FAILED):
-            channel.queue_bind(outcomes, self.settings.rabbitmq_exchange, routing_key=event_type)
-        dead_letters_before = self._dead_letter_count()
+        """One full cycle: timer, every check message, every refresh request, every outcome counted.
+
+        A connection lost mid-cycle (e.g. a broker restart) is re-established for up to
+        `reconnect_timeout_s` and the cycle goes on: unacknowledged messages come back from their
+        queues, and outcomes are counted from a durable per-cycle queue, once per event id."""
+        try:
+            if self._channel is None:
+                self.connect()
+            cycle_queue = self._declare_cycle_queue()
+            dead_letters_before = self._dead_letter_count()
+        except BROKER_CONNECTION_ERRORS as error:
+            raise BrokerUnavailable(
+                f"error: cannot use RabbitMQ ({describe_connection_error(error)}); is it running and is "
+                "RABBITMQ_URL right?"
+            ) from None
+        try:
+            self.tick_timer()
+        except PublishError as error:
+            raise BrokerUnavailable(f"error: could not publish the check-expiring event ({error})") from None
 
         summary = CycleSummary()
-        self.tick_timer()
+        counted: set[str] = set()
+        while True:
+            try:
+                self._declare_cycle_queue(cycle_queue)
+                self._process_queued_messages(summary, counted)
+                self._count_outcomes(cycle_queue, summary, counted)
+                summary.dead_lettered = self._dead_letter_count() - dead_letters_before
+                break
+            except BROKER_CONNECTION_ERRORS as error:
+                self._reconnect(error, deadline=time.monotonic() + self.reconnect_timeout_s)
+        try:
+            self._channel.queue_delete(cycle_queue)
+        except pika.exceptions.AMQPError:  # it expires on its own (CYCLE_QUEUE_EXPIRES_MS)
+            logger.debug("could not delete %s", cycle_queue, exc_info=True)
+        return summary
+
+    def _declare_cycle_queue(self, name: str | None = None) -> str:
+        """This cycle's own outcome queue: durable, so a broker restart keeps what it holds; it
+        expires if the run dies before deleting it."""
+        name = name or f"{self.queue_prefix}cycle-outcomes.{uuid.uuid4().hex[:12]}"
+        self._channel.queue_declare(name, durable=True, arguments={"x-expires": CYCLE_QUEUE_EXPIRES_MS})
+        for event_type in (REFRESHED, REFRESH_FAILED):
+            self._channel.queue_bind(name, self.settings.rabbitmq_exchange, routing_key=event_type)
+        return name
+
+    def _process_queued_messages(self, summary: CycleSummary, counted: set[str]) -> None:
         processed = True
         while processed:
             processed = False
             for function in self.functions:  # check-expiring first: it feeds refresh-requested
-                while (delivery := channel.basic_get(function.queue)) != (None, None, None):
+                while (delivery := self._channel.basic_get(function.queue)) != (None, None, None):
                     method, properties, body = delivery
                     if self.invoke(function.queue, method, properties, body):
                         if function.event_type == CHECK_EXPIRING:
                             summary.checks += 1
-                        else:
-                            summary.found += 1
+                        elif _first_time(counted, "request", properties.message_id):
+                            summary.found += 1  # a re-run check requests the same ids again
                     processed = True
 
-        while (delivery := channel.basic_get(outcomes, auto_ack=True)) != (None, None, None):
+    def _count_outcomes(self, cycle_queue: str, summary: CycleSummary, counted: set[str]) -> None:
+        while (delivery := self._channel.basic_get(cycle_queue, auto_ack=True)) != (None, None, None):
             _, properties, body = delivery
+            if not _first_time(counted, "outcome", properties.message_id):
+                continue  # at-least-once: the same event published again after a failure
             if properties.type == REFRESHED:
                 summary.refreshed += 1
             else:
                 summary.failed += 1
                 summary.failures.append(json.loads(body)["data"])
-        summary.dead_lettered = self._dead_letter_count() - dead_letters_before
-        return summary
 
     def run_forever(self, tick_seconds: float | None = None) -> None:
-        """Consume until stop() or Ctrl-C; tick the timer so TOKEN_REFRESH_INTERVAL_MS sets the cadence."""
-        channel = self._channel or self.connect()
+        """Consume until stop() or Ctrl-C; tick the timer so TOKEN_REFRESH_INTERVAL_MS sets the cadence.
+        A lost broker connection is re-established with a growing back-off (up to RECONNECT_MAX_S)."""
         tick = tick_seconds or max(1.0, min(60.0, self.settings.interval_ms / 10_000))
+        next_tick = time.monotonic()
+        announced = False
+        try:
+            while not self._stop.is_set():
+                try:
+                    if self._channel is None:
+                        self.connect()
+                    self._subscribe()
+                except BROKER_CONNECTION_ERRORS as error:
+                    if not self._reconnect(error, deadline=None, what="unavailable"):
+                        break
+                    continue
+                if not announced:
+                    announced = True
+                    logger.info(
+                        "Local host running: queues %s, timer tick %.1f s (Ctrl-C stops)",
+                        ", ".join(f.queue for f in self.functions),
+                        tick,
+                    )
+                try:
+                    while not self._stop.is_set():
+                        if time.monotonic() >= next_tick:
+                            self._tick_timer_logging_failures()
+                            next_tick = time.monotonic() + tick
+                        wait = min(0.5, max(0.0, next_tick - time.monotonic()))
+                        self._connection.process_data_events(time_limit=wait)
+                except BROKER_CONNECTION_ERRORS as error:
+                    # Unacknowledged messages go back to their queues; they are redelivered after reconnecting.
+                    if not self._reconnect(error, deadline=None):
+                        break
+        finally:
+            self.close()
+
+    def _subscribe(self) -> None:
         for function in self.functions:
-            channel.basic_consume(
+            self._channel.basic_consume(
                 function.queue,
                 lambda ch, method, properties, body, queue=function.queue: self.invoke(queue, method, properties, body),
             )
 
-        def on_tick() -> None:
-            self.tick_timer()
-            self._connection.call_later(tick, on_tick)
-
-        self._connection.call_later(0, on_tick)
-        logger.info(
-            "Local host running: queues %s, timer tick %.1f s (Ctrl-C stops)",
-            ", ".join(f.queue for f in self.functions),
-            tick,
-        )
+    def _tick_timer_logging_failures(self) -> None:
+        """Like the Functions host: a failed timer invocation is logged; the next tick runs as usual."""
         try:
-            while not self._stop.is_set():
-                self._connection.process_data_events(time_limit=0.5)
-        finally:
-            self.close()
+            self.tick_timer()
+        except Exception as error:
+            logger.error("Timer function failed: %s", f"{error.__class__.__name__}: {error}"[:1000])
+            logger.debug("timer failure", exc_info=True)
 
     def stop(self) -> None:
         self._stop.set()
@@ -242,6 +391,28 @@ class LocalHost:
         return sum(
             self._channel.queue_declare(f.dead_letter_queue, passive=True).method.message_count for f in self.functions
         )
+
+
+@contextlib.contextmanager
+def _pika_errors_muted() -> Iterator[None]:
+    pika_logger = logging.getLogger("pika")
+    level = pika_logger.level
+    pika_logger.setLevel(logging.CRITICAL)
+    try:
+        yield
+    finally:
+        pika_logger.setLevel(level)
+
+
+def _first_time(seen: set[str], kind: str, message_id: str | None) -> bool:
+    """Whether this message id (of this kind) is new to the cycle; messages without an id always count."""
+    if not message_id:
+        return True
+    key = f"{kind}:{message_id}"
+    if key in seen:
+        return False
+    seen.add(key)
+    return True
 
 
 def declare_topology(channel: Any, exchange: str, functions: list[QueueFunction], max_deliveries: int) -> None:

@@ -27,7 +27,9 @@ from shared.settings import Settings, SettingsError
 logger = logging.getLogger(__name__)
 
 MAX_RESPONSE_BYTES = 256 * 1024
-_SAFE_ERROR_CODE = re.compile(r"^[A-Za-z][A-Za-z0-9_.:-]{0,63}$")
+# OAuth/API error codes look like `invalid_grant` or `rate_limited`. Anything else (digits, dashes,
+# mixed case) could be a token echoed back by a provider, so it never reaches an event or a log line.
+_SAFE_ERROR_CODE = re.compile(r"^[a-z][a-z_]{0,39}$")
 _PRINTABLE_ASCII = re.compile(r"^[\x20-\x7e]+$")
 
 
@@ -162,7 +164,7 @@ def _read_json(response: requests.Response) -> Any:
             if len(raw) > MAX_RESPONSE_BYTES:
                 return None
         return json.loads(raw) if raw else None
-    except (requests.RequestException, ValueError):
+    except (requests.RequestException, ValueError, RecursionError):
         return None
 
 

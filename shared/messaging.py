@@ -63,7 +63,11 @@ class EventPublisher:
             try:
                 transport.send(batch)
             except Exception as error:
-                logger.exception("Publishing %d event(s) to %s failed", len(batch), transport.name)
+                # One line; the traceback only at debug level (the caller's failure is logged too).
+                logger.error(
+                    "Publishing %d event(s) to %s failed: %s", len(batch), transport.name, error.__class__.__name__
+                )
+                logger.debug("publish failure", exc_info=True)
                 failures.append(f"{transport.name}: {error.__class__.__name__}")
         if failures:
             raise PublishError(f"could not publish {len(batch)} event(s) ({', '.join(failures)})")

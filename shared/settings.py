@@ -20,6 +20,7 @@ logger = logging.getLogger(__name__)
 # provider latency. A threshold shorter than interval + this margin can let tokens expire between checks.
 SAFETY_MARGIN_MS = 5 * 60 * 1000
 
+DAY_MS = 86_400_000
 DEFAULT_SKIP_STATUSES = ("revoked", "disabled", "deleted")
 LOOPBACK_HOSTS = ("127.0.0.1", "localhost")
 
@@ -34,8 +35,9 @@ def _expected_form(setting: str) -> str:
 
 _EXPECTED_FORMS = {
     "TOKEN_REFRESH_ENABLED": "true or false",
-    "TOKEN_REFRESH_INTERVAL_MS": "a whole number of milliseconds, at least 1000 (e.g. 3600000)",
-    "TOKEN_REFRESH_EXPIRATION_THRESHOLD_MS": "a whole number of milliseconds, 0 or more (e.g. 3600000)",
+    "TOKEN_REFRESH_INTERVAL_MS": "a whole number of milliseconds from 1000 to 604800000 (7 days), e.g. 3600000",
+    "TOKEN_REFRESH_EXPIRATION_THRESHOLD_MS": "a whole number of milliseconds from 0 to 31536000000 (365 days), "
+    "e.g. 3900000",
     "TOKEN_REFRESH_SKIP_STATUSES": "a comma-separated list of connection statuses, e.g. revoked,disabled,deleted",
     "TOKEN_REFRESH_PAGE_SIZE": "a whole number between 1 and 1000",
     "TOKEN_REFRESH_CHECK_TIME_BUDGET_MS": "a whole number of milliseconds between 1 and 3600000",
@@ -54,9 +56,9 @@ _EXPECTED_FORMS = {
     "INTEGRATION_MANAGER_RETRY_BUDGET_MS": "a whole number of milliseconds between 0 and 300000",
     "INTEGRATION_MANAGER_BACKOFF_INITIAL_MS": "a whole number of milliseconds between 1 and 60000",
     "TOKEN_REFRESH_MAX_DELIVERY_COUNT": "the refresh queue's MaxDeliveryCount, a whole number between 1 and 100",
-    "TOKEN_REFRESH_FAILURE_COOLDOWN_MS": "a whole number of milliseconds, 0 (off) or more",
-    "TOKEN_REFRESH_CLAIM_LEASE_MS": "a whole number of milliseconds, at least 1000",
-    "TOKEN_REFRESH_MAX_AGE_MS": "a whole number of milliseconds, 0 (off) or more",
+    "TOKEN_REFRESH_FAILURE_COOLDOWN_MS": "a whole number of milliseconds from 0 (off) to 31536000000 (365 days)",
+    "TOKEN_REFRESH_CLAIM_LEASE_MS": "a whole number of milliseconds from 1000 to 86400000 (1 day)",
+    "TOKEN_REFRESH_MAX_AGE_MS": "a whole number of milliseconds from 0 (off) to 315360000000 (10 years)",
     "COSMOS_STATE_CONTAINER": "a non-empty container name",
     "COSMOS_EMULATOR": "true or false",
 }
@@ -68,8 +70,10 @@ class Settings(BaseSettings):
     model_config = SettingsConfigDict(case_sensitive=True, populate_by_name=True, extra="ignore")
 
     enabled: bool = Field(True, alias="TOKEN_REFRESH_ENABLED")
-    interval_ms: int = Field(3_600_000, alias="TOKEN_REFRESH_INTERVAL_MS", ge=1000)
-    expiration_threshold_ms: int = Field(3_600_000, alias="TOKEN_REFRESH_EXPIRATION_THRESHOLD_MS", ge=0)
+    interval_ms: int = Field(3_600_000, alias="TOKEN_REFRESH_INTERVAL_MS", ge=1000, le=7 * DAY_MS)
+    expiration_threshold_ms: int = Field(
+        3_600_000, alias="TOKEN_REFRESH_EXPIRATION_THRESHOLD_MS", ge=0, le=365 * DAY_MS
+    )
     skip_statuses: Annotated[tuple[str, ...], NoDecode] = Field(
         DEFAULT_SKIP_STATUSES, alias="TOKEN_REFRESH_SKIP_STATUSES"
     )
@@ -105,9 +109,9 @@ class Settings(BaseSettings):
 
     # Failure handling (README "Failure handling")
     max_delivery_count: int = Field(10, alias="TOKEN_REFRESH_MAX_DELIVERY_COUNT", ge=1, le=100)
-    failure_cooldown_ms: int = Field(86_400_000, alias="TOKEN_REFRESH_FAILURE_COOLDOWN_MS", ge=0)
-    claim_lease_ms: int = Field(600_000, alias="TOKEN_REFRESH_CLAIM_LEASE_MS", ge=1000)
-    max_age_ms: int = Field(0, alias="TOKEN_REFRESH_MAX_AGE_MS", ge=0)
+    failure_cooldown_ms: int = Field(DAY_MS, alias="TOKEN_REFRESH_FAILURE_COOLDOWN_MS", ge=0, le=365 * DAY_MS)
+    claim_lease_ms: int = Field(600_000, alias="TOKEN_REFRESH_CLAIM_LEASE_MS", ge=1000, le=DAY_MS)
+    max_age_ms: int = Field(0, alias="TOKEN_REFRESH_MAX_AGE_MS", ge=0, le=3650 * DAY_MS)
     cosmos_state_container: str = Field("token_refresh_state", alias="COSMOS_STATE_CONTAINER", min_length=1)
     cosmos_emulator: bool = Field(False, alias="COSMOS_EMULATOR")
 

@@ -72,7 +72,12 @@ class StateStore:
 
     # Claims --------------------------------------------------------------------------------------
 
-    def claim(self, request_id: str, key: str, now_ms: int, lease_ms: int) -> ClaimResult:
+    def get_claim(self, request_id: str) -> dict[str, Any] | None:
+        return self._get(f"claim-{request_id}")
+
+    def claim(
+        self, request_id: str, key: str, now_ms: int, lease_ms: int, requested_at_ms: int | None = None
+    ) -> ClaimResult:
         from azure.core import MatchConditions
         from azure.cosmos.exceptions import CosmosAccessConditionFailedError, CosmosResourceExistsError
 
@@ -94,13 +99,16 @@ class StateStore:
             existing = self._get(item_id)
         if existing is None:  # removed in between (TTL): take it fresh
             return ClaimResult("acquired", self._container.upsert_item(fresh))
-        if existing["state"] in TERMINAL_STATES:
+        asked_again = superseded(existing, requested_at_ms)
+        if existing["state"] in TERMINAL_STATES and not asked_again:
             return ClaimResult("done", existing)
         if existing["state"] == IN_PROGRESS and existing.get("leaseUntil", 0) > now_ms:
             return ClaimResult("busy", existing)
         # A retry of an earlier delivery, or a lease that ran out (its holder died): take it over,
         # but only if nobody else did first (etag).
         taken = existing | {"state": IN_PROGRESS, "leaseUntil": now_ms + lease_ms, "updatedAt": now_ms}
+        if asked_again:  # a later check asked again after transient failures ended it: a new attempt
+            taken = {k: v for k, v in taken.items() if k != "outcome"} | {"published": False, "notBefore": 0}
         try:
             replaced = self._container.replace_item(
                 item_id, taken, etag=existing["_etag"], match_condition=MatchConditions.IfNotModified
@@ -110,10 +118,18 @@ class StateStore:
         return ClaimResult("acquired", replaced)
 
     def finish_claim(
-        self, claim: dict[str, Any], state: str, attempts: int, now_ms: int, outcome: dict | None = None
+        self,
+        claim: dict[str, Any],
+        state: str,
+        attempts: int,
+        now_ms: int,
+        *,
+        outcome: dict | None = None,
+        not_before_ms: int = 0,
     ) -> dict[str, Any]:
+        """Record how this delivery ended. `not_before_ms`: the callee's Retry-After, for the next delivery."""
         updated = {k: v for k, v in claim.items() if not k.startswith("_")}
-        updated.update(state=state, attempts=attempts, updatedAt=now_ms, leaseUntil=0)
+        updated.update(state=state, attempts=attempts, updatedAt=now_ms, leaseUntil=0, notBefore=not_before_ms)
         if outcome is not None:
             updated.update(outcome=outcome, published=False)
         return self._container.upsert_item(updated)
@@ -140,17 +156,6 @@ class StateStore:
             record["ttl"] = max(1, ttl_ms // 1000)
         self._container.upsert_item(record)
 
-    def clear_failure(self, key: str) -> None:
-        from azure.cosmos.exceptions import CosmosHttpResponseError
-
-        if self._get(f"failure-{key}") is None:
-            return
-        try:
-            self._container.delete_item(f"failure-{key}", partition_key=f"failure-{key}")
-        except CosmosHttpResponseError as error:
-            if error.status_code != 404:
-                raise
-
     def suppressed_keys(
         self, candidates: dict[str, int | None], now_ms: int, cooldown_ms: int
     ) -> dict[str, dict[str, Any]]:
@@ -170,3 +175,15 @@ class StateStore:
             if row.get("documentTs") == candidates.get(row["connectionKey"])
             and now_ms - row.get("lastFailureAt", 0) < cooldown_ms
         }
+
+
+def superseded(claim: dict[str, Any], requested_at_ms: int | None) -> bool:
+    """A request that ended with a transient failure and was asked for again by a later check (the
+    same connection and expiresAt give the same request id): it gets a new attempt."""
+    outcome = (claim.get("outcome") or {}).get("data") or {}
+    return (
+        claim.get("state") == FAILED
+        and outcome.get("retryable") is True
+        and requested_at_ms is not None
+        and requested_at_ms > claim.get("updatedAt", 0)
+    )

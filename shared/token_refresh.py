@@ -18,6 +18,7 @@ import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from datetime import datetime
 from typing import Any
 
 from tenacity import (
@@ -30,7 +31,7 @@ from tenacity import (
 )
 
 from shared import runtime
-from shared.connection_store import ConnectionStore, parse_expires_at
+from shared.connection_store import ConnectionState, ConnectionStore, parse_expires_at
 from shared.events import (
     REFRESH_REQUESTED,
     CloudEvent,
@@ -45,7 +46,15 @@ from shared.events import (
 from shared.manager_client import IntegrationManagerClient, RefreshOutcome
 from shared.messaging import EventPublisher
 from shared.settings import Settings
-from shared.state_store import FAILED, REFRESHED, RETRY_PENDING, StateStore, connection_key
+from shared.state_store import (
+    FAILED,
+    REFRESHED,
+    RETRY_PENDING,
+    TERMINAL_STATES,
+    ClaimResult,
+    StateStore,
+    connection_key,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -110,23 +119,24 @@ def call_with_retries(
     return retrying(counted), calls
 
 
-def already_handled(
-    request: RefreshRequestedData, store: ConnectionStore, skip_statuses: tuple[str, ...]
-) -> str | None:
-    """Why this request needs no call any more (the connection changed since it was made), or None."""
-    state = store.current_state(request.tenant_id, request.connection_id)
+def no_longer_refreshable(state: ConnectionState | None, skip: tuple[str, ...]) -> str | None:
+    """Why the connection must not be refreshed any more (gone, revoked, ...), or None."""
     if state is None:
         return "the connection no longer exists"
-    if isinstance(state.status, str) and state.status.strip().lower() in skip_statuses:
+    if isinstance(state.status, str) and state.status.strip().lower() in skip:
         return f"the connection is now {state.status!r}"
-    if request.expires_at is not None and state.expires_at is not None:
-        try:
-            current = parse_expires_at(state.expires_at)
-        except (ValueError, TypeError, OverflowError, OSError):
-            return None
-        if current > request.expires_at:
-            return "the token was refreshed since the request (oauth.expiresAt moved forward)"
     return None
+
+
+def expiry_moved_forward(request: RefreshRequestedData, state: ConnectionState | None) -> datetime | None:
+    """The connection's current expiry when it is later than the one the request was made for."""
+    if state is None or request.expires_at is None or state.expires_at is None:
+        return None
+    try:
+        current = parse_expires_at(state.expires_at)
+    except (ValueError, TypeError, OverflowError, OSError):
+        return None
+    return current if current > request.expires_at else None
 
 
 @dataclass(frozen=True)
@@ -154,86 +164,164 @@ class RefreshContext:
 def refresh_connection_token(
     request_event: CloudEvent, request: RefreshRequestedData, context: RefreshContext, delivery_count: int = 1
 ) -> CloudEvent | None:
-    settings, connections, states, manager, publisher = (
-        context.settings,
-        context.connections,
-        context.states,
-        context.manager,
-        context.publisher,
-    )
-    ids = (
-        f"connectionId={request.connection_id!r} integrationId={request.integration_id!r} "
-        f"tenantId={request.tenant_id!r}"
-    )
-    reason = already_handled(request, connections, settings.skip_statuses)
-    if reason:
-        logger.info("Not refreshing OAuth tokens for connection (%s): %s", ids, reason)
-        return None
+    return _RefreshJob(request_event, request, context, delivery_count).run()
 
-    key = connection_key(request.tenant_id, request.integration_id, request.connection_id)
-    now_ms = int(time.time() * 1000)
-    claimed = states.claim(request_event.id, key, now_ms, settings.claim_lease_ms)
-    if claimed.status == "busy":
-        logger.info("Not refreshing OAuth tokens for connection (%s): another invocation is refreshing it", ids)
-        return None
-    if claimed.status == "done":
-        return _publish_stored_outcome(claimed.claim, states, publisher, ids)
 
-    claim = claimed.claim
-    logger.info("Refreshing OAuth tokens for connection (%s)", ids)
-    outcome, calls = call_with_retries(
-        lambda: manager.refresh_connection(request.integration_id, request.connection_id, request.tenant_id),
-        settings.integration_manager_max_attempts,
-        settings.integration_manager_retry_budget_ms / 1000,
-        settings.integration_manager_backoff_initial_ms / 1000,
-        context.sleep,
-    )
-    attempts = claim.get("attempts", 0) + calls
-    last_delivery = delivery_count >= settings.max_delivery_count
-    now_ms = int(time.time() * 1000)
+class _RefreshJob:
+    """One delivery of one refresh request (see the module docstring for the rules)."""
 
-    if not outcome.succeeded and outcome.retryable and not last_delivery:
-        states.finish_claim(claim, RETRY_PENDING, attempts, now_ms)
-        logger.warning(
-            "OAuth token refresh will be retried (%s code=%s httpStatus=%s attempts=%d delivery %d of %d)",
-            ids,
-            outcome.error_code,
-            outcome.http_status,
-            attempts,
-            delivery_count,
-            settings.max_delivery_count,
+    def __init__(self, event: CloudEvent, request: RefreshRequestedData, context: RefreshContext, delivery: int):
+        self.event, self.request, self.context, self.delivery = event, request, context, delivery
+        self.settings, self.states = context.settings, context.states
+        self.key = connection_key(request.tenant_id, request.integration_id, request.connection_id)
+        self.requested_at_ms = int(request.requested_at.timestamp() * 1000)
+        self.ids = (
+            f"connectionId={request.connection_id!r} integrationId={request.integration_id!r} "
+            f"tenantId={request.tenant_id!r}"
         )
-        raise RefreshRetryLater(f"transient failure {outcome.error_code} after {attempts} attempt(s)")
 
-    event = outcome_event(request, outcome, attempts)
-    claim = states.finish_claim(
-        claim, REFRESHED if outcome.succeeded else FAILED, attempts, now_ms, outcome=event.model_dump(mode="json")
-    )
-    if outcome.succeeded:
-        states.clear_failure(key)
-    elif not outcome.retryable:
-        states.record_permanent_failure(
-            key, _document_ts(connections, request), outcome.error_code or "", now_ms, settings.failure_cooldown_ms
+    def _current(self) -> ConnectionState | None:
+        return self.context.connections.current_state(self.request.tenant_id, self.request.connection_id)
+
+    def _skip(self, reason: str) -> None:
+        logger.info("Not refreshing OAuth tokens for connection (%s): %s", self.ids, reason)
+
+    def _claim(self) -> ClaimResult:
+        return self.states.claim(
+            self.event.id, self.key, now_ms(), self.settings.claim_lease_ms, requested_at_ms=self.requested_at_ms
         )
-    publisher.publish([event])
-    states.mark_published(claim)
-    if outcome.succeeded:
-        logger.info("OAuth tokens refreshed successfully (%s attempts=%d)", ids, attempts)
-    else:
-        logger.warning(
-            "OAuth token refresh failed (%s code=%s httpStatus=%s retryable=%s attempts=%d)",
-            ids,
-            outcome.error_code,
-            outcome.http_status,
-            outcome.retryable,
-            attempts,
-        )
-    return event
+
+    def run(self) -> CloudEvent | None:
+        current = self._current()
+        reason = no_longer_refreshable(current, self.settings.skip_statuses)
+        if reason:
+            self._skip(reason)
+            return None
+        moved_to = expiry_moved_forward(self.request, current)
+        if moved_to is not None:
+            return self._already_refreshed(moved_to)
+        claimed = self._claim()
+        if claimed.status == "busy":
+            self._skip("another invocation is refreshing it")
+            return None
+        if claimed.status == "done":
+            return _publish_stored_outcome(claimed.claim, self.states, self.context.publisher, self.ids)
+        return self._call_and_report(claimed.claim, current)
+
+    def _already_refreshed(self, moved_to: datetime) -> CloudEvent | None:
+        """The token's expiry moved past the request's. If this request never ran, someone else
+        refreshed it: nothing to do. If it ran, finish its story: publish a stored outcome whose
+        publish failed, or report `refreshed` for an attempt that died (or timed out) after the
+        manager had done the refresh."""
+        existing = self.states.get_claim(self.event.id)
+        if existing is None:
+            self._skip("the token was refreshed since the request (oauth.expiresAt moved forward)")
+            return None
+        if existing["state"] in TERMINAL_STATES:
+            return _publish_stored_outcome(existing, self.states, self.context.publisher, self.ids)
+        claimed = self._claim()
+        if claimed.status == "busy":
+            # Its holder may still publish; wait for its lease when that fits the budget, then look again.
+            lease_left_ms = claimed.claim.get("leaseUntil", 0) - now_ms()
+            if lease_left_ms > self.settings.integration_manager_retry_budget_ms:
+                self._skip("another invocation holds this request")
+                return None
+            self.context.sleep(max(0, lease_left_ms) / 1000)
+            claimed = self._claim()
+        if claimed.status == "busy":
+            self._skip("another invocation holds this request")
+            return None
+        if claimed.status == "done":
+            return _publish_stored_outcome(claimed.claim, self.states, self.context.publisher, self.ids)
+        attempts = max(1, claimed.claim.get("attempts", 0))
+        logger.info("OAuth tokens were refreshed by an earlier attempt of this request (%s)", self.ids)
+        return self._report(claimed.claim, RefreshOutcome(True, expires_at=moved_to), attempts, None)
+
+    def _call_and_report(self, claim: dict[str, Any], current: ConnectionState | None) -> CloudEvent | None:
+        settings = self.settings
+        # A Retry-After answered to the previous delivery still holds for this one.
+        wait_ms = claim.get("notBefore", 0) - now_ms()
+        if wait_ms > 0:
+            self.context.sleep(min(wait_ms, settings.integration_manager_retry_budget_ms) / 1000)
+        logger.info("Refreshing OAuth tokens for connection (%s)", self.ids)
+        previous: list[RefreshOutcome] = []
+
+        def call() -> RefreshOutcome:
+            # After a timeout or dropped connection the refresh may have happened anyway: look first.
+            if previous and previous[-1].error_code in ("timeout", "network_error"):
+                moved_to = expiry_moved_forward(self.request, self._current())
+                if moved_to is not None:
+                    return RefreshOutcome(True, expires_at=moved_to)
+            outcome = self.context.manager.refresh_connection(
+                self.request.integration_id, self.request.connection_id, self.request.tenant_id
+            )
+            previous.append(outcome)
+            return outcome
+
+        try:
+            outcome, calls = call_with_retries(
+                call,
+                settings.integration_manager_max_attempts,
+                settings.integration_manager_retry_budget_ms / 1000,
+                settings.integration_manager_backoff_initial_ms / 1000,
+                self.context.sleep,
+            )
+        except Exception:
+            # Unexpected: release the claim so a redelivery can try again at once, not after the lease.
+            self.states.finish_claim(claim, RETRY_PENDING, claim.get("attempts", 0) + 1, now_ms())
+            raise
+        attempts = claim.get("attempts", 0) + calls
+        if not outcome.succeeded and outcome.retryable and self.delivery < settings.max_delivery_count:
+            not_before = now_ms() + int((outcome.retry_after_s or 0) * 1000)
+            self.states.finish_claim(claim, RETRY_PENDING, attempts, now_ms(), not_before_ms=not_before)
+            logger.warning(
+                "OAuth token refresh will be retried (%s code=%s httpStatus=%s attempts=%d delivery %d of %d)",
+                self.ids,
+                outcome.error_code,
+                outcome.http_status,
+                attempts,
+                self.delivery,
+                settings.max_delivery_count,
+            )
+            raise RefreshRetryLater(f"transient failure {outcome.error_code} after {attempts} attempt(s)")
+        return self._report(claim, outcome, attempts, current)
+
+    def _report(
+        self, claim: dict[str, Any], outcome: RefreshOutcome, attempts: int, current: ConnectionState | None
+    ) -> CloudEvent:
+        """Record the outcome with the claim first, then publish it: a failed publish is redone from
+        the claim on redelivery, without calling integration-manager again."""
+        event = outcome_event(self.request, outcome, attempts)
+        state = REFRESHED if outcome.succeeded else FAILED
+        claim = self.states.finish_claim(claim, state, attempts, now_ms(), outcome=event.model_dump(mode="json"))
+        if not outcome.succeeded and not outcome.retryable:
+            # Keyed to the document version: a success or a reconnect rewrites the document, so the
+            # record stops matching by itself (no clean-up write on the success path).
+            self.states.record_permanent_failure(
+                self.key,
+                current.document_ts if current else None,
+                outcome.error_code or "",
+                now_ms(),
+                self.settings.failure_cooldown_ms,
+            )
+        self.context.publisher.publish([event])
+        self.states.mark_published(claim)
+        if outcome.succeeded:
+            logger.info("OAuth tokens refreshed successfully (%s attempts=%d)", self.ids, attempts)
+        else:
+            logger.warning(
+                "OAuth token refresh failed (%s code=%s httpStatus=%s retryable=%s attempts=%d)",
+                self.ids,
+                outcome.error_code,
+                outcome.http_status,
+                outcome.retryable,
+                attempts,
+            )
+        return event
 
 
-def _document_ts(connections: ConnectionStore, request: RefreshRequestedData) -> int | None:
-    state = connections.current_state(request.tenant_id, request.connection_id)
-    return state.document_ts if state else None
+def now_ms() -> int:
+    return int(time.time() * 1000)
 
 
 def _publish_stored_outcome(
