@@ -4,7 +4,7 @@ VENV ?= .venv
 PYTHON := $(VENV)/bin/python
 export VENV
 
-.PHONY: setup demo test lint run stand-in-manager services-up services-down clean
+.PHONY: setup demo test bench lint run stand-in-manager services-up services-down clean
 
 setup:
 	bash scripts/setup.sh
@@ -14,6 +14,10 @@ demo: setup
 
 test: setup lint
 	$(PYTHON) -m pytest
+
+# Performance figures against baselines measured in the same run: bench/results.json, bench/RESULTS.md.
+bench: setup
+	$(PYTHON) bench/run.py
 
 lint: setup
 	$(PYTHON) -m ruff check .

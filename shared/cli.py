@@ -60,7 +60,7 @@ def _command_run(settings: Settings, args: argparse.Namespace) -> int:
     from shared import runtime
     from shared.local_host import LocalHost
 
-    host = LocalHost(settings, queue_prefix=args.queue_prefix)
+    host = LocalHost(settings, queue_prefix=args.queue_prefix, workers=args.workers)
     if args.once:
         try:
             summary = host.run_once()
@@ -107,6 +107,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--max-deliveries",
         type=_positive_int,
         help="deliveries per message before it is dead-lettered (sets TOKEN_REFRESH_MAX_DELIVERY_COUNT, default 10)",
+    )
+    run.add_argument(
+        "--workers",
+        type=_positive_int,
+        default=4,
+        help="refresh requests handled at once, each worker on its own connection (default 4)",
     )
     run.add_argument(
         "--queue-prefix",

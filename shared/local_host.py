@@ -135,6 +135,7 @@ class LocalHost:
         queue_prefix: str = QUEUE_PREFIX,
         app_root: Path = APP_ROOT,
         reconnect_timeout_s: float = RECONNECT_TIMEOUT_S,
+        workers: int = 1,
     ):
         if settings.rabbitmq_url is None:
             raise SystemExit("The local host needs RABBITMQ_URL: RabbitMQ is its transport.")
@@ -143,6 +144,9 @@ class LocalHost:
         self.max_deliveries = settings.max_delivery_count
         self.queue_prefix = queue_prefix
         self.reconnect_timeout_s = reconnect_timeout_s
+        # Refresh requests are handled by this many threads at once, each with its own RabbitMQ
+        # connection and prefetch 1 (Azure: host.json maxConcurrentCalls / maxConcurrentSessions).
+        self.workers = max(1, workers)
         self.timer_main, self.functions = load_function_app(app_root, queue_prefix)
         self._by_queue = {function.queue: function for function in self.functions}
         self._connection: Any = None
@@ -205,8 +209,10 @@ class LocalHost:
 
     # Invocation ---------------------------------------------------------------------------------
 
-    def invoke(self, queue: str, method: Any, properties: Any, body: bytes) -> bool:
-        """Run the queue's function on one message; ack on success, requeue (or dead-letter) on error."""
+    def invoke(self, queue: str, method: Any, properties: Any, body: bytes, channel: Any = None) -> bool:
+        """Run the queue's function on one message; ack on success, requeue (or dead-letter) on error.
+        `channel`: the channel the message came from (a worker thread's own), default the host's."""
+        channel = channel or self._channel
         function = self._by_queue[queue]
         message = trigger_message(body, properties)
         try:
@@ -225,16 +231,18 @@ class LocalHost:
             )
             logger.debug("function failure", exc_info=True)
             if last:
-                self._dead_letter(function, properties, body, reason, message.delivery_count)
-                self._channel.basic_ack(method.delivery_tag)
+                self._dead_letter(channel, function, properties, body, reason=reason, deliveries=message.delivery_count)
+                channel.basic_ack(method.delivery_tag)
             else:
                 # Like a Service Bus abandon: redelivered at once (the functions back off inside an invocation).
-                self._channel.basic_nack(method.delivery_tag, requeue=True)
+                channel.basic_nack(method.delivery_tag, requeue=True)
             return False
-        self._channel.basic_ack(method.delivery_tag)
+        channel.basic_ack(method.delivery_tag)
         return True
 
-    def _dead_letter(self, function: QueueFunction, properties: Any, body: bytes, reason: str, deliveries: int) -> None:
+    def _dead_letter(
+        self, channel: Any, function: QueueFunction, properties: Any, body: bytes, *, reason: str, deliveries: int
+    ) -> None:
         """Park the message with the reason, like Service Bus's DeadLetterReason/ErrorDescription."""
         headers = dict(properties.headers or {}) | {
             "x-dead-letter-reason": "MaxDeliveryCountExceeded",
@@ -242,7 +250,7 @@ class LocalHost:
             "x-source-queue": function.queue,
             "x-delivery-count": deliveries,
         }
-        self._channel.basic_publish(
+        channel.basic_publish(
             "",
             function.dead_letter_queue,
             body,
@@ -312,14 +320,60 @@ class LocalHost:
         while processed:
             processed = False
             for function in self.functions:  # check-expiring first: it feeds refresh-requested
+                if function.event_type != CHECK_EXPIRING and self.workers > 1:
+                    processed |= self._drain_with_workers(function, summary, counted)
+                    continue
                 while (delivery := self._channel.basic_get(function.queue)) != (None, None, None):
-                    method, properties, body = delivery
-                    if self.invoke(function.queue, method, properties, body):
-                        if function.event_type == CHECK_EXPIRING:
-                            summary.checks += 1
-                        elif _first_time(counted, "request", properties.message_id):
-                            summary.found += 1  # a re-run check requests the same ids again
+                    self._invoke_counted(function, delivery, self._channel, summary, counted)
                     processed = True
+
+    def _invoke_counted(  # noqa: PLR0917 - internal helper of the two drain loops
+        self,
+        function: QueueFunction,
+        delivery: Any,
+        channel: Any,
+        summary: CycleSummary,
+        counted: set[str],
+        lock: Any = None,
+    ) -> None:
+        method, properties, body = delivery
+        if not self.invoke(function.queue, method, properties, body, channel):
+            return
+        with lock or contextlib.nullcontext():
+            if function.event_type == CHECK_EXPIRING:
+                summary.checks += 1
+            elif _first_time(counted, "request", properties.message_id):
+                summary.found += 1  # a re-run check requests the same ids again
+
+    def _drain_with_workers(self, function: QueueFunction, summary: CycleSummary, counted: set[str]) -> bool:
+        """Empty `function`'s queue with `workers` threads, each on its own connection and channel
+        (pika connections must not be shared between threads). True when anything was processed."""
+        lock = threading.Lock()
+        processed: list[bool] = []
+        errors: list[BaseException] = []
+
+        def work() -> None:
+            try:
+                with pika.BlockingConnection(pika.URLParameters(self.settings.rabbitmq_url.get_secret_value())) as conn:
+                    channel = conn.channel()
+                    channel.basic_qos(prefetch_count=1)
+                    while not self._stop.is_set():
+                        delivery = channel.basic_get(function.queue)
+                        if delivery == (None, None, None):
+                            return
+                        self._invoke_counted(function, delivery, channel, summary, counted, lock)
+                        processed.append(True)
+            except Exception as error:  # noqa: BLE001 - handed to the main thread, which reconnects or gives up
+                errors.append(error)
+
+        threads = [threading.Thread(target=work, name=f"local-host-worker-{n}") for n in range(self.workers)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        if errors:
+            raise errors[0]
+        return bool(processed)
 
     def _count_outcomes(self, cycle_queue: str, summary: CycleSummary, counted: set[str]) -> None:
         while (delivery := self._channel.basic_get(cycle_queue, auto_ack=True)) != (None, None, None):
@@ -334,7 +388,16 @@ class LocalHost:
 
     def run_forever(self, tick_seconds: float | None = None) -> None:
         """Consume until stop() or Ctrl-C; tick the timer so TOKEN_REFRESH_INTERVAL_MS sets the cadence.
-        A lost broker connection is re-established with a growing back-off (up to RECONNECT_MAX_S)."""
+        A lost broker connection is re-established with a growing back-off (up to RECONNECT_MAX_S).
+        With workers > 1, that many more threads consume refresh requests, each on its own connection."""
+        extra = [
+            threading.Thread(target=self._consume_forever, args=(function,), name=f"local-host-worker-{n}", daemon=True)
+            for function in self.functions
+            if function.event_type != CHECK_EXPIRING
+            for n in range(self.workers - 1)
+        ]
+        for thread in extra:
+            thread.start()
         tick = tick_seconds or max(1.0, min(60.0, self.settings.interval_ms / 10_000))
         next_tick = time.monotonic()
         announced = False
@@ -368,6 +431,32 @@ class LocalHost:
                         break
         finally:
             self.close()
+
+    def _consume_forever(self, function: QueueFunction) -> None:
+        """A worker thread: its own connection, prefetch 1, reconnecting until stop()."""
+        delay = RECONNECT_INITIAL_S
+        while not self._stop.is_set():
+            try:
+                with _pika_errors_muted():
+                    connection = pika.BlockingConnection(
+                        pika.URLParameters(self.settings.rabbitmq_url.get_secret_value())
+                    )
+                try:
+                    channel = connection.channel()
+                    channel.basic_qos(prefetch_count=1)
+                    channel.basic_consume(
+                        function.queue,
+                        lambda ch, method, properties, body: self.invoke(function.queue, method, properties, body, ch),
+                    )
+                    delay = RECONNECT_INITIAL_S
+                    while not self._stop.is_set():
+                        connection.process_data_events(time_limit=0.5)
+                finally:
+                    with contextlib.suppress(Exception):
+                        connection.close()
+            except BROKER_CONNECTION_ERRORS:
+                self._stop.wait(delay)
+                delay = min(delay * 2, RECONNECT_MAX_S)
 
     def _subscribe(self) -> None:
         for function in self.functions:

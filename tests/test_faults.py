@@ -193,7 +193,9 @@ def fault_env(app_env, manager, cosmos_container):
 
 
 def cli_args(env: dict, *args: str) -> list[str]:
-    return [sys.executable, "-m", "shared.cli", *args, "--queue-prefix", env["FAULT_QUEUE_PREFIX"]]
+    # One worker: the scripted fault sequences (refuse after call N, ...) assume calls in order.
+    # Concurrent workers are covered by tests/test_end_to_end.py.
+    return [sys.executable, "-m", "shared.cli", *args, "--queue-prefix", env["FAULT_QUEUE_PREFIX"], "--workers", "1"]
 
 
 @dataclass
