@@ -2,8 +2,10 @@
 
 import azure.functions as func
 
+from shared import telemetry
 from shared.check_timer import run_timer_tick
 
 
-def main(timer: func.TimerRequest) -> None:
-    run_timer_tick(past_due=timer.past_due)
+def main(timer: func.TimerRequest, context: func.Context | None = None) -> None:
+    with telemetry.invocation(context, "check_expiring_timer"):
+        run_timer_tick(past_due=timer.past_due)

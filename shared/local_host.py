@@ -115,6 +115,15 @@ def load_function_app(
     return timer_main, queue_functions
 
 
+class LocalInvocationContext:
+    """What the Functions host passes as `context`: a fresh invocation id per call."""
+
+    def __init__(self, function_name: str):
+        self.invocation_id = str(uuid.uuid4())
+        self.function_name = function_name
+        self.function_directory = str(APP_ROOT / function_name)
+
+
 def trigger_message(body: bytes, properties: pika.BasicProperties) -> func_servicebus.ServiceBusMessage:
     """The trigger object the Functions host would pass for this message."""
     headers = properties.headers or {}
@@ -216,7 +225,7 @@ class LocalHost:
         function = self._by_queue[queue]
         message = trigger_message(body, properties)
         try:
-            function.main(message)
+            function.main(message, context=LocalInvocationContext(function.name))
         except Exception as error:
             last = message.delivery_count >= self.max_deliveries
             reason = f"{error.__class__.__name__}: {error}"[:1000]
@@ -264,7 +273,7 @@ class LocalHost:
         )
 
     def tick_timer(self) -> None:
-        self.timer_main(TimerRequest(past_due=False))
+        self.timer_main(TimerRequest(past_due=False), context=LocalInvocationContext("check_expiring_timer"))
 
     # Modes --------------------------------------------------------------------------------------
 

@@ -30,7 +30,7 @@ from tenacity import (
     wait_random,
 )
 
-from shared import runtime
+from shared import runtime, telemetry
 from shared.connection_store import ConnectionState, ConnectionStore, parse_expires_at
 from shared.events import (
     REFRESH_REQUESTED,
@@ -345,4 +345,5 @@ def handle_refresh_requested_message(
     """The sync_refresh_handler function: parse the trigger message, refresh, publish the outcome."""
     delivery = max(1, delivery_count or 1)
     envelope, request = parse_trigger_message(body, REFRESH_REQUESTED, message_id, delivery)
+    telemetry.bind(connectionId=request.connection_id, integrationId=request.integration_id, tenantId=request.tenant_id)
     return refresh_connection_token(envelope, request, RefreshContext.from_runtime(), delivery_count=delivery)
