@@ -53,13 +53,10 @@ from shared.events import (
 from shared.local_host import LocalHost
 from shared.settings import SettingsError, load_settings
 from shared.token_refresh import RefreshRetryLater
+from tests.helpers import iso
 from tools.stand_in_manager import Answer, StandInManager
 
 MISSING = object()  # a field left out of a document or message
-
-
-def iso(moment: datetime) -> str:
-    return moment.isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
 def trigger(body: bytes, delivery_count: int = 1, message_id: str = "m-1") -> ServiceBusMessage:

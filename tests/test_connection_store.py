@@ -6,13 +6,10 @@ import pytest
 
 from shared.connection_store import EXPIRING_CONNECTIONS_QUERY, ConnectionStore, expiring_connections_query
 from shared.settings import DEFAULT_SKIP_STATUSES
+from tests.helpers import iso
 
 NOW = datetime.now(UTC).replace(microsecond=0)
 THRESHOLD = NOW + timedelta(hours=1)
-
-
-def iso(moment: datetime) -> str:
-    return moment.astimezone(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
 def doc(doc_id, expires_at=..., status="active", **extra):

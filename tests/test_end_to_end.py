@@ -25,6 +25,7 @@ from shared.events import (
     parse_event,
 )
 from tests.conftest import MANAGER_TOKEN
+from tests.helpers import iso
 from tools.stand_in_manager import Answer
 
 APP_ROOT = Path(__file__).resolve().parent.parent
@@ -35,10 +36,6 @@ EXPECTED_DATA_KEYS = {
     REFRESH_FAILED: {"connectionId", "integrationId", "tenantId", "failedAt", "error", "retryable", "attempts"},
     CHECK_EXPIRING: {"timestamp", "thresholdTime"},
 }
-
-
-def iso(moment: datetime) -> str:
-    return moment.isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
 def run_cli(env: dict, *args: str, timeout: float = 240) -> subprocess.CompletedProcess:

@@ -6,7 +6,6 @@ import time
 from datetime import UTC, datetime, timedelta
 
 import pytest
-from azure.functions.servicebus import ServiceBusMessage
 
 import manager_check_handler
 import sync_refresh_handler
@@ -25,21 +24,8 @@ from shared.manager_client import RefreshOutcome, parse_retry_after
 from shared.messaging import session_id
 from shared.state_store import connection_key
 from shared.token_refresh import RefreshRetryLater, call_with_retries
+from tests.helpers import iso, trigger
 from tools.stand_in_manager import Answer
-
-
-def iso(moment: datetime) -> str:
-    return moment.isoformat(timespec="milliseconds").replace("+00:00", "Z")
-
-
-def trigger(event, delivery_count=1) -> ServiceBusMessage:
-    return ServiceBusMessage(
-        body=event.to_json(),
-        message_id=event.id,
-        delivery_count=delivery_count,
-        application_properties={},
-        user_properties={},
-    )
 
 
 def seed_connection(container, connection_id="c-1", expires_in=timedelta(minutes=5), **extra):

@@ -46,6 +46,7 @@ from shared.local_host import LocalHost
 from shared.settings import load_settings
 from shared.state_store import StateStore
 from tests.conftest import CapturedEvent
+from tests.helpers import iso
 from tools.local_services import CosmosServer, free_port
 from tools.stand_in_manager import Answer, Call
 
@@ -55,10 +56,6 @@ APP_ROOT = Path(__file__).resolve().parent.parent
 CYCLE = re.compile(r"Cycle finished: found (\d+), refreshed (\d+), failed (\d+), dead-lettered (\d+)")
 TOKEN_LIFETIME = timedelta(hours=3)  # well past the threshold: a refreshed connection is never due again
 OUTCOMES = (REFRESHED, REFRESH_FAILED)
-
-
-def iso(moment: datetime) -> str:
-    return moment.isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
 # The fleet -----------------------------------------------------------------------------------------

@@ -7,7 +7,6 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
-from azure.functions.servicebus import ServiceBusMessage
 from azure.functions.timer import TimerRequest
 
 import check_expiring_timer
@@ -26,20 +25,10 @@ from shared.events import (
     refresh_request_id,
     utc_now,
 )
+from tests.helpers import iso, trigger
 from tools.stand_in_manager import Answer
 
 APP_ROOT = Path(__file__).resolve().parent.parent
-
-
-def trigger(event_or_body, delivery_count=1) -> ServiceBusMessage:
-    body = event_or_body.to_json() if hasattr(event_or_body, "to_json") else event_or_body
-    return ServiceBusMessage(
-        body=body, message_id="m-1", delivery_count=delivery_count, application_properties={}, user_properties={}
-    )
-
-
-def iso(moment: datetime) -> str:
-    return moment.isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
 # Timer -------------------------------------------------------------------------------------------

@@ -8,8 +8,6 @@ import sys
 from datetime import timedelta
 from pathlib import Path
 
-from azure.functions.servicebus import ServiceBusMessage
-
 import manager_check_handler
 import sync_refresh_handler
 from shared import runtime
@@ -22,23 +20,10 @@ from shared.events import (
     make_event,
     utc_now,
 )
+from tests.helpers import iso, trigger
 from tools.stand_in_manager import Answer
 
 APP_ROOT = Path(__file__).resolve().parent.parent
-
-
-def iso(moment) -> str:
-    return moment.isoformat(timespec="milliseconds").replace("+00:00", "Z")
-
-
-def trigger(event, delivery_count=1) -> ServiceBusMessage:
-    return ServiceBusMessage(
-        body=event.to_json(),
-        message_id=event.id,
-        delivery_count=delivery_count,
-        application_properties={},
-        user_properties={},
-    )
 
 
 def seed(container, count, prefix="c"):

@@ -51,6 +51,7 @@ from shared.manager_client import IntegrationManagerClient
 from shared.messaging import publisher_from_settings
 from shared.settings import SettingsError, load_settings
 from shared.token_refresh import RefreshRetryLater
+from tests.helpers import iso
 from tools.stand_in_manager import Answer, StandInManager
 
 APP_ROOT = Path(__file__).resolve().parent.parent
@@ -70,10 +71,6 @@ SERVICE_BUS_CONNECTION = (
 )
 
 SDK_LOGGERS = ("azure", "pika", "urllib3", "requests", "shared", "tools")
-
-
-def iso(moment: datetime) -> str:
-    return moment.isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
 class Exposure:
