@@ -3,8 +3,10 @@
 VENV ?= .venv
 PYTHON := $(VENV)/bin/python
 export VENV
+AZCLI_VENV ?= .venv-azcli
+export AZCLI_VENV
 
-.PHONY: setup demo test bench lint run stand-in-manager services-up services-down clean
+.PHONY: setup demo test bench lint run stand-in-manager services-up services-down clean azure-cli deploy
 
 setup:
 	bash scripts/setup.sh
@@ -12,8 +14,16 @@ setup:
 demo: setup
 	$(PYTHON) -m tools.demo
 
-test: setup lint
+test: setup azure-cli lint
 	$(PYTHON) -m pytest
+
+# The Azure CLI in its own venv: tests/test_deploy.py parses every deploy command with it.
+azure-cli:
+	bash scripts/install-azure-cli.sh
+
+# Deploy to Azure (README "Deploy"); `make deploy ARGS=--dry-run` prints the az commands instead.
+deploy:
+	bash scripts/deploy.sh $(ARGS)
 
 # Performance figures against baselines measured in the same run: bench/results.json, bench/RESULTS.md.
 bench: setup
@@ -40,4 +50,4 @@ stand-in-manager: setup
 	$(PYTHON) -m tools.stand_in_manager
 
 clean:
-	rm -rf .venv node_modules .local .pytest_cache .ruff_cache
+	rm -rf .venv .venv-py312 .venv-azcli node_modules .local .pytest_cache .ruff_cache

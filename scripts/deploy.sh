@@ -1,0 +1,614 @@
+#!/usr/bin/env bash
+# Create or update everything the token-refresh function app needs in Azure, then publish the code.
+# Idempotent: run it again to apply changed settings or to deploy a new version. See usage() and the
+# README section "Deploy".
+set -euo pipefail
+
+repo_root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+
+usage() {
+    cat <<'EOF'
+Usage: RESOURCE_GROUP=... LOCATION=... APP_NAME=... COSMOS_ACCOUNT=... scripts/deploy.sh [--dry-run]
+       scripts/deploy.sh --package FILE.zip
+       scripts/deploy.sh --help
+
+Creates or updates, in RESOURCE_GROUP: a storage account, a Service Bus namespace (Standard) with the
+app's four queues, Log Analytics + Application Insights, a user-assigned managed identity and its role
+assignments, a Key Vault, a Flex Consumption function app (Python 3.11) with identity-based
+connections and no keys in its settings, the Cosmos DB state container in the existing COSMOS_ACCOUNT,
+and an alert on dead-lettered messages; then publishes the code (zip of the app root, honouring
+.funcignore, remote build). Needs `az login` and rights to create role assignments.
+
+Options:
+  --dry-run         print every az command (one per line, shell-quoted) instead of running it; values
+                    that come from earlier commands' output are shown as <placeholders>
+  --package FILE    only build the deployment zip at FILE (no Azure calls) and exit
+  -h, --help        show this help
+
+Required environment:
+  RESOURCE_GROUP    resource group for the app's resources (created if missing)
+  LOCATION          Azure region with Flex Consumption (az functionapp list-flexconsumption-locations)
+  APP_NAME          function app name (globally unique: <APP_NAME>.azurewebsites.net)
+  COSMOS_ACCOUNT    the platform's existing Cosmos DB (NoSQL) account
+
+Optional environment (default):
+  COSMOS_RESOURCE_GROUP                  resource group of COSMOS_ACCOUNT (RESOURCE_GROUP)
+  COSMOS_DATABASE                        (integrations)
+  COSMOS_CONNECTIONS_CONTAINER           (integration_connections)
+  COSMOS_STATE_CONTAINER                 the app's own container, created here (token_refresh_state)
+  STORAGE_ACCOUNT                        (st + APP_NAME's letters and digits, at most 24 characters)
+  SERVICEBUS_NAMESPACE                   (APP_NAME-bus)
+  KEY_VAULT                              (kv-APP_NAME, at most 24 characters)
+  IDENTITY_NAME                          (APP_NAME-identity)
+  LOG_ANALYTICS_WORKSPACE                (APP_NAME-logs)
+  APP_INSIGHTS                           (APP_NAME-insights)
+  INSTANCE_MEMORY_MB                     Flex Consumption instance size: 512, 2048 or 4096 (2048)
+  MAXIMUM_INSTANCE_COUNT                 Flex Consumption scale-out limit (platform default)
+  TOKEN_REFRESH_INTERVAL_MS              (3600000)
+  TOKEN_REFRESH_EXPIRATION_THRESHOLD_MS  (3900000)
+  TOKEN_REFRESH_MAX_DELIVERY_COUNT       also the refresh queue's max delivery count (10)
+  DUPLICATE_DETECTION_WINDOW             refresh queue duplicate detection, >= the interval (PT2H)
+  RABBITMQ_EXCHANGE                      (integration.events)
+  INTEGRATION_MANAGER_URL                base URL of integration-manager; when not given the app keeps
+                                         its current value, or gets https://integration-manager.invalid
+  RABBITMQ_URL, INTEGRATION_MANAGER_TOKEN
+                                         secrets: stored in the Key Vault (never printed) and referenced
+                                         from the app settings; when not given, left as they are
+  ALERT_EMAIL                            e-mail for the dead-letter alert (no action group without it)
+  DEPLOYER_OBJECT_ID, DEPLOYER_PRINCIPAL_TYPE
+                                         who may write the secrets (the signed-in user, User)
+  AZURE_CLI                              the az executable (az)
+  DEPLOY_ZIP, DEPLOYMENT_CONTAINER       the zip built (.local/deploy/APP_NAME.zip) and the blob
+                                         container Flex Consumption deploys from (app-package)
+  TOKEN_REFRESH_ENABLED, TOKEN_REFRESH_SKIP_STATUSES, TOKEN_REFRESH_PAGE_SIZE,
+  TOKEN_REFRESH_FAILURE_COOLDOWN_MS, TOKEN_REFRESH_CLAIM_LEASE_MS, TOKEN_REFRESH_MAX_AGE_MS,
+  INTEGRATION_MANAGER_CONNECT_TIMEOUT_MS, INTEGRATION_MANAGER_TIMEOUT_MS,
+  INTEGRATION_MANAGER_MAX_ATTEMPTS, INTEGRATION_MANAGER_BACKOFF_INITIAL_MS,
+  INTEGRATION_MANAGER_RETRY_BUDGET_MS    copied to the app settings when set (else the app's default)
+EOF
+}
+
+die() { printf 'deploy: error: %s\n' "$*" >&2; exit 1; }
+usage_error() {
+    printf 'deploy: error: %s\n\n' "$*" >&2
+    usage >&2
+    exit 2
+}
+
+# --- arguments ------------------------------------------------------------------------------------
+dry_run=0
+package_only=""
+while (($#)); do
+    case "$1" in
+        --dry-run) dry_run=1 ;;
+        --package)
+            (($# >= 2)) || usage_error "--package needs a file name"
+            package_only="$2"
+            shift
+            ;;
+        -h | --help)
+            usage
+            exit 0
+            ;;
+        *) usage_error "unknown argument: $1" ;;
+    esac
+    shift
+done
+
+# --- output helpers -------------------------------------------------------------------------------
+# quote WORD: WORD as a shell word (like Python's shlex.quote), so printed lines split back exactly.
+quote() {
+    local s="$1"
+    if [[ -n "$s" && "$s" =~ ^[A-Za-z0-9@%+=:,./_-]+$ ]]; then
+        printf '%s' "$s"
+    elif [[ "$s" == *"'"* && "$s" != *[\$\`\\\"!]* ]]; then
+        printf '"%s"' "$s"  # e.g. a JMESPath query with 'literals'
+    else
+        printf "'%s'" "${s//\'/\'\"\'\"\'}"
+    fi
+}
+
+command_line() {  # the az command as one shell-quoted line
+    local line="az" arg
+    for arg in "$@"; do
+        line+=" $(quote "$arg")"
+    done
+    printf '%s' "$line"
+}
+
+# In a dry run, comments go to stdout between the commands; otherwise progress goes to stderr.
+note() {
+    if ((dry_run)); then printf '# %s\n' "$*"; else printf 'deploy: %s\n' "$*" >&2; fi
+}
+step() { note "--- $*"; }
+warn() { printf 'deploy: warning: %s\n' "$*" >&2; }
+
+az_bin="${AZURE_CLI:-az}"
+
+# az_run ARGS...: run an az command (its output is discarded) or, in a dry run, print it.
+az_run() {
+    if ((dry_run)); then
+        command_line "$@"
+        printf '\n'
+        return 0
+    fi
+    printf 'deploy: + %s\n' "$(command_line "$@")" >&2
+    "$az_bin" "$@" >/dev/null
+}
+
+# az_value VAR PLACEHOLDER ARGS...: VAR = the command's output (one value, tsv). In a dry run the
+# command is printed and VAR = PLACEHOLDER. An empty PLACEHOLDER means an empty value is acceptable.
+az_value() {
+    local __var="$1" __placeholder="$2" __value
+    shift 2
+    if ((dry_run)); then
+        command_line "$@"
+        printf '\n'
+        printf -v "$__var" '%s' "$__placeholder"
+        return 0
+    fi
+    printf 'deploy: + %s\n' "$(command_line "$@")" >&2
+    __value="$("$az_bin" "$@")"
+    __value="${__value%$'\r'}"
+    [[ -n "$__value" || -z "$__placeholder" ]] || die "no value from: $(command_line "$@")"
+    printf -v "$__var" '%s' "$__value"
+}
+
+# az_exists ARGS...: true when the `show` command finds the resource. A dry run assumes it does not.
+az_exists() {
+    if ((dry_run)); then
+        command_line "$@"
+        printf '\n'
+        return 1
+    fi
+    printf 'deploy: + %s\n' "$(command_line "$@")" >&2
+    "$az_bin" "$@" >/dev/null 2>&1
+}
+
+# --- the deployment zip ---------------------------------------------------------------------------
+# The app root minus what .funcignore names (gitignore-style patterns), virtualenvs, caches and local
+# settings. Entries are sorted and dated 1980-01-01, so the same commit always gives the same zip.
+build_package() {
+    local zip_path="$1" python="${PYTHON:-python3}"
+    command -v "$python" >/dev/null 2>&1 || die "building the zip needs python3 (or PYTHON=...)"
+    mkdir -p "$(dirname "$zip_path")"
+    "$python" - "$repo_root" "$zip_path" <<'PY'
+import fnmatch
+import os
+import sys
+import zipfile
+
+root, zip_path = sys.argv[1], os.path.abspath(sys.argv[2])
+ALWAYS_EXCLUDED = {".git", "__pycache__", ".python_packages", "local.settings.json", ".local"}
+
+
+def load_patterns():
+    patterns = []
+    try:
+        with open(os.path.join(root, ".funcignore"), encoding="utf-8") as handle:
+            lines = handle.read().splitlines()
+    except FileNotFoundError:
+        return patterns
+    for line in lines:
+        line = line.strip()
+        if not line or line.startswith("#"):
+            continue
+        negated = line.startswith("!")
+        line = line[1:] if negated else line
+        dir_only = line.endswith("/")
+        line = line.strip("/") if dir_only else line
+        anchored = "/" in line.lstrip("/") or line.startswith("/")
+        patterns.append((line.lstrip("/"), negated, dir_only, anchored))
+    return patterns
+
+
+PATTERNS = load_patterns()
+
+
+def ignored(rel, is_dir):
+    name = rel.rsplit("/", 1)[-1]
+    if name in ALWAYS_EXCLUDED or name.endswith(".pyc"):
+        return True
+    result = False
+    for pattern, negated, dir_only, anchored in PATTERNS:
+        if dir_only and not is_dir:
+            continue
+        if fnmatch.fnmatchcase(rel if anchored else name, pattern):
+            result = not negated
+    return result
+
+
+entries = []
+for current, dirs, files in os.walk(root):
+    rel_dir = os.path.relpath(current, root).replace(os.sep, "/")
+    rel_dir = "" if rel_dir == "." else rel_dir + "/"
+    kept = []
+    for d in sorted(dirs):
+        full = os.path.join(current, d)
+        if ignored(rel_dir + d, True) or os.path.exists(os.path.join(full, "pyvenv.cfg")) or os.path.islink(full):
+            continue
+        kept.append(d)
+    dirs[:] = kept
+    for f in sorted(files):
+        full = os.path.join(current, f)
+        if os.path.abspath(full) == zip_path or ignored(rel_dir + f, False):
+            continue
+        entries.append((rel_dir + f, full))
+
+names = {name for name, _ in entries}
+missing = [n for n in ("host.json", "requirements.txt") if n not in names]
+functions = sorted(n for n in names if n.count("/") == 1 and n.endswith("/function.json"))
+if missing or not functions:
+    sys.exit(f"deploy: error: the zip would lack {missing or 'any function.json'}; check .funcignore")
+
+tmp_path = zip_path + ".tmp"
+with zipfile.ZipFile(tmp_path, "w", zipfile.ZIP_DEFLATED) as archive:
+    for name, full in sorted(entries):
+        info = zipfile.ZipInfo(name, date_time=(1980, 1, 1, 0, 0, 0))
+        info.external_attr = 0o644 << 16
+        info.compress_type = zipfile.ZIP_DEFLATED
+        with open(full, "rb") as handle:
+            archive.writestr(info, handle.read())
+os.replace(tmp_path, zip_path)
+print(f"deploy: built {zip_path}: {len(entries)} files, functions: "
+      + ", ".join(f.split("/")[0] for f in functions), file=sys.stderr)
+PY
+}
+
+if [[ -n "$package_only" ]]; then
+    build_package "$package_only"
+    exit 0
+fi
+
+# --- settings -------------------------------------------------------------------------------------
+missing=()
+for name in RESOURCE_GROUP LOCATION APP_NAME COSMOS_ACCOUNT; do
+    [[ -n "${!name:-}" ]] || missing+=("$name")
+done
+((${#missing[@]} == 0)) || usage_error "missing required environment variable(s): ${missing[*]}"
+
+[[ "$APP_NAME" =~ ^[A-Za-z0-9][A-Za-z0-9-]{0,58}[A-Za-z0-9]$ ]] \
+    || usage_error "APP_NAME must be 2-60 letters, digits and hyphens, starting and ending with a letter or digit"
+
+app_lower="$(printf '%s' "$APP_NAME" | tr '[:upper:]' '[:lower:]' | tr -s '-')"
+app_alnum="$(printf '%s' "$app_lower" | tr -cd 'a-z0-9')"
+
+COSMOS_RESOURCE_GROUP="${COSMOS_RESOURCE_GROUP:-$RESOURCE_GROUP}"
+COSMOS_DATABASE="${COSMOS_DATABASE:-integrations}"
+COSMOS_CONNECTIONS_CONTAINER="${COSMOS_CONNECTIONS_CONTAINER:-integration_connections}"
+COSMOS_STATE_CONTAINER="${COSMOS_STATE_CONTAINER:-token_refresh_state}"
+STORAGE_ACCOUNT="${STORAGE_ACCOUNT:-$(printf 'st%s' "$app_alnum" | cut -c1-24)}"
+SERVICEBUS_NAMESPACE="${SERVICEBUS_NAMESPACE:-$(printf '%s' "$app_lower" | cut -c1-46)-bus}"
+KEY_VAULT="${KEY_VAULT:-$(printf 'kv-%s' "$app_lower" | cut -c1-24 | sed 's/-*$//')}"
+IDENTITY_NAME="${IDENTITY_NAME:-$APP_NAME-identity}"
+LOG_ANALYTICS_WORKSPACE="${LOG_ANALYTICS_WORKSPACE:-$APP_NAME-logs}"
+APP_INSIGHTS="${APP_INSIGHTS:-$APP_NAME-insights}"
+DEPLOYMENT_CONTAINER="${DEPLOYMENT_CONTAINER:-app-package}"
+INSTANCE_MEMORY_MB="${INSTANCE_MEMORY_MB:-2048}"
+MAXIMUM_INSTANCE_COUNT="${MAXIMUM_INSTANCE_COUNT:-}"
+TOKEN_REFRESH_INTERVAL_MS="${TOKEN_REFRESH_INTERVAL_MS:-3600000}"
+TOKEN_REFRESH_EXPIRATION_THRESHOLD_MS="${TOKEN_REFRESH_EXPIRATION_THRESHOLD_MS:-3900000}"
+TOKEN_REFRESH_MAX_DELIVERY_COUNT="${TOKEN_REFRESH_MAX_DELIVERY_COUNT:-10}"
+DUPLICATE_DETECTION_WINDOW="${DUPLICATE_DETECTION_WINDOW:-PT2H}"
+RABBITMQ_EXCHANGE="${RABBITMQ_EXCHANGE:-integration.events}"
+INTEGRATION_MANAGER_URL="${INTEGRATION_MANAGER_URL:-}"
+ALERT_EMAIL="${ALERT_EMAIL:-}"
+DEPLOYER_PRINCIPAL_TYPE="${DEPLOYER_PRINCIPAL_TYPE:-User}"
+DEPLOY_ZIP="${DEPLOY_ZIP:-$repo_root/.local/deploy/$APP_NAME.zip}"
+PLACEHOLDER_MANAGER_URL="https://integration-manager.invalid"
+
+for name in TOKEN_REFRESH_INTERVAL_MS TOKEN_REFRESH_EXPIRATION_THRESHOLD_MS TOKEN_REFRESH_MAX_DELIVERY_COUNT \
+    INSTANCE_MEMORY_MB; do
+    [[ "${!name}" =~ ^[0-9]+$ ]] || usage_error "$name must be a whole number"
+done
+[[ -z "$MAXIMUM_INSTANCE_COUNT" || "$MAXIMUM_INSTANCE_COUNT" =~ ^[0-9]+$ ]] \
+    || usage_error "MAXIMUM_INSTANCE_COUNT must be a whole number"
+((TOKEN_REFRESH_MAX_DELIVERY_COUNT >= 1 && TOKEN_REFRESH_MAX_DELIVERY_COUNT <= 100)) \
+    || usage_error "TOKEN_REFRESH_MAX_DELIVERY_COUNT must be between 1 and 100 (the queue's limit is 2000, the app's 100)"
+[[ ${#STORAGE_ACCOUNT} -ge 3 && "$STORAGE_ACCOUNT" =~ ^[a-z0-9]+$ ]] \
+    || usage_error "STORAGE_ACCOUNT must be 3-24 lowercase letters and digits"
+[[ "$SERVICEBUS_NAMESPACE" =~ ^[A-Za-z][A-Za-z0-9-]{4,48}[A-Za-z0-9]$ && "$SERVICEBUS_NAMESPACE" != *-sb \
+    && "$SERVICEBUS_NAMESPACE" != *-mgmt ]] \
+    || usage_error "SERVICEBUS_NAMESPACE must have 6-50 letters, digits and hyphens, start with a letter and not end" \
+        "with -sb or -mgmt (set it when APP_NAME starts with a digit)"
+if ((TOKEN_REFRESH_EXPIRATION_THRESHOLD_MS < TOKEN_REFRESH_INTERVAL_MS + 300000)); then
+    warn "TOKEN_REFRESH_EXPIRATION_THRESHOLD_MS is shorter than TOKEN_REFRESH_INTERVAL_MS + 5 min:" \
+        "a token can expire between two checks"
+fi
+
+# Application settings copied from the environment when set (else the app's own default applies).
+passthrough_settings=(
+    TOKEN_REFRESH_ENABLED TOKEN_REFRESH_SKIP_STATUSES TOKEN_REFRESH_PAGE_SIZE
+    TOKEN_REFRESH_FAILURE_COOLDOWN_MS TOKEN_REFRESH_CLAIM_LEASE_MS TOKEN_REFRESH_MAX_AGE_MS
+    INTEGRATION_MANAGER_CONNECT_TIMEOUT_MS INTEGRATION_MANAGER_TIMEOUT_MS INTEGRATION_MANAGER_MAX_ATTEMPTS
+    INTEGRATION_MANAGER_BACKOFF_INITIAL_MS INTEGRATION_MANAGER_RETRY_BUDGET_MS
+)
+
+# A GUID derived from text (for idempotent Cosmos DB role assignments: same input, same id).
+guid_of() {
+    local hex
+    if command -v sha256sum >/dev/null 2>&1; then
+        hex="$(printf '%s' "$1" | sha256sum | cut -c1-32)"
+    else
+        hex="$(printf '%s' "$1" | shasum -a 256 | cut -c1-32)"
+    fi
+    printf '%s-%s-%s-%s-%s' "${hex:0:8}" "${hex:8:4}" "${hex:12:4}" "${hex:16:4}" "${hex:20:12}"
+}
+
+if ((!dry_run)); then
+    command -v "$az_bin" >/dev/null 2>&1 || die "the Azure CLI ($az_bin) is not on PATH; see the README section Deploy"
+fi
+
+# Values read from Azure by az_value (placeholders in a dry run).
+subscription_id="" principal_id="" client_id="" insights_connection_string="" cosmos_endpoint=""
+deployer_id="" current_manager_url=""
+
+# --- 0. subscription ------------------------------------------------------------------------------
+step "subscription (az login first)"
+az_value subscription_id '<subscription-id>' account show --query id --output tsv
+arm_id() {  # arm_id RESOURCE_GROUP PROVIDER/TYPE NAME
+    printf '/subscriptions/%s/resourceGroups/%s/providers/%s/%s' "$subscription_id" "$1" "$2" "$3"
+}
+identity_id="$(arm_id "$RESOURCE_GROUP" Microsoft.ManagedIdentity/userAssignedIdentities "$IDENTITY_NAME")"
+storage_id="$(arm_id "$RESOURCE_GROUP" Microsoft.Storage/storageAccounts "$STORAGE_ACCOUNT")"
+servicebus_id="$(arm_id "$RESOURCE_GROUP" Microsoft.ServiceBus/namespaces "$SERVICEBUS_NAMESPACE")"
+vault_id="$(arm_id "$RESOURCE_GROUP" Microsoft.KeyVault/vaults "$KEY_VAULT")"
+workspace_id="$(arm_id "$RESOURCE_GROUP" Microsoft.OperationalInsights/workspaces "$LOG_ANALYTICS_WORKSPACE")"
+insights_id="$(arm_id "$RESOURCE_GROUP" Microsoft.Insights/components "$APP_INSIGHTS")"
+action_group_id="$(arm_id "$RESOURCE_GROUP" Microsoft.Insights/actionGroups "$APP_NAME-alerts")"
+tags=("app=$APP_NAME" "managed-by=scripts/deploy.sh")
+
+# --- 1. resource group ----------------------------------------------------------------------------
+step "resource group"
+az_run group create --name "$RESOURCE_GROUP" --location "$LOCATION" --tags "${tags[@]}" --output none
+
+# --- 2. managed identity --------------------------------------------------------------------------
+step "user-assigned managed identity (the app's only credential)"
+az_run identity create --name "$IDENTITY_NAME" --resource-group "$RESOURCE_GROUP" --location "$LOCATION" \
+    --tags "${tags[@]}" --output none
+az_value principal_id '<identity-principal-id>' identity show --name "$IDENTITY_NAME" \
+    --resource-group "$RESOURCE_GROUP" --query principalId --output tsv
+az_value client_id '<identity-client-id>' identity show --name "$IDENTITY_NAME" \
+    --resource-group "$RESOURCE_GROUP" --query clientId --output tsv
+
+# --- 3. storage -----------------------------------------------------------------------------------
+step "storage account (AzureWebJobsStorage and the deployment container; no shared keys)"
+az_run storage account create --name "$STORAGE_ACCOUNT" --resource-group "$RESOURCE_GROUP" \
+    --location "$LOCATION" --sku Standard_LRS --kind StorageV2 --https-only true --min-tls-version TLS1_2 \
+    --allow-blob-public-access false --allow-shared-key-access false --tags "${tags[@]}" --output none
+az_run storage container-rm create --storage-account "$STORAGE_ACCOUNT" --resource-group "$RESOURCE_GROUP" \
+    --name "$DEPLOYMENT_CONTAINER" --output none
+
+# --- 4. Service Bus -------------------------------------------------------------------------------
+step "Service Bus namespace (Standard: sessions and duplicate detection; Entra ID auth only)"
+az_run servicebus namespace create --name "$SERVICEBUS_NAMESPACE" --resource-group "$RESOURCE_GROUP" \
+    --location "$LOCATION" --sku Standard --min-tls 1.2 --disable-local-auth true --tags "${tags[@]}" \
+    --output none
+az_run servicebus queue create --resource-group "$RESOURCE_GROUP" --namespace-name "$SERVICEBUS_NAMESPACE" \
+    --name integration.token.check-expiring --max-delivery-count 10 --lock-duration PT5M \
+    --enable-dead-lettering-on-message-expiration true --output none
+az_run servicebus queue create --resource-group "$RESOURCE_GROUP" --namespace-name "$SERVICEBUS_NAMESPACE" \
+    --name integration.token.refresh-requested --enable-session true --duplicate-detection true \
+    --duplicate-detection-history-time-window "$DUPLICATE_DETECTION_WINDOW" \
+    --max-delivery-count "$TOKEN_REFRESH_MAX_DELIVERY_COUNT" --lock-duration PT5M \
+    --enable-dead-lettering-on-message-expiration true --output none
+for queue in integration.token.refreshed integration.token.refresh.failed; do
+    az_run servicebus queue create --resource-group "$RESOURCE_GROUP" --namespace-name "$SERVICEBUS_NAMESPACE" \
+        --name "$queue" --output none
+done
+
+# --- 5. monitoring --------------------------------------------------------------------------------
+step "Log Analytics workspace and Application Insights (Entra ID ingestion only)"
+az_run monitor log-analytics workspace create --resource-group "$RESOURCE_GROUP" \
+    --workspace-name "$LOG_ANALYTICS_WORKSPACE" --location "$LOCATION" --tags "${tags[@]}" --output none
+insights_body="$(printf '{"location":"%s","kind":"web","tags":{"app":"%s"},"properties":{"Application_Type":"web","WorkspaceResourceId":"%s","DisableLocalAuth":true}}' \
+    "$LOCATION" "$APP_NAME" "$workspace_id")"
+az_run resource create --resource-group "$RESOURCE_GROUP" --name "$APP_INSIGHTS" \
+    --resource-type Microsoft.Insights/components --api-version 2020-02-02 --is-full-object \
+    --properties "$insights_body" --output none
+az_value insights_connection_string '<app-insights-connection-string>' resource show --ids "$insights_id" \
+    --api-version 2020-02-02 --query properties.ConnectionString --output tsv
+
+# --- 6. Cosmos DB (existing account) --------------------------------------------------------------
+step "Cosmos DB: endpoint, the app's state container, data-plane role"
+az_value cosmos_endpoint '<cosmos-document-endpoint>' cosmosdb show --name "$COSMOS_ACCOUNT" \
+    --resource-group "$COSMOS_RESOURCE_GROUP" --query documentEndpoint --output tsv
+if az_exists cosmosdb sql container show --account-name "$COSMOS_ACCOUNT" --resource-group "$COSMOS_RESOURCE_GROUP" \
+    --database-name "$COSMOS_DATABASE" --name "$COSMOS_STATE_CONTAINER" --output none; then
+    note "state container $COSMOS_STATE_CONTAINER exists"
+else
+    note "when the state container is missing:"
+    az_run cosmosdb sql container create --account-name "$COSMOS_ACCOUNT" \
+        --resource-group "$COSMOS_RESOURCE_GROUP" --database-name "$COSMOS_DATABASE" \
+        --name "$COSMOS_STATE_CONTAINER" --partition-key-path /id --ttl -1 --output none
+fi
+# Cosmos DB Built-in Data Contributor (data plane only: the app cannot change the account or containers).
+cosmos_role_definition=00000000-0000-0000-0000-000000000002
+az_run cosmosdb sql role assignment create --account-name "$COSMOS_ACCOUNT" \
+    --resource-group "$COSMOS_RESOURCE_GROUP" --scope / --principal-id "$principal_id" \
+    --role-definition-id "$cosmos_role_definition" \
+    --role-assignment-id "$(guid_of "$COSMOS_ACCOUNT/$principal_id/$cosmos_role_definition")" --output none
+
+# --- 7. Key Vault ---------------------------------------------------------------------------------
+step "Key Vault (RBAC) for RABBITMQ_URL and INTEGRATION_MANAGER_TOKEN"
+if az_exists keyvault show --name "$KEY_VAULT" --resource-group "$RESOURCE_GROUP" --output none; then
+    note "Key Vault $KEY_VAULT exists"
+else
+    note "when the Key Vault is missing:"
+    az_run keyvault create --name "$KEY_VAULT" --resource-group "$RESOURCE_GROUP" --location "$LOCATION" \
+        --enable-rbac-authorization true --retention-days 90 --tags "${tags[@]}" --output none
+fi
+vault_uri="https://$KEY_VAULT.vault.azure.net/"
+
+# --- 8. role assignments for the identity (least privilege) ---------------------------------------
+step "role assignments for the identity"
+assign_role() {  # assign_role ROLE SCOPE
+    az_run role assignment create --assignee-object-id "$principal_id" --assignee-principal-type ServicePrincipal \
+        --role "$1" --scope "$2" --output none
+}
+assign_role "Azure Service Bus Data Sender" "$servicebus_id"
+assign_role "Azure Service Bus Data Receiver" "$servicebus_id"
+assign_role "Storage Blob Data Owner" "$storage_id"
+assign_role "Storage Queue Data Contributor" "$storage_id"
+assign_role "Storage Table Data Contributor" "$storage_id"
+assign_role "Key Vault Secrets User" "$vault_id"
+assign_role "Monitoring Metrics Publisher" "$insights_id"
+
+# --- 9. secrets (only those given; values go through stdin, never the command line or the output) -
+secret_settings=()
+secrets_given=()
+if [[ -n "${RABBITMQ_URL:-}" ]]; then
+    secrets_given+=("RABBITMQ_URL:rabbitmq-url")
+fi
+if [[ -n "${INTEGRATION_MANAGER_TOKEN:-}" ]]; then
+    secrets_given+=("INTEGRATION_MANAGER_TOKEN:integration-manager-token")
+fi
+if ((${#secrets_given[@]})); then
+    step "Key Vault secrets"
+    if [[ -n "${DEPLOYER_OBJECT_ID:-}" ]]; then
+        deployer_id="$DEPLOYER_OBJECT_ID"
+    else
+        az_value deployer_id '<deployer-object-id>' ad signed-in-user show --query id --output tsv
+    fi
+    az_run role assignment create --assignee-object-id "$deployer_id" \
+        --assignee-principal-type "$DEPLOYER_PRINCIPAL_TYPE" --role "Key Vault Secrets Officer" \
+        --scope "$vault_id" --output none
+    for entry in "${secrets_given[@]}"; do
+        env_name="${entry%%:*}"
+        secret_name="${entry#*:}"
+        secret_args=(keyvault secret set --vault-name "$KEY_VAULT" --name "$secret_name" --file /dev/stdin
+            --encoding utf-8 --content-type text/plain --output none)
+        note "secret $secret_name = \$$env_name, piped on stdin (never printed)"
+        if ((dry_run)); then
+            az_run "${secret_args[@]}"
+        else
+            # A new role assignment takes a few minutes to reach Key Vault: retry while it answers 403.
+            printf 'deploy: + %s\n' "$(command_line "${secret_args[@]}")" >&2
+            errors="$(mktemp)"
+            for attempt in $(seq 1 20); do
+                if printf '%s' "${!env_name}" | "$az_bin" "${secret_args[@]}" 2>"$errors"; then
+                    break
+                fi
+                if ((attempt == 20)) || ! grep -qiE 'forbidden|not authorized|does not have' "$errors"; then
+                    cat "$errors" >&2
+                    rm -f "$errors"
+                    die "could not set secret $secret_name in $KEY_VAULT"
+                fi
+                note "waiting for the Key Vault role assignment to take effect (attempt $attempt)"
+                sleep 15
+            done
+            rm -f "$errors"
+        fi
+        secret_settings+=("$env_name=@Microsoft.KeyVault(SecretUri=${vault_uri}secrets/$secret_name/)")
+    done
+else
+    note "RABBITMQ_URL and INTEGRATION_MANAGER_TOKEN not given: secrets and their app settings left as they are"
+fi
+
+# --- 10. function app -----------------------------------------------------------------------------
+step "function app (Flex Consumption, Python 3.11, user-assigned identity)"
+if az_exists functionapp show --name "$APP_NAME" --resource-group "$RESOURCE_GROUP" --output none; then
+    note "function app $APP_NAME exists"
+else
+    note "when the function app is missing:"
+    create_args=(functionapp create --name "$APP_NAME" --resource-group "$RESOURCE_GROUP"
+        --storage-account "$STORAGE_ACCOUNT" --flexconsumption-location "$LOCATION"
+        --runtime python --runtime-version 3.11 --instance-memory "$INSTANCE_MEMORY_MB")
+    if [[ -n "$MAXIMUM_INSTANCE_COUNT" ]]; then
+        create_args+=(--maximum-instance-count "$MAXIMUM_INSTANCE_COUNT")
+    fi
+    create_args+=(--assign-identity "$identity_id"
+        --deployment-storage-name "$STORAGE_ACCOUNT" --deployment-storage-container-name "$DEPLOYMENT_CONTAINER"
+        --deployment-storage-auth-type UserAssignedIdentity --deployment-storage-auth-value "$identity_id"
+        --disable-app-insights true --https-only true --tags "${tags[@]}" --output none)
+    az_run "${create_args[@]}"
+fi
+# Converge an existing app too: the identity, and deployment storage reached with it (not a key).
+az_run functionapp identity assign --name "$APP_NAME" --resource-group "$RESOURCE_GROUP" \
+    --identities "$identity_id" --output none
+az_run functionapp deployment config set --name "$APP_NAME" --resource-group "$RESOURCE_GROUP" \
+    --deployment-storage-name "$STORAGE_ACCOUNT" --deployment-storage-container-name "$DEPLOYMENT_CONTAINER" \
+    --deployment-storage-auth-type UserAssignedIdentity --deployment-storage-auth-value "$identity_id" --output none
+az_run functionapp update --name "$APP_NAME" --resource-group "$RESOURCE_GROUP" \
+    --set "keyVaultReferenceIdentity=$identity_id" --output none
+
+# --- 11. application settings ---------------------------------------------------------------------
+step "application settings (identity-based connections; no keys or connection strings)"
+settings=(
+    "AzureWebJobsStorage__accountName=$STORAGE_ACCOUNT"
+    "AzureWebJobsStorage__credential=managedidentity"
+    "AzureWebJobsStorage__clientId=$client_id"
+    "ServiceBusConnection__fullyQualifiedNamespace=$SERVICEBUS_NAMESPACE.servicebus.windows.net"
+    "ServiceBusConnection__credential=managedidentity"
+    "ServiceBusConnection__clientId=$client_id"
+    "AZURE_CLIENT_ID=$client_id"
+    "APPLICATIONINSIGHTS_CONNECTION_STRING=$insights_connection_string"
+    "APPLICATIONINSIGHTS_AUTHENTICATION_STRING=ClientId=$client_id;Authorization=AAD"
+    "COSMOS_ENDPOINT=$cosmos_endpoint"
+    "COSMOS_DATABASE=$COSMOS_DATABASE"
+    "COSMOS_CONNECTIONS_CONTAINER=$COSMOS_CONNECTIONS_CONTAINER"
+    "COSMOS_STATE_CONTAINER=$COSMOS_STATE_CONTAINER"
+    "TOKEN_REFRESH_INTERVAL_MS=$TOKEN_REFRESH_INTERVAL_MS"
+    "TOKEN_REFRESH_EXPIRATION_THRESHOLD_MS=$TOKEN_REFRESH_EXPIRATION_THRESHOLD_MS"
+    "TOKEN_REFRESH_MAX_DELIVERY_COUNT=$TOKEN_REFRESH_MAX_DELIVERY_COUNT"
+    "RABBITMQ_EXCHANGE=$RABBITMQ_EXCHANGE"
+)
+for name in "${passthrough_settings[@]}"; do
+    if [[ -n "${!name:-}" ]]; then
+        settings+=("$name=${!name}")
+    fi
+done
+if [[ -n "$INTEGRATION_MANAGER_URL" ]]; then
+    settings+=("INTEGRATION_MANAGER_URL=$INTEGRATION_MANAGER_URL")
+else
+    az_value current_manager_url '' functionapp config appsettings list --name "$APP_NAME" \
+        --resource-group "$RESOURCE_GROUP" --query "[?name=='INTEGRATION_MANAGER_URL'].value | [0]" --output tsv
+    if [[ -z "$current_manager_url" ]]; then
+        warn "INTEGRATION_MANAGER_URL not given and not set on the app: using $PLACEHOLDER_MANAGER_URL;" \
+            "every refresh fails (network_error) until you set the real one"
+        note "no INTEGRATION_MANAGER_URL on the app: the placeholder $PLACEHOLDER_MANAGER_URL is set"
+        settings+=("INTEGRATION_MANAGER_URL=$PLACEHOLDER_MANAGER_URL")
+    fi
+fi
+settings+=("${secret_settings[@]}")
+az_run functionapp config appsettings set --name "$APP_NAME" --resource-group "$RESOURCE_GROUP" \
+    --settings "${settings[@]}" --output none
+# Key-based settings that `functionapp create` writes or an earlier setup may have left. The app
+# refuses ServiceBusConnection together with ServiceBusConnection__fullyQualifiedNamespace.
+az_run functionapp config appsettings delete --name "$APP_NAME" --resource-group "$RESOURCE_GROUP" \
+    --setting-names AzureWebJobsStorage DEPLOYMENT_STORAGE_CONNECTION_STRING ServiceBusConnection COSMOS_KEY \
+    APPINSIGHTS_INSTRUMENTATIONKEY --output none
+
+# --- 12. alert on dead-lettered messages ----------------------------------------------------------
+step "alert: messages in a dead-letter queue of $SERVICEBUS_NAMESPACE"
+alert_args=(monitor metrics alert create --name "$APP_NAME-dead-letters" --resource-group "$RESOURCE_GROUP"
+    --scopes "$servicebus_id" --condition "max DeadletteredMessages > 0 where EntityName includes *"
+    --window-size 15m --evaluation-frequency 5m --severity 2 --auto-mitigate true
+    --description "A message of $APP_NAME was dead-lettered: see the README runbook (A message was dead-lettered)")
+if [[ -n "$ALERT_EMAIL" ]]; then
+    short_name="$(printf '%s' "$app_alnum" | cut -c1-12)"
+    az_run monitor action-group create --name "$APP_NAME-alerts" --resource-group "$RESOURCE_GROUP" \
+        --short-name "${short_name:-tokenrefresh}" --action email on-call "$ALERT_EMAIL" --tags "${tags[@]}" \
+        --output none
+    alert_args+=(--action "$action_group_id")
+else
+    note "ALERT_EMAIL not given: the alert fires in the portal only (no action group)"
+fi
+az_run "${alert_args[@]}" --output none
+
+# --- 13. code -------------------------------------------------------------------------------------
+step "publish the code (remote build installs requirements.txt)"
+if ((dry_run)); then
+    note "build $(quote "$DEPLOY_ZIP") from the app root, honouring .funcignore (scripts/deploy.sh --package FILE)"
+else
+    build_package "$DEPLOY_ZIP"
+fi
+az_run functionapp deployment source config-zip --name "$APP_NAME" --resource-group "$RESOURCE_GROUP" \
+    --src "$DEPLOY_ZIP" --build-remote true --timeout 900 --output none
+
+if ((dry_run)); then
+    note "dry run: nothing was changed"
+else
+    note "deployed $APP_NAME; the host restarts and its first timer tick runs a check." \
+        "Logs: Application Insights $APP_INSIGHTS (README: Runbook)"
+fi
