@@ -50,6 +50,7 @@ from tools.local_services import CosmosServer, RabbitMQ
 
 warnings.filterwarnings("ignore", category=InsecureRequestWarning)  # local emulator only
 
+RESULTS_JSON = APP_ROOT / "bench" / "results.json"
 CHECK_CONNECTIONS = 20_000
 RSS_SMALL, RSS_LARGE = 2_000, 50_000
 REFRESH_MESSAGES = 2_000
@@ -475,7 +476,7 @@ def machine() -> dict[str, Any]:
 
 
 def write_reports(results: dict[str, Any]) -> None:
-    (APP_ROOT / "bench" / "results.json").write_text(json.dumps(results, indent=2) + "\n")
+    RESULTS_JSON.write_text(json.dumps(results, indent=2) + "\n")
     lines = [
         "# Benchmark results",
         "",
@@ -521,7 +522,10 @@ def main() -> int:
     parser.add_argument("--only", nargs="*", choices=["check", "rss", "refresh", "connections", "imports"])
     args = parser.parse_args()
     only = set(args.only or ["check", "rss", "refresh", "connections", "imports"])
-    results: dict[str, Any] = {"date": datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC"), "machine": machine()}
+    results: dict[str, Any] = {}
+    if args.only and RESULTS_JSON.exists():
+        results = json.loads(RESULTS_JSON.read_text())  # --only refreshes some figures, keeps the rest
+    results |= {"date": datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC"), "machine": machine()}
     base = Path(tempfile.mkdtemp(prefix="token-refresh-bench-"))
     rabbitmq, cosmos = RabbitMQ(base / "rabbitmq"), CosmosServer(base / "cosmos")
     try:

@@ -1,7 +1,10 @@
-"""Command line for running the app locally: `python -m shared.cli --help`.
+"""Command line for running and operating the app: `python -m shared.cli --help`.
 
 Reads `local.settings.json` `Values` (from the current folder, else the app root) into the
 environment first, as `func start` does; variables already in the environment win.
+
+Exit codes: 0 done; 1 the command could not or would not do it (the reason is printed); 2 a usage
+error or a bad setting.
 """
 
 from __future__ import annotations
@@ -89,11 +92,81 @@ def _command_run(settings: Settings, args: argparse.Namespace) -> int:
     return 0
 
 
+def _command_trigger(settings: Settings, args: argparse.Namespace) -> int:
+    from shared import runtime
+    from shared.operator_commands import trigger_check
+
+    try:
+        return trigger_check(settings, runtime.publisher(), force=args.force)
+    finally:
+        runtime.reset()
+
+
+def _command_refresh(settings: Settings, args: argparse.Namespace) -> int:
+    from shared import runtime
+    from shared.operator_commands import request_refresh
+
+    def connections_container():
+        database = runtime.cosmos_client().get_database_client(settings.cosmos_database)
+        return database.get_container_client(settings.cosmos_connections_container)
+
+    try:
+        return request_refresh(
+            settings,
+            connections_container,
+            runtime.publisher,
+            integration_id=args.integration_id,
+            connection_id=args.connection_id,
+            tenant_id=args.tenant,
+            force=args.force,
+            state_store=runtime.state_store,
+        )
+    finally:
+        runtime.reset()
+
+
+def _command_dead_letters(settings: Settings, args: argparse.Namespace) -> int:
+    from shared.operator_commands import QUEUE_EVENT_TYPES, dead_letters
+
+    transport = args.transport or ("service-bus" if settings.service_bus_configured else "rabbitmq")
+    return dead_letters(
+        settings,
+        queues=[args.queue] if args.queue else list(QUEUE_EVENT_TYPES),
+        transport=transport,
+        replay=args.replay,
+        limit=args.limit,
+        queue_prefix=args.queue_prefix,
+    )
+
+
+def _check_dead_letters_args(args: argparse.Namespace) -> None:
+    if args.queue_prefix is not None and args.transport == "service-bus":
+        args.subparser.error("--queue-prefix names the local host's RabbitMQ queues; it does not apply to service-bus")
+
+
 def _positive_int(text: str) -> int:
     value = int(text)
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be 1 or more, not {value}")
     return value
+
+
+def _limit(text: str) -> int:
+    from shared.operator_commands import MAX_LIMIT
+
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a whole number: {text!r}") from None
+    if not 1 <= value <= MAX_LIMIT:
+        raise argparse.ArgumentTypeError(f"must be between 1 and {MAX_LIMIT}, not {value}")
+    return value
+
+
+def _identifier(text: str) -> str:
+    if not text.strip():
+        raise argparse.ArgumentTypeError("must not be empty")
+    return text
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -124,11 +197,60 @@ def build_parser() -> argparse.ArgumentParser:
     check = commands.add_parser("check", help="list the connections that are due for refresh now")
     check.add_argument("--dry-run", action="store_true", required=True, help="publish nothing (required)")
     check.set_defaults(handler=_command_check)
+
+    trigger = commands.add_parser(
+        "trigger",
+        help="publish one integration.token.check-expiring now (as the timer does, ignoring its cadence)",
+    )
+    trigger.add_argument(
+        "--force", action="store_true", help="publish even when TOKEN_REFRESH_ENABLED=false (refused otherwise)"
+    )
+    trigger.set_defaults(handler=_command_trigger, subparser=trigger)
+
+    refresh = commands.add_parser(
+        "refresh",
+        help="request one connection's refresh now (publishes the check's refresh-requested event for it)",
+    )
+    refresh.add_argument("integration_id", metavar="INTEGRATION_ID", type=_identifier, help="the integrationId")
+    refresh.add_argument("connection_id", metavar="CONNECTION_ID", type=_identifier, help="the connection's id")
+    refresh.add_argument(
+        "--tenant", metavar="TENANT_ID", type=_identifier, help="the connection's tenant (needed when several match)"
+    )
+    refresh.add_argument(
+        "--force",
+        action="store_true",
+        help="publish even when the connection's status is in TOKEN_REFRESH_SKIP_STATUSES (refused otherwise)",
+    )
+    refresh.set_defaults(handler=_command_refresh, subparser=refresh)
+
+    dead = commands.add_parser(
+        "dead-letters", help="list (without consuming) or replay dead-lettered messages of the trigger queues"
+    )
+    dead.add_argument(
+        "--queue", choices=("check-expiring", "refresh-requested"), help="one trigger queue (default: both)"
+    )
+    dead.add_argument("--replay", action="store_true", help="put each dead letter back on its queue")
+    dead.add_argument(
+        "--limit", metavar="N", type=_limit, default=100, help="at most this many messages per queue (default 100)"
+    )
+    dead.add_argument(
+        "--transport",
+        choices=("rabbitmq", "service-bus"),
+        help="where to look (default: service-bus when configured, else rabbitmq, the local host)",
+    )
+    dead.add_argument(
+        "--queue-prefix",
+        metavar="PREFIX",
+        help="prefix of the local host's RabbitMQ queues, as given to `run` (default integration-token-refresh.)",
+    )
+    dead.set_defaults(handler=_command_dead_letters, subparser=dead, validate=_check_dead_letters_args)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if getattr(args, "validate", None):
+        args.validate(args)  # usage errors exit 2, before any setting is read
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.INFO,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
@@ -145,11 +267,18 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {error}", file=sys.stderr)
         return 2
     warn_about_risky_threshold(settings)
+    from shared.operator_commands import OperatorError, UsageProblem
+
     try:
         return args.handler(settings, args)
     except SettingsError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
+    except UsageProblem as error:
+        args.subparser.error(str(error))  # prints the command's usage; exits 2
+    except OperatorError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

@@ -268,6 +268,7 @@ class LocalHost:
                 message_id=properties.message_id,
                 type=properties.type,
                 delivery_mode=pika.DeliveryMode.Persistent,
+                timestamp=int(time.time()),  # when it was dead-lettered (shown by `dead-letters`)
                 headers=headers,
             ),
         )

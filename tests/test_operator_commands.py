@@ -6,6 +6,7 @@ dead-letter path runs at the SDK boundary: dead letters are the SDK's own Servic
 decoded from the AMQP bytes a broker would deliver, and the receiver/sender are recording fakes."""
 
 import json
+import os
 import re
 import uuid
 from datetime import UTC, datetime, timedelta
@@ -38,10 +39,22 @@ from shared.messaging import ServiceBusTransport
 from shared.operator_commands import Scrubber
 from shared.settings import load_settings
 from tests.conftest import MANAGER_TOKEN
-from tests.test_end_to_end import cli_env, iso, run_cli  # noqa: F401 - cli_env is a fixture
+from tests.helpers import iso
+from tests.test_end_to_end import APP_ROOT, run_cli
 from tests.test_messaging_servicebus import CONNECTION_STRING, RecordingClient
+from tools.stand_in_manager import Answer
 
 SHARED_ACCESS_KEY = "bm90LWEtcmVhbC1rZXk="  # the key inside CONNECTION_STRING
+
+
+@pytest.fixture
+def host_env(app_env):
+    """The environment of a `python -m shared.cli run` subprocess (the local host), as in test_end_to_end."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("TOKEN_REFRESH", "COSMOS", "RABBITMQ"))}
+    env.update(app_env)
+    env.update({"ServiceBusConnection": "", "ServiceBusConnection__fullyQualifiedNamespace": ""})
+    env["PYTHONPATH"] = str(APP_ROOT)
+    return env
 
 
 @pytest.fixture
@@ -115,6 +128,15 @@ def test_trigger_without_any_transport_is_a_settings_error(operator_env, monkeyp
     assert "No event transport is configured" in outputs(capsys)[1]
 
 
+def test_trigger_with_the_broker_unreachable_fails_in_one_line_without_secrets(operator_env, monkeypatch, capsys):
+    monkeypatch.setenv("RABBITMQ_URL", "amqp://ops:s3cret-pass@127.0.0.1:1/")
+    assert main(["trigger"]) == 1
+    out, err = outputs(capsys)
+    assert "error: could not publish integration.token.check-expiring" in err
+    assert "rabbitmq: AMQPConnectionError" in err
+    assert "s3cret-pass" not in out + err
+
+
 # refresh ---------------------------------------------------------------------------------------------
 
 
@@ -153,8 +175,8 @@ def test_refresh_publishes_the_checks_own_request_for_the_connection(operator_en
         publisher=runtime.publisher(),
         settings=runtime.settings(),
     )
-    by_connection = {e.body["data"]["connectionId"]: e.body["id"] for e in event_tap.drain() if e.body["data"]}
-    assert by_connection["conn-1"] == expected.id
+    requested = {(e.body["data"]["tenantId"], e.body["data"]["connectionId"]): e.body["id"] for e in event_tap.drain()}
+    assert requested[("t-1", "conn-1")] == expected.id
 
 
 def test_refresh_refuses_unknown_foreign_and_unrefreshable_connections(
@@ -168,8 +190,8 @@ def test_refresh_refuses_unknown_foreign_and_unrefreshable_connections(
     cases = {
         ("salesforce", "nope"): "No connection with id 'nope'",
         ("google", "conn-1"): "does not belong to integration 'google'; it belongs to 'salesforce' (tenant 't-1')",
-        ("salesforce", "conn-revoked"): "is 'revoked': not requesting a refresh",
-        ("salesforce", "conn-disabled"): "is 'Disabled': not requesting a refresh",
+        ("salesforce", "conn-revoked"): "is 'revoked' (in TOKEN_REFRESH_SKIP_STATUSES): not requesting a refresh",
+        ("salesforce", "conn-disabled"): "is 'Disabled' (in TOKEN_REFRESH_SKIP_STATUSES): not",
         ("salesforce", "conn-plain"): "has no oauth object",
     }
     for (integration, connection), message in cases.items():
@@ -183,8 +205,40 @@ def test_refresh_refuses_unknown_foreign_and_unrefreshable_connections(
     assert main(["refresh", "salesforce", "conn-revoked", "--force"]) == 0
     out, _ = outputs(capsys)
     assert "published anyway (--force)" in out
-    assert "does not refresh it while its status is 'revoked'" in out
+    assert "skips it while its status is 'revoked'" in out
     assert [e.body["data"]["connectionId"] for e in event_tap.drain()] == ["conn-revoked"]
+
+
+def test_refresh_says_when_its_request_already_ended(host_env, operator_env, cosmos_container, manager, capsys):
+    seed(cosmos_container, "conn-x")
+    manager.script = lambda call: Answer(400, {"error": "invalid_grant"})
+    prefix = f"ops-{uuid.uuid4().hex[:8]}."
+    assert run_cli(host_env, "run", "--once", "--queue-prefix", prefix).returncode == 0
+    assert main(["refresh", "salesforce", "conn-x"]) == 0
+    first, _ = outputs(capsys)
+    assert "note:" not in first
+    result = run_cli(host_env, "run", "--once", "--queue-prefix", prefix)
+    assert "failed 1" in result.stdout
+    assert "invalid_grant" in result.stdout
+
+    # Same connection, same expiresAt: same request id, which ended with a permanent failure.
+    assert main(["refresh", "salesforce", "conn-x"]) == 0
+    again, _ = outputs(capsys)
+    assert re.findall(r"eventId=(\S+)", again) == re.findall(r"eventId=(\S+)", first)
+    assert "note: this request id already ended (failed); sync_refresh_handler will not call" in again
+    result = run_cli(host_env, "run", "--once", "--queue-prefix", prefix)
+    assert "refreshed 0, failed 0" in result.stdout
+    assert "this request was already handled" in result.stderr
+    assert len(manager.calls) == 1  # integration-manager was not called again
+
+
+def test_refresh_with_cosmos_misconfigured_fails_clearly(operator_env, monkeypatch, event_tap, capsys):
+    monkeypatch.setenv("COSMOS_CONNECTIONS_CONTAINER", "no_such_container")
+    assert main(["refresh", "salesforce", "conn-1"]) == 1
+    err = outputs(capsys)[1]
+    assert "error: could not read the connection from Cosmos: CosmosResourceNotFoundError" in err
+    assert operator_env["COSMOS_KEY"] not in err
+    assert event_tap.drain() == []
 
 
 def test_refresh_needs_the_tenant_when_several_tenants_have_the_connection(
@@ -214,11 +268,12 @@ def dead_letter_queue_depth(url: str, queue: str) -> int:
 
 
 def test_dead_letters_lists_poison_messages_without_consuming_then_replays_one(
-    cli_env, operator_env, rabbitmq, exchange, manager, capsys
+    host_env, operator_env, rabbitmq, exchange, manager, capsys
 ):
     prefix = f"ops-{uuid.uuid4().hex[:8]}."
-    run = ("run", "--once", "--queue-prefix", prefix, "--max-deliveries", "3")
-    assert run_cli(cli_env, *run).returncode == 0  # declares the local host's queues
+    # One worker: the order of its log lines is the order it dead-letters in.
+    run = ("run", "--once", "--queue-prefix", prefix, "--max-deliveries", "3", "--workers", "1")
+    assert run_cli(host_env, *run).returncode == 0  # declares the local host's queues
     with pika.BlockingConnection(pika.URLParameters(rabbitmq.url)) as connection:
         channel = connection.channel()
         channel.basic_publish(
@@ -231,8 +286,10 @@ def test_dead_letters_lists_poison_messages_without_consuming_then_replays_one(
             half_event.encode(),
             pika.BasicProperties(message_id="p-2", type=REFRESH_REQUESTED, content_type=CONTENT_TYPE),
         )
-    result = run_cli(cli_env, *run)
+    result = run_cli(host_env, *run)
     assert "dead-lettered 2" in result.stdout, result.stderr[-2000:]
+    # The order the local host dead-lettered them in = the dead-letter queue's order.
+    oldest, newest = re.findall(r"failed on message (p-\d) \(delivery 3 of 3\).*; dead-lettering", result.stderr)
     dead_letter_queue = prefix + "refresh-requested.dead-letter"
 
     listing = ["dead-letters", "--queue-prefix", prefix]
@@ -244,10 +301,10 @@ def test_dead_letters_lists_poison_messages_without_consuming_then_replays_one(
     assert dead_letter_queue_depth(rabbitmq.url, dead_letter_queue) == 2
     assert f"refresh-requested: 2 dead letter(s) in '{dead_letter_queue}'" in first
     assert f"check-expiring: no dead letters in '{prefix}check-expiring.dead-letter'" in first
+    assert re.findall(r"messageId=(\S+)", first) == [oldest, newest]
     lines = first.splitlines()
     [one] = [n for n, line in enumerate(lines) if "messageId=p-1 " in line]
     [two] = [n for n, line in enumerate(lines) if "messageId=p-2 " in line]
-    assert one < two
     assert "type=-  connectionId=-  deliveries=3" in lines[one]
     assert f"type={REFRESH_REQUESTED}  connectionId=conn-7  deliveries=3" in lines[two]
     assert lines[one + 1].startswith(
@@ -257,35 +314,39 @@ def test_dead_letters_lists_poison_messages_without_consuming_then_replays_one(
     assert main([*listing, "--limit", "1"]) == 0
     out, _ = outputs(capsys)
     assert "2 dead letter(s), showing the first 1" in out
-    assert "messageId=p-1 " in out
-    assert "messageId=p-2 " not in out
+    assert re.findall(r"messageId=(\S+)", out) == [oldest]
 
     # Replay the oldest one: back on its queue as it was published, minus the dead-letter headers.
     assert main([*listing, "--queue", "refresh-requested", "--replay", "--limit", "1"]) == 0
     out, _ = outputs(capsys)
     assert f"replaying from '{dead_letter_queue}' to '{prefix}refresh-requested'" in out
-    assert "messageId=p-1 " in out
+    assert re.findall(r"messageId=(\S+)", out) == [oldest]
     assert f"replayed 1 message(s) to '{prefix}refresh-requested'; 1 left in the dead-letter queue" in out
     with pika.BlockingConnection(pika.URLParameters(rabbitmq.url)) as connection:
         channel = connection.channel()
         method, properties, body = channel.basic_get(prefix + "refresh-requested")
-        assert (body, properties.message_id) == (b'{"specversion": "1.0", "oops": true}', "p-1")
+        published = {"p-1": b'{"specversion": "1.0", "oops": true}', "p-2": half_event.encode()}
+        assert (properties.message_id, body) == (oldest, published[oldest])
+        assert properties.type == (REFRESH_REQUESTED if oldest == "p-2" else None)
         assert not {name for name in properties.headers or {} if name.startswith("x-dead-letter")}
         assert "x-source-queue" not in (properties.headers or {})
         channel.basic_nack(method.delivery_tag, requeue=True)
 
-    # The next run handles it again from its first delivery (it is still poison: dead-lettered again).
-    result = run_cli(cli_env, *run)
+    # The next run handles it with a fresh delivery count (the look above was delivery 1); it is still
+    # poison, so it is dead-lettered again after its 3rd delivery.
+    result = run_cli(host_env, *run)
     assert "dead-lettered 1" in result.stdout
-    assert "failed on message p-1 (delivery 1 of 3)" in result.stderr
+    assert re.findall(r"failed on message (p-\d \(delivery \d of 3\))", result.stderr) == [
+        f"{oldest} (delivery 2 of 3)",
+        f"{oldest} (delivery 3 of 3)",
+    ]
     assert main([*listing, "--queue", "refresh-requested"]) == 0
-    out, _ = outputs(capsys)
-    assert out.index("messageId=p-2 ") < out.index("messageId=p-1 ")
+    assert re.findall(r"messageId=(\S+)", outputs(capsys)[0]) == [newest, oldest]
     assert manager.calls == []
 
 
 def test_replayed_dead_letters_are_processed_once_the_cause_is_fixed(
-    cli_env, operator_env, cosmos_container, manager, rabbitmq, capsys
+    host_env, operator_env, cosmos_container, manager, rabbitmq, capsys
 ):
     """An outage (the connections container is missing) dead-letters a check and an operator's refresh
     request; after the fix, `dead-letters --replay` and one `run --once` get both processed."""
@@ -293,12 +354,12 @@ def test_replayed_dead_letters_are_processed_once_the_cause_is_fixed(
     manager.container = cosmos_container
     prefix = f"ops-{uuid.uuid4().hex[:8]}."
     run = ("run", "--once", "--queue-prefix", prefix, "--max-deliveries", "3")
-    assert run_cli(cli_env, *run).returncode == 0
+    assert run_cli(host_env, *run).returncode == 0
     assert main(["refresh", "salesforce", "conn-ok"]) == 0
     refresh_out, _ = outputs(capsys)
     [request_id] = re.findall(r"eventId=(\S+)", refresh_out)
 
-    broken = cli_env | {"COSMOS_CONNECTIONS_CONTAINER": f"missing_{uuid.uuid4().hex[:8]}"}
+    broken = host_env | {"COSMOS_CONNECTIONS_CONTAINER": f"missing_{uuid.uuid4().hex[:8]}"}
     result = run_cli(broken, *run)
     assert result.returncode == 0, result.stderr[-2000:]
     assert "dead-lettered 2" in result.stdout
@@ -316,7 +377,7 @@ def test_replayed_dead_letters_are_processed_once_the_cause_is_fixed(
     assert f"check-expiring: replayed 1 message(s) to '{prefix}check-expiring'; 0 left" in replayed
     assert f"refresh-requested: replayed 1 message(s) to '{prefix}refresh-requested'; 0 left" in replayed
 
-    result = run_cli(cli_env, *run)
+    result = run_cli(host_env, *run)
     assert result.returncode == 0, result.stderr[-2000:]
     assert [call.connection_id for call in manager.calls] == ["conn-ok"]
     assert f"(eventId={check_id})" in result.stderr  # the replayed check ran
@@ -328,6 +389,29 @@ def test_replayed_dead_letters_are_processed_once_the_cause_is_fixed(
     everything = refresh_out + listed + replayed + out + result.stdout + result.stderr
     for secret in (MANAGER_TOKEN, operator_env["COSMOS_KEY"], rabbitmq.url, "at-secret", "rt-secret"):
         assert secret not in everything
+
+
+def test_listing_keeps_every_dead_letter_in_place_and_in_order(host_env, operator_env, rabbitmq, capsys):
+    prefix = f"ops-{uuid.uuid4().hex[:8]}."
+    assert run_cli(host_env, "run", "--once", "--queue-prefix", prefix).returncode == 0
+    queue = prefix + "check-expiring.dead-letter"
+    ids = [f"m-{n:02d}" for n in range(25)]
+    with pika.BlockingConnection(pika.URLParameters(rabbitmq.url)) as connection:
+        channel = connection.channel()
+        for message_id in ids:  # as the local host parks them
+            headers = {"x-dead-letter-reason": "MaxDeliveryCountExceeded", "x-delivery-count": 3}
+            channel.basic_publish("", queue, b"{}", pika.BasicProperties(message_id=message_id, headers=headers))
+
+        for argv in (["--limit", "10"], ["--limit", "10"], [], ["--limit", "30"]):
+            assert main(["dead-letters", "--queue-prefix", prefix, "--queue", "check-expiring", *argv]) == 0
+            shown = re.findall(r"messageId=(\S+)", outputs(capsys)[0])
+            assert shown == ids[: len(shown)]
+            assert len(shown) == min(25, int(argv[1]) if argv else 100)
+
+        remaining = []
+        while (delivery := channel.basic_get(queue, auto_ack=True))[0] is not None:
+            remaining.append(delivery[1].message_id)
+        assert remaining == ids
 
 
 def test_dead_letters_with_a_prefix_run_never_used_says_so(operator_env, rabbitmq, capsys):
@@ -463,9 +547,7 @@ def a_request(connection_id: str):
 
 
 def test_service_bus_listing_peeks_and_formats_without_settling(service_bus_env, monkeypatch, capsys):
-    poison = received_message(
-        PyamqpTransport.build_message(data=b"not json", properties=None), 9, deliveries=10, reason="Poison"
-    )
+    poison = received_message(PyamqpTransport.build_message(data=[b"not json"]), 9, deliveries=10, reason="Poison")
     client = DeadLetterClient({REFRESH_REQUESTED: [dead_lettered(a_request("conn-1"), 7), poison]})
     use_client(monkeypatch, client)
 
