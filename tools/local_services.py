@@ -26,6 +26,7 @@ import argparse
 import contextlib
 import json
 import os
+import random
 import re
 import shlex
 import shutil
@@ -79,14 +80,35 @@ class ServiceStopError(RuntimeError):
 # Ports
 
 
+def _ephemeral_range() -> tuple[int, int]:
+    try:
+        low, high = (int(v) for v in Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split())
+    except (OSError, ValueError):
+        low, high = 32768, 60999
+    return low, high
+
+
 def _free_ports(count: int) -> list[int]:
-    """``count`` distinct free TCP ports on 127.0.0.1 (all probed sockets are held until the end)."""
+    """``count`` distinct free TCP ports on 127.0.0.1, chosen OUTSIDE the kernel's ephemeral range:
+    a port from that range can be taken by any outgoing connection between our probe and the
+    server's bind (seen: RabbitMQ's distribution port lost that race under load)."""
+    low, _ = _ephemeral_range()
+    candidates = list(range(10_000, max(10_000 + count, low)))
+    random.shuffle(candidates)
     sockets: list[socket.socket] = []
     try:
-        for _ in range(count):
+        for port in candidates:
+            if len(sockets) == count:
+                break
             sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-            sock.bind((HOST, 0))
+            try:
+                sock.bind((HOST, port))
+            except OSError:
+                sock.close()
+                continue
             sockets.append(sock)
+        if len(sockets) < count:
+            raise ServiceStartError(f"no {count} free ports between 10000 and {low}")
         return [sock.getsockname()[1] for sock in sockets]
     finally:
         for sock in sockets:
