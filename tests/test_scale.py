@@ -102,6 +102,7 @@ def test_five_hundred_invocations_reuse_one_connection_per_service(
         trigger(make_event(CheckExpiringData(timestamp=now, threshold_time=now + timedelta(hours=1))))
     )
     requests = [CloudEvent.model_validate(e.body) for e in event_tap.drain() if e.routing_key == REFRESH_REQUESTED]
+    cosmos_client = runtime.cosmos_client()
     assert len(requests) == 500
     for request in requests:
         sync_refresh_handler.main(trigger(request))
@@ -109,7 +110,10 @@ def test_five_hundred_invocations_reuse_one_connection_per_service(
     assert manager.sockets_accepted == 1
     app_connections = rabbitmq.ctl("list_connections", "client_properties").count("integration-token-refresh")
     assert app_connections - before == 1
-    assert established_connections_to(cosmos_server.port) == 1
+    # One Cosmos client for all 501 invocations; its pool holds one socket for our requests and, at
+    # times, a second one for the SDK's own background endpoint refresh (seen on CI) -- never one per call.
+    assert established_connections_to(cosmos_server.port) in (1, 2)
+    assert runtime.cosmos_client() is cosmos_client
 
 
 def imported_modules(module: str, env: dict) -> set[str]:
