@@ -30,7 +30,6 @@ from typing import Any
 
 import pika
 import pytest
-from azure.functions.servicebus import ServiceBusMessage
 from azure.functions.timer import TimerRequest
 
 import check_expiring_timer
@@ -53,21 +52,10 @@ from shared.events import (
 from shared.local_host import LocalHost
 from shared.settings import SettingsError, load_settings
 from shared.token_refresh import RefreshRetryLater
-from tests.helpers import iso
+from tests.helpers import iso, trigger
 from tools.stand_in_manager import Answer, StandInManager
 
 MISSING = object()  # a field left out of a document or message
-
-
-def trigger(body: bytes, delivery_count: int = 1, message_id: str = "m-1") -> ServiceBusMessage:
-    """The trigger object the Functions host passes to a Service-Bus-triggered main()."""
-    return ServiceBusMessage(
-        body=body,
-        message_id=message_id,
-        delivery_count=delivery_count,
-        application_properties={},
-        user_properties={},
-    )
 
 
 def check_body(threshold: timedelta = timedelta(minutes=65)) -> bytes:

@@ -362,6 +362,15 @@ def _make_lean_rabbitmq_home(target: Path) -> Path | None:
     return target
 
 
+def _stop_child(name: str, child: _Child, ports: list[int]) -> None:
+    """Stop a single-process server and wait until its ports are closed (PID 1 does not reap
+    orphans, so the port, not the process, tells that it is gone)."""
+    child.stop()
+    still_open = _wait_ports_closed(ports, _PORT_CLOSE_TIMEOUT)
+    if still_open:
+        raise ServiceStopError(f"{name}: port(s) {still_open} still open after stop")
+
+
 class RabbitMQ:
     """An isolated RabbitMQ node: own config, data, logs, Erlang cookie and private epmd."""
 
@@ -577,13 +586,9 @@ class CosmosServer:
             raise
 
     def stop(self) -> None:
-        if self._server is None:
-            return
-        self._server.stop()
-        still_open = _wait_ports_closed(self.ports, _PORT_CLOSE_TIMEOUT)
-        if still_open:
-            raise ServiceStopError(f"Cosmos server: port {self.port} still open after stop")
-        self._server = None
+        if self._server is not None:
+            _stop_child("Cosmos server", self._server, self.ports)
+            self._server = None
 
     def is_ready(self) -> bool:
         return _port_open(self.port)
@@ -666,13 +671,9 @@ class Azurite:
             raise
 
     def stop(self) -> None:
-        if self._server is None:
-            return
-        self._server.stop()
-        still_open = _wait_ports_closed(self.ports, _PORT_CLOSE_TIMEOUT)
-        if still_open:
-            raise ServiceStopError(f"Azurite: port(s) {still_open} still open after stop")
-        self._server = None
+        if self._server is not None:
+            _stop_child("Azurite", self._server, self.ports)
+            self._server = None
 
     def is_ready(self) -> bool:
         return all(_port_open(port) for port in self.ports)
