@@ -59,16 +59,13 @@ class StateStore:
 
         return database.create_container_if_not_exists(name, partition_key=PartitionKey("/id"), default_ttl=-1)
 
-    # Reads go through a query: point reads of a missing id are not reliable on the local emulator.
     def _get(self, item_id: str) -> dict[str, Any] | None:
-        rows = list(
-            self._container.query_items(
-                "SELECT * FROM c WHERE c.id = @id",
-                parameters=[{"name": "@id", "value": item_id}],
-                partition_key=item_id,
-            )
-        )
-        return rows[0] if rows else None
+        from azure.cosmos.exceptions import CosmosResourceNotFoundError
+
+        try:
+            return self._container.read_item(item_id, partition_key=item_id)  # a point read: 1 RU
+        except CosmosResourceNotFoundError:
+            return None
 
     # Claims --------------------------------------------------------------------------------------
 
@@ -125,13 +122,15 @@ class StateStore:
         now_ms: int,
         *,
         outcome: dict | None = None,
+        published: bool = False,
         not_before_ms: int = 0,
     ) -> dict[str, Any]:
-        """Record how this delivery ended. `not_before_ms`: the callee's Retry-After, for the next delivery."""
+        """Record how this delivery ended: its outcome event and whether that was published.
+        `not_before_ms`: the callee's Retry-After, for the next delivery."""
         updated = {k: v for k, v in claim.items() if not k.startswith("_")}
         updated.update(state=state, attempts=attempts, updatedAt=now_ms, leaseUntil=0, notBefore=not_before_ms)
         if outcome is not None:
-            updated.update(outcome=outcome, published=False)
+            updated.update(outcome=outcome, published=published)
         return self._container.upsert_item(updated)
 
     def mark_published(self, claim: dict[str, Any]) -> None:

@@ -6,6 +6,7 @@ import uuid
 import pika
 import pytest
 from azure.cosmos import CosmosClient, PartitionKey
+from azure.cosmos.exceptions import CosmosResourceNotFoundError
 from azure.storage.blob import BlobServiceClient
 
 from tools.local_services import ServiceStartError, free_port
@@ -195,6 +196,27 @@ def test_cosmos_server_evaluates_string_and_array_functions(cosmos_container, wh
     query = f"SELECT VALUE c.id FROM c WHERE {where}"  # noqa: S608 - test constants, values are parameters
     found = cosmos_container.query_items(query, parameters=parameters, enable_cross_partition_query=True)
     assert set(found) == expected
+
+
+def test_cosmos_point_read_of_a_missing_document_is_404_like_real_cosmos(cosmos_container):
+    # The package itself answers 500 here; tools/cosmos_server.js makes it answer as Cosmos DB does.
+    cosmos_container.upsert_item({"id": "present", "tenantId": "t1"})
+    assert cosmos_container.read_item("present", partition_key="t1")["id"] == "present"
+    for item_id, tenant in (("missing", "t1"), ("present", "t2")):
+        with pytest.raises(CosmosResourceNotFoundError):
+            cosmos_container.read_item(item_id, partition_key=tenant)
+
+
+def test_cosmos_single_partition_query_sees_only_its_partition(cosmos_container):
+    # Real Cosmos scopes a query with a partition key to that partition; the package scanned all of them.
+    for item_id, tenant in (("same-id", "t1"), ("same-id", "t2"), ("other", "t1")):
+        cosmos_container.upsert_item({"id": item_id, "tenantId": tenant})
+    # (The package insists on a partition key filter in the text; this one matches every partition.)
+    query = "SELECT c.id, c.tenantId FROM c WHERE c.tenantId = c.tenantId"
+    scoped = cosmos_container.query_items(query, partition_key="t1")
+    assert sorted((row["id"], row["tenantId"]) for row in scoped) == [("other", "t1"), ("same-id", "t1")]
+    across = cosmos_container.query_items("SELECT VALUE c.tenantId FROM c", enable_cross_partition_query=True)
+    assert sorted(across) == ["t1", "t1", "t2"]
 
 
 # --- Azurite -------------------------------------------------------------------------------------

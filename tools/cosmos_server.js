@@ -11,6 +11,87 @@
 // Data lives in memory only. Stops cleanly on SIGTERM/SIGINT.
 "use strict";
 
+// A point read of a missing document makes @vercel/cosmosdb-server 1.0.1 throw (HTTP 500); real
+// Cosmos answers 404 NotFound, and the app's point reads depend on that. Answer 404 first. Patched
+// before the package loads its routes, which capture the handler once.
+const readDocument = require("@vercel/cosmosdb-server/lib/handler/read-document");
+const { parsePartitionKey } = require("@vercel/cosmosdb-server/lib/utils/get-partition-from-header");
+const readDocumentAsIs = readDocument.default;
+readDocument.default = (account, req, res, params) => {
+  const collection = account.database(params.dbId).collection(params.collId);
+  if (collection.read()) {
+    let document;
+    try {
+      const header = req.headers["x-ms-documentdb-partitionkey"];
+      const partitionKey = parsePartitionKey(Array.isArray(header) ? header[0] : header, params.docId);
+      document = collection.document(params.docId, partitionKey).read();
+    } catch (error) {
+      document = true; // a malformed partition key: let the package answer as it does
+    }
+    if (!document) {
+      res.statusCode = 404;
+      return { code: "NotFound", message: "Entity with the specified id does not exist in the system." };
+    }
+  }
+  return readDocumentAsIs(account, req, res, params);
+};
+
+// The package runs every query over the whole container, ignoring the request's partition key; real
+// Cosmos runs a single-partition query over that partition only. Scope it the same way: results
+// match real Cosmos, and a point lookup by id + partition key no longer costs a full scan.
+const { AsyncLocalStorage } = require("async_hooks");
+const queryDocuments = require("@vercel/cosmosdb-server/lib/handler/query-documents");
+const Items = require("@vercel/cosmosdb-server/lib/account/items").default;
+const getValue = require("@vercel/cosmosdb-server/lib/utils/get-value").default;
+const queryPartition = new AsyncLocalStorage();
+const queryDocumentsAsIs = queryDocuments.default;
+queryDocuments.default = (account, req, res, params) => {
+  const crossPartition = String(req.headers["x-ms-documentdb-query-enablecrosspartition"]).toLowerCase() === "true";
+  const header = req.headers["x-ms-documentdb-partitionkey"];
+  let scope;
+  if (!crossPartition && header && header !== "[{}]") {
+    try {
+      const parsed = JSON.parse(Array.isArray(header) ? header[0] : header);
+      scope = Array.isArray(parsed) && parsed.length === 1 ? { value: parsed[0] } : undefined;
+    } catch (error) {
+      scope = undefined; // malformed: the package answers as it does
+    }
+  }
+  return queryPartition.run(scope, () => queryDocumentsAsIs(account, req, res, params));
+};
+const queryAsIs = Items.prototype.query;
+Items.prototype.query = function query(params, options) {
+  const scope = queryPartition.getStore();
+  if (!scope || !this._parent.read()) return queryAsIs.call(this, params, options);
+  const all = this._data;
+  const path = this._getPartitionKeyPath();
+  const inPartition = new Map();
+  for (const [rid, item] of all) {
+    if (getValue(path, item.read()) === scope.value) inPartition.set(rid, item);
+  }
+  this._data = inPartition; // query() reads this._data synchronously: restored before anything else runs
+  try {
+    return queryAsIs.call(this, params, options);
+  } finally {
+    this._data = all;
+  }
+};
+
+// The package parses a query's text again on every request (to check its partition key filter);
+// parsing costs milliseconds. Parsed queries are immutable: keep them by text.
+const cosmosdbQuery = require("@zeit/cosmosdb-query");
+const parseQuery = cosmosdbQuery.default;
+const parsedQueries = new Map();
+cosmosdbQuery.default = (text) => {
+  let parsed = parsedQueries.get(text);
+  if (!parsed) {
+    parsed = parseQuery(text);
+    if (parsedQueries.size >= 1000) parsedQueries.clear();
+    parsedQueries.set(text, parsed);
+  }
+  return parsed;
+};
+
 const { createHttpsServer } = require("@vercel/cosmosdb-server");
 
 function parseArgs(argv) {
