@@ -169,7 +169,16 @@ def cosmos_client_from_settings(settings: Settings) -> Any:
         logger.info("COSMOS_EMULATOR=true: TLS verification is off for the local Cosmos emulator")
         for host in LOOPBACK_HOSTS:
             warnings.filterwarnings("ignore", message=f"Unverified HTTPS request is being made to host '{host}'")
-    return CosmosClient(settings.cosmos_endpoint, credential=credential)
+    from azure.core.pipeline.transport import RequestsTransport
+    from urllib3.util.retry import Retry
+
+    from shared.http_pool import pooled_session
+
+    # The SDK's own transport keeps the requests default of 10 connections (see shared.http_pool);
+    # the rest is as azure-core sets up its session: proxy variables apply, urllib3 never retries.
+    session = pooled_session(trust_env=True, max_retries=Retry(total=False, redirect=False, raise_on_status=False))
+    transport = RequestsTransport(session=session)
+    return CosmosClient(settings.cosmos_endpoint, credential=credential, transport=transport)
 
 
 class ConnectionStore:

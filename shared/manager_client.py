@@ -22,6 +22,7 @@ from urllib.parse import quote, urlsplit
 
 import requests
 
+from shared.http_pool import pooled_session
 from shared.settings import Settings, SettingsError
 
 logger = logging.getLogger(__name__)
@@ -79,7 +80,7 @@ class IntegrationManagerClient:
         self._base_url = base_url.rstrip("/")
         self._base_path = urlsplit(self._base_url).path
         self._timeout = (connect_timeout_s, read_timeout_s)
-        self._session = session or requests.Session()
+        self._session = session or pooled_session(trust_env=False)
         self._session.headers["Accept"] = "application/json"
         self._session.headers["User-Agent"] = "integration-token-refresh"
         if token:

@@ -1,5 +1,7 @@
 """Selecting expiring connections from a real Cosmos-compatible server."""
 
+import logging
+import threading
 from datetime import UTC, datetime, timedelta, timezone
 
 import pytest
@@ -127,3 +129,36 @@ def test_the_query_never_reads_token_values(seeded):
     )
     assert rows
     assert all(set(row) <= {"id", "tenantId", "integrationId", "status", "expiresAt", "_ts"} for row in rows)
+
+
+def test_concurrent_invocations_reuse_pooled_cosmos_connections(cosmos_server, cosmos_container, caplog):
+    # 16 invocations at once (host.json maxConcurrentCalls) each re-read a connection: with the
+    # SDK's default pool of 10, every read above the tenth would open and drop a TLS connection.
+    from shared.connection_store import cosmos_client_from_settings
+    from shared.settings import load_settings
+
+    cosmos_container.upsert_item(doc("c-1", iso(NOW)))
+    settings = load_settings(
+        {"COSMOS_ENDPOINT": cosmos_server.endpoint, "COSMOS_KEY": cosmos_server.key, "COSMOS_EMULATOR": "true"}
+    )
+    client = cosmos_client_from_settings(settings)
+    database = client.get_database_client(cosmos_container.container_link.split("/")[1])
+    store = ConnectionStore(database.get_container_client(cosmos_container.id))
+    barrier = threading.Barrier(16)
+    states = []
+
+    def invocations() -> None:
+        for _ in range(5):
+            barrier.wait(timeout=10)
+            states.append(store.current_state("t-1", "c-1"))
+
+    caplog.set_level(logging.DEBUG, logger="urllib3.connectionpool")
+    threads = [threading.Thread(target=invocations) for _ in range(16)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert len(states) == 80
+    assert all(state is not None and state.status == "active" for state in states)
+    opened = [record for record in caplog.records if "Starting new HTTPS connection" in record.getMessage()]
+    assert len(opened) <= 16, len(opened)

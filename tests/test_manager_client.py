@@ -1,6 +1,7 @@
 """integration-manager client against a real local HTTP server with scripted answers."""
 
 import socket
+import threading
 from urllib.parse import quote
 
 import pytest
@@ -150,3 +151,25 @@ def test_one_client_reuses_one_connection(manager):
 
 def test_refresh_path_encodes_each_id_as_one_segment():
     assert refresh_path("a/b", "c d") == "/api/v1/integrations/a%2Fb/connections/c%20d/refresh"
+
+
+def test_concurrent_invocations_reuse_pooled_connections(manager):
+    # 16 invocations at once (host.json maxConcurrentCalls): a pool smaller than that opens and
+    # drops a connection for every call above its size.
+    manager.script = lambda call: Answer(200, {}, delay_s=0.02)
+    client = client_for(manager)
+    barrier = threading.Barrier(16)
+
+    def invocations() -> None:
+        for _ in range(10):
+            barrier.wait(timeout=10)  # all 16 in flight together, every round
+            outcome = client.refresh_connection("i", "c", "t")
+            assert outcome.succeeded, outcome
+
+    threads = [threading.Thread(target=invocations) for _ in range(16)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert len(manager.calls) == 160
+    assert manager.sockets_accepted <= 16

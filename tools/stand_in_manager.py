@@ -27,6 +27,12 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 from urllib.parse import unquote
 
+
+class _Server(ThreadingHTTPServer):
+    # socketserver's default backlog of 5 refuses a burst of concurrent connects; real servers take more.
+    request_queue_size = 128
+
+
 PATH_PREFIX = "/api/v1/integrations/"
 
 
@@ -144,7 +150,7 @@ class StandInManager:
             def log_message(self, format: str, *args: Any) -> None:
                 pass
 
-        self._server = ThreadingHTTPServer((host, port), Handler)
+        self._server = _Server((host, port), Handler)
         self._server.daemon_threads = True
         if ssl_context is not None:
             # The TLS handshake runs on accept: a client that rejects the certificate never gets to send
@@ -215,7 +221,7 @@ class StandInManager:
     def accept_connections(self) -> None:
         """Listen again on the same port (and scheme) after refuse_connections()."""
         old = self._server
-        self._server = ThreadingHTTPServer(old.server_address, old.RequestHandlerClass)
+        self._server = _Server(old.server_address, old.RequestHandlerClass)
         self._server.daemon_threads = True
         if isinstance(old.socket, ssl.SSLSocket):
             self._server.socket = old.socket.context.wrap_socket(self._server.socket, server_side=True)
