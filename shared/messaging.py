@@ -2,7 +2,8 @@
 
 Transports are created once per worker process (see `shared.runtime`) and are safe to use from
 several invocation threads at once: pika connections and Service Bus senders are not thread-safe,
-so each transport serialises its own sends behind a lock.
+so only one thread at a time uses a transport's connection (RabbitMQ: that thread also publishes
+the batches other threads queued meanwhile, see RabbitMqTransport).
 
 Delivery is at-least-once: when a transport fails, `publish` raises, the triggering message is
 retried, and events that already reached the other transport are sent again with the same ids.
@@ -12,7 +13,9 @@ from __future__ import annotations
 
 import logging
 import threading
-from collections.abc import Iterable, Sequence
+from collections import deque
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
 from typing import Any, Protocol
 
 from shared.events import CHECK_EXPIRING, CONTENT_TYPE, REFRESH_REQUESTED, CloudEvent
@@ -81,6 +84,18 @@ class EventPublisher:
 # RabbitMQ ---------------------------------------------------------------------------------------
 
 
+@dataclass(eq=False)
+class _Batch:
+    """The events of one `send` call, followed until the broker confirmed every one of them."""
+
+    events: Sequence[CloudEvent]
+    unconfirmed: int = 0
+    nacked: int = 0
+    attempts: int = 0
+    done: bool = False
+    error: BaseException | None = None
+
+
 class RabbitMqTransport:
     """Publishes to a durable topic exchange with publisher confirms; reconnects after a drop.
 
@@ -88,6 +103,12 @@ class RabbitMqTransport:
     broker's acks, instead of one round trip per message (~10x the throughput). pika's blocking
     channel only offers confirm-per-message, so the window is built on its underlying channel
     (`_impl`), driven by the blocking connection's own event loop.
+
+    Concurrent senders share round trips (group commit): a send queues its batch; whichever thread
+    holds the connection publishes every queued batch and waits for confirms, which settle the
+    other threads' batches too. A persistent message's confirm waits for the broker's disk write
+    (milliseconds), so one lock held per round trip would cap all invocation threads together at
+    a few hundred events/s.
     """
 
     name = "rabbitmq"
@@ -105,75 +126,101 @@ class RabbitMqTransport:
         self._parameters.client_properties = {"connection_name": "integration-token-refresh"}
         self._confirm_window = max(1, confirm_window)
         self._confirm_timeout_s = confirm_timeout_s
-        self._lock = threading.Lock()
+        self._lock = threading.Lock()  # held by the one thread that drives the connection
+        self._queued: deque[_Batch] = deque()  # append/popleft are atomic: no lock needed to queue
         self._connection: Any = None
         self._channel: Any = None
         self._next_tag = 1
-        self._unconfirmed: set[int] = set()
-        self._nacked = 0
+        self._in_flight: dict[int, _Batch] = {}  # delivery tag -> its batch, until confirmed
         self.connections_opened = 0
 
     def send(self, events: Sequence[CloudEvent]) -> None:
-        errors = self._pika.exceptions
+        batch = _Batch(list(events))
+        self._queued.append(batch)
         with self._lock:
-            # One reconnect covers a connection the broker or a network device dropped while idle.
-            for attempt in (1, 2):
-                try:
-                    self._publish_confirmed(events)
-                    return
-                except (errors.AMQPConnectionError, errors.AMQPChannelError, errors.StreamLostError) as error:
-                    self._reset()
-                    if attempt == 2:
-                        raise
-                    logger.warning("RabbitMQ connection lost (%s); reconnecting", error.__class__.__name__)
+            while not batch.done:
+                self._drive(batch)
+        if batch.error is not None:
+            raise batch.error
+        if batch.nacked:
+            raise PublishError(f"RabbitMQ refused {batch.nacked} of {len(batch.events)} event(s) (basic.nack)")
 
-    def _publish_confirmed(self, events: Sequence[CloudEvent]) -> None:
+    def _drive(self, mine: _Batch) -> None:
+        """Publish what is queued and wait for confirms until `mine` is settled; after a lost
+        connection, queue the unconfirmed batches again (once each: one reconnect per send)."""
+        errors = self._pika.exceptions
+        try:
+            self._publish_queued()
+            self._await_confirms(lambda: mine.done)
+        except (errors.AMQPConnectionError, errors.AMQPChannelError, errors.StreamLostError) as error:
+            unsettled = {id(batch): batch for batch in [*self._in_flight.values(), mine] if not batch.done}
+            self._reset()
+            for batch in unsettled.values():
+                batch.attempts += 1
+                if batch.attempts >= 2:
+                    batch.error, batch.done = error, True  # its sender raises; it is not published later
+                elif batch not in self._queued:
+                    batch.unconfirmed = batch.nacked = 0
+                    self._queued.appendleft(batch)
+            if not mine.done:
+                logger.warning("RabbitMQ connection lost (%s); reconnecting", error.__class__.__name__)
+
+    def _publish_queued(self) -> None:
         channel = self._ensure_channel()
-        self._nacked = 0
-        for event in events:
-            channel.basic_publish(
-                exchange=self._exchange,
-                routing_key=event.type,
-                body=event.to_json(),
-                properties=self._pika.BasicProperties(
-                    content_type=CONTENT_TYPE,
-                    message_id=event.id,
-                    type=event.type,
-                    delivery_mode=self._pika.DeliveryMode.Persistent,
-                ),
-            )
-            self._unconfirmed.add(self._next_tag)
-            self._next_tag += 1
-            if len(self._unconfirmed) >= self._confirm_window:
-                self._await_confirms(self._confirm_window // 2)
-        self._await_confirms(0)
-        if self._nacked:
-            raise PublishError(f"RabbitMQ refused {self._nacked} of {len(events)} event(s) (basic.nack)")
+        half_window = self._confirm_window // 2
+        while self._queued:
+            batch = self._queued.popleft()
+            if batch.done:  # failed while queued (the connection could not be made): not sent at all
+                continue
+            for event in batch.events:
+                channel.basic_publish(
+                    exchange=self._exchange,
+                    routing_key=event.type,
+                    body=event.to_json(),
+                    properties=self._pika.BasicProperties(
+                        content_type=CONTENT_TYPE,
+                        message_id=event.id,
+                        type=event.type,
+                        delivery_mode=self._pika.DeliveryMode.Persistent,
+                    ),
+                )
+                self._in_flight[self._next_tag] = batch
+                batch.unconfirmed += 1
+                self._next_tag += 1
+                if len(self._in_flight) >= self._confirm_window:
+                    self._await_confirms(lambda: len(self._in_flight) <= half_window)
+            if not batch.events:
+                batch.done = True
 
-    def _await_confirms(self, at_most_unconfirmed: int) -> None:
-        if len(self._unconfirmed) <= at_most_unconfirmed:
+    def _await_confirms(self, settled: Callable[[], bool]) -> None:
+        if settled():
             return
         timed_out: list[bool] = []
         timer = self._connection.call_later(self._confirm_timeout_s, lambda: timed_out.append(True))
         try:
             # Blocks on the socket (no polling) until enough acks arrived, the timer fired, or the
             # connection closed -- the same wait pika's blocking channel uses internally.
-            self._connection._flush_output(lambda: len(self._unconfirmed) <= at_most_unconfirmed, lambda: timed_out)
+            self._connection._flush_output(settled, lambda: timed_out)
         finally:
             self._connection.remove_timeout(timer)
         if not self._connection.is_open:
             raise self._pika.exceptions.StreamLostError("connection closed while waiting for publisher confirms")
-        if len(self._unconfirmed) > at_most_unconfirmed:
+        if not settled():
             raise self._pika.exceptions.AMQPConnectionError("no publisher confirms within the timeout")
 
     def _on_confirm(self, frame: Any) -> None:
         method = frame.method
-        tags = {method.delivery_tag}
+        tags = [method.delivery_tag]
         if method.multiple:
-            tags = {tag for tag in self._unconfirmed if tag <= method.delivery_tag}
-        if method.NAME == "Basic.Nack":
-            self._nacked += len(tags & self._unconfirmed)
-        self._unconfirmed -= tags
+            tags = [tag for tag in self._in_flight if tag <= method.delivery_tag]
+        for tag in tags:
+            batch = self._in_flight.pop(tag, None)
+            if batch is None:
+                continue
+            if method.NAME == "Basic.Nack":
+                batch.nacked += 1
+            batch.unconfirmed -= 1
+            batch.done = batch.unconfirmed == 0
 
     def _ensure_channel(self) -> Any:
         if self._channel is None or not self._channel.is_open:
@@ -187,12 +234,12 @@ class RabbitMqTransport:
             self._connection._flush_output(lambda: bool(selected))
             # Publishing on the underlying channel does not wait for each confirm; _on_confirm counts them.
             self._channel = blocking._impl
-            self._next_tag, self._unconfirmed = 1, set()
+            self._next_tag, self._in_flight = 1, {}
         return self._channel
 
     def _reset(self) -> None:
         connection, self._connection, self._channel = self._connection, None, None
-        self._unconfirmed = set()
+        self._in_flight = {}
         if connection is not None and connection.is_open:
             try:
                 connection.close()

@@ -289,11 +289,12 @@ class _RefreshJob:
     def _report(
         self, claim: dict[str, Any], outcome: RefreshOutcome, attempts: int, current: ConnectionState | None
     ) -> CloudEvent:
-        """Record the outcome with the claim first, then publish it: a failed publish is redone from
-        the claim on redelivery, without calling integration-manager again."""
+        """Publish the outcome, then record it with the claim in one write. A failed publish is
+        recorded as unpublished first, so the redelivery publishes the stored outcome without
+        calling integration-manager again."""
         event = outcome_event(self.request, outcome, attempts)
         state = REFRESHED if outcome.succeeded else FAILED
-        claim = self.states.finish_claim(claim, state, attempts, now_ms(), outcome=event.model_dump(mode="json"))
+        stored = event.model_dump(mode="json")
         if not outcome.succeeded and not outcome.retryable:
             # Keyed to the document version: a success or a reconnect rewrites the document, so the
             # record stops matching by itself (no clean-up write on the success path).
@@ -304,8 +305,12 @@ class _RefreshJob:
                 now_ms(),
                 self.settings.failure_cooldown_ms,
             )
-        self.context.publisher.publish([event])
-        self.states.mark_published(claim)
+        try:
+            self.context.publisher.publish([event])
+        except Exception:
+            self.states.finish_claim(claim, state, attempts, now_ms(), outcome=stored, published=False)
+            raise
+        self.states.finish_claim(claim, state, attempts, now_ms(), outcome=stored, published=True)
         if outcome.succeeded:
             logger.info("OAuth tokens refreshed successfully (%s attempts=%d)", self.ids, attempts)
         else:

@@ -1,5 +1,6 @@
 """The RabbitMQ bridge against a real broker: contract properties, confirms, reconnects, threads."""
 
+import json
 import threading
 
 import pika
@@ -74,3 +75,104 @@ def test_unreachable_broker_raises_instead_of_hanging(exchange):
     transport = RabbitMqTransport("amqp://guest:guest@127.0.0.1:1/%2F", exchange)
     with pytest.raises(pika.exceptions.AMQPConnectionError):
         transport.send([refresh_request(1)])
+
+
+class CountingLock:
+    """A lock that tells how many threads are waiting for it."""
+
+    def __init__(self):
+        self._lock, self._count_lock, self.waiting = threading.Lock(), threading.Lock(), 0
+
+    def __enter__(self):
+        with self._count_lock:
+            self.waiting += 1
+        self._lock.acquire()
+        with self._count_lock:
+            self.waiting -= 1
+
+    def __exit__(self, *exc):
+        self._lock.release()
+
+
+def test_concurrent_sends_share_confirm_round_trips(transport, event_tap):
+    # While one thread waits for the broker's confirms, the others queue their events; the next
+    # thread to hold the connection publishes all of them and one round trip settles them together.
+    transport.send([refresh_request(0)])  # connected: what follows is only publishing
+    senders, waits, all_waiting = 8, [], threading.Event()
+    transport._lock = lock = CountingLock()
+    wait_as_is = transport._await_confirms
+
+    def counted_wait(settled):
+        waits.append(1)
+        if len(waits) == 1:  # hold the first round trip until every other sender waits for the connection
+            for _ in range(1000):
+                if lock.waiting == senders - 1:
+                    all_waiting.set()
+                    break
+                threading.Event().wait(0.005)
+        wait_as_is(settled)
+
+    transport._await_confirms = counted_wait
+    threads = [threading.Thread(target=transport.send, args=([refresh_request(n)],)) for n in range(1, senders + 1)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert all_waiting.is_set()
+    assert sorted(event.body["data"]["connectionId"] for event in event_tap.drain()) == sorted(
+        f"conn-{n}" for n in range(senders + 1)
+    )
+    assert len(waits) < senders, "each send waited for a round trip of its own"
+
+
+def durable_tap(url: str, exchange: str) -> str:
+    """A durable queue bound to every event of the exchange: it outlives dropped connections."""
+    queue = f"tap.{exchange}"
+    with pika.BlockingConnection(pika.URLParameters(url)) as connection:
+        channel = connection.channel()
+        channel.exchange_declare(exchange, exchange_type="topic", durable=True)
+        channel.queue_declare(queue, durable=True)
+        channel.queue_bind(queue, exchange, routing_key="#")
+    return queue
+
+
+def drain_ids(url: str, queue: str) -> set[str]:
+    ids = set()
+    with pika.BlockingConnection(pika.URLParameters(url)) as connection:
+        channel = connection.channel()
+        while (delivery := channel.basic_get(queue, auto_ack=True)) != (None, None, None):
+            ids.add(json.loads(delivery[2])["data"]["connectionId"])
+        channel.queue_delete(queue)
+    return ids
+
+
+def test_a_dropped_connection_during_concurrent_sends_loses_no_confirmed_event(transport, rabbitmq, exchange):
+    tap = durable_tap(rabbitmq.url, exchange)
+    confirmed: list[str] = []
+    failures: list[BaseException] = []
+    dropped = threading.Event()
+
+    def publish_until_after_the_drop(worker: int) -> None:
+        for n in range(100_000):
+            event = refresh_request(worker * 100_000 + n)
+            try:
+                transport.send([event])
+            except pika.exceptions.AMQPError as error:
+                failures.append(error)
+            else:
+                confirmed.append(event.data["connectionId"])
+            if dropped.is_set() and transport.connections_opened == 2:
+                return  # published again on the new connection
+
+    threads = [threading.Thread(target=publish_until_after_the_drop, args=(worker,)) for worker in range(8)]
+    for thread in threads:
+        thread.start()
+    rabbitmq.ctl("close_all_connections", "test: drop the connection mid-publish")  # publishing meanwhile
+    dropped.set()
+    for thread in threads:
+        thread.join(timeout=60)
+    assert not any(thread.is_alive() for thread in threads)
+    received = drain_ids(rabbitmq.url, tap)
+    assert set(confirmed) <= received, "a send returned but its event never reached the broker"
+    assert len(failures) <= 8, "a lost connection should cost at most the sends in flight"
+    assert transport.connections_opened == 2
