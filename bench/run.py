@@ -23,7 +23,6 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 import uuid
 import warnings
@@ -36,7 +35,6 @@ APP_ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(APP_ROOT))
 
 import pika
-import requests
 from azure.cosmos import CosmosClient, PartitionKey
 from urllib3.exceptions import InsecureRequestWarning
 
@@ -284,27 +282,38 @@ def slow_manager(latency_s: float) -> Any:
     return StandInManager(script=lambda call: Answer(200, {}, delay_s=latency_s)).start()
 
 
-def raw_refresh(url: str, workers: int, count: int) -> float:
-    """Baseline: `workers` threads, each a requests.Session, POSTing their share of `count` refreshes."""
+RAW_REFRESH_PROBE = """
+import json, threading, time
+import requests
+url, workers, count = {url!r}, {workers}, {count}
 
-    def run(share: range) -> None:
-        session = requests.Session()
-        for n in share:
-            session.post(f"{url}/api/v1/integrations/i/connections/c-{n}/refresh", json={"tenantId": "t"}, timeout=10)
+def run(share):
+    session = requests.Session()
+    for n in share:
+        session.post(f"{{url}}/api/v1/integrations/i/connections/c-{{n}}/refresh", json={{"tenantId": "t"}}, timeout=10)
 
-    shares = [range(k, count, workers) for k in range(workers)]
-    started = time.perf_counter()
-    threads = [threading.Thread(target=run, args=(share,)) for share in shares]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
-    return count / (time.perf_counter() - started)
+threads = [threading.Thread(target=run, args=(range(k, count, workers),)) for k in range(workers)]
+started, cpu = time.perf_counter(), time.process_time()
+for thread in threads:
+    thread.start()
+for thread in threads:
+    thread.join()
+print(json.dumps({{"seconds": time.perf_counter() - started, "cpu_seconds": time.process_time() - cpu}}))
+"""
+
+
+def raw_refresh(url: str, workers: int, count: int) -> dict[str, float]:
+    """Baseline: `workers` threads in a process of their own (like the local host), each a
+    requests.Session, POSTing their share of `count` refreshes."""
+    code = RAW_REFRESH_PROBE.format(url=url, workers=workers, count=count)
+    timing = json.loads(subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout)
+    return {"per_s": count / timing["seconds"], "cpu_ms": timing["cpu_seconds"] * 1000 / count}
 
 
 REFRESH_PROBE = """
 import json, sys, time, warnings
 sys.path.insert(0, {root!r})
+import requests as requests_lib
 from urllib3.exceptions import InsecureRequestWarning
 warnings.filterwarnings("ignore", category=InsecureRequestWarning)
 from shared import runtime
@@ -323,14 +332,22 @@ requests = [refresh_requested_event(c, now) for page in store.expiring_connectio
     now + timedelta(hours=1), settings.skip_statuses) for c in page.connections]
 runtime.publisher().publish(requests)
 runtime.reset()  # the timed part starts with a cold process-wide client set, like a new worker
-started = time.perf_counter()
+cosmos_requests = []
+send = requests_lib.Session.send
+def counting_send(session, request, **kwargs):  # counts the app's requests to Cosmos
+    if request.url.startswith({cosmos_endpoint!r}):
+        cosmos_requests.append(1)
+    return send(session, request, **kwargs)
+requests_lib.Session.send = counting_send
+started, cpu = time.perf_counter(), time.process_time()
 summary = host.run_once()  # TOKEN_REFRESH_ENABLED=false: no check, only the queued refresh requests
 print(json.dumps({{"refreshed": summary.refreshed, "failed": summary.failed,
-                  "refresh_seconds": time.perf_counter() - started}}))
+                  "refresh_seconds": time.perf_counter() - started, "cpu_seconds": time.process_time() - cpu,
+                  "cosmos_requests": len(cosmos_requests)}}))
 """
 
 
-def app_refresh(database: Any, cosmos: CosmosServer, rabbitmq: RabbitMQ, manager_url: str) -> float:
+def app_refresh(database: Any, cosmos: CosmosServer, rabbitmq: RabbitMQ, manager_url: str) -> dict[str, float]:
     """Refresh-requested messages through the local host (its worker threads run sync_refresh_handler)."""
     container = new_container(database, "refresh")
     seed(container, REFRESH_MESSAGES)
@@ -349,7 +366,12 @@ def app_refresh(database: Any, cosmos: CosmosServer, rabbitmq: RabbitMQ, manager
         "ServiceBusConnection": "",
         "ServiceBusConnection__fullyQualifiedNamespace": "",
     }
-    code = REFRESH_PROBE.format(root=str(APP_ROOT), prefix=f"bench-{uuid.uuid4().hex[:6]}.", workers=REFRESH_WORKERS)
+    code = REFRESH_PROBE.format(
+        root=str(APP_ROOT),
+        prefix=f"bench-{uuid.uuid4().hex[:6]}.",
+        workers=REFRESH_WORKERS,
+        cosmos_endpoint=cosmos.endpoint.rstrip("/"),
+    )
     result = subprocess.run(
         [sys.executable, "-c", code], env=os.environ | env, capture_output=True, text=True, check=False
     )
@@ -358,7 +380,11 @@ def app_refresh(database: Any, cosmos: CosmosServer, rabbitmq: RabbitMQ, manager
     timing = json.loads(result.stdout.strip().splitlines()[-1])
     assert timing["refreshed"] == REFRESH_MESSAGES, timing
     database.delete_container(container.id)
-    return timing["refreshed"] / timing["refresh_seconds"]
+    return {
+        "per_s": timing["refreshed"] / timing["refresh_seconds"],
+        "cpu_ms": timing["cpu_seconds"] * 1000 / timing["refreshed"],
+        "cosmos_requests_per_refresh": timing["cosmos_requests"] / timing["refreshed"],
+    }
 
 
 def bench_refresh(database: Any, cosmos: CosmosServer, rabbitmq: RabbitMQ) -> dict[str, Any]:
@@ -366,15 +392,21 @@ def bench_refresh(database: Any, cosmos: CosmosServer, rabbitmq: RabbitMQ) -> di
     try:
         log(f"refresh: raw requests.Session loop, {REFRESH_WORKERS} threads, {REFRESH_MESSAGES:,} calls")
         raw = raw_refresh(manager.url, REFRESH_WORKERS, REFRESH_MESSAGES)
-        log(f"refresh: raw {raw:,.0f}/s; local host with {REFRESH_WORKERS} workers")
+        log(f"refresh: raw {raw['per_s']:,.0f}/s; local host with {REFRESH_WORKERS} workers")
         app = app_refresh(database, cosmos, rabbitmq, manager.url)
-        log(f"refresh: local host {app:,.0f}/s")
+        log(
+            f"refresh: local host {app['per_s']:,.0f}/s; CPU per refresh {app['cpu_ms']:.2f} ms (raw call "
+            f"{raw['cpu_ms']:.2f} ms), {app['cosmos_requests_per_refresh']:.2f} Cosmos requests per refresh"
+        )
     finally:
         manager.stop()
     return {
-        "refresh_ratio_vs_raw": round(app / raw, 3),
-        "refresh_per_s": round(app),
-        "refresh_raw_per_s": round(raw),
+        "refresh_ratio_vs_raw": round(app["per_s"] / raw["per_s"], 3),
+        "refresh_per_s": round(app["per_s"]),
+        "refresh_raw_per_s": round(raw["per_s"]),
+        "refresh_cpu_ms": round(app["cpu_ms"], 2),
+        "refresh_raw_cpu_ms": round(raw["cpu_ms"], 2),
+        "refresh_cosmos_requests": round(app["cosmos_requests_per_refresh"], 2),
         "refresh_workers": REFRESH_WORKERS,
         "refresh_latency_ms": int(REFRESH_LATENCY_S * 1000),
     }
@@ -522,7 +554,9 @@ def write_reports(results: dict[str, Any]) -> None:
             f"| refresh_ratio_vs_raw | {results['refresh_ratio_vs_raw']} | ≥ 0.9 | "
             f"local host {results['refresh_per_s']:,}/s vs raw {results['refresh_raw_per_s']:,}/s; "
             f"{results['refresh_workers']} workers, "
-            f"{results['refresh_latency_ms']} ms manager latency, {REFRESH_MESSAGES:,} messages |"
+            f"{results['refresh_latency_ms']} ms manager latency, {REFRESH_MESSAGES:,} messages; process CPU per "
+            f"refresh {results.get('refresh_cpu_ms', '?')} ms vs {results.get('refresh_raw_cpu_ms', '?')} ms per raw "
+            f"call; {results.get('refresh_cosmos_requests', '?')} Cosmos requests per refresh |"
         )
     if "connections_per_service" in results:
         lines.append(
