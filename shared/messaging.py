@@ -255,7 +255,12 @@ class RabbitMqTransport:
 
 
 class ServiceBusTransport:
-    """Sends events as batches to the queue named after their type."""
+    """Sends events as batches to the queue named after their type.
+
+    A queue's sender is used by one thread at a time. Like the RabbitMQ transport, concurrent sends
+    share the round trip: each queues its events, and the thread holding the sender sends
+    everything queued for that queue in as few message batches as fit.
+    """
 
     name = "service-bus"
 
@@ -263,6 +268,7 @@ class ServiceBusTransport:
         self._client = client
         self._senders: dict[str, Any] = {}
         self._locks: dict[str, threading.Lock] = {}
+        self._queued: dict[str, deque[_Batch]] = {}
         self._registry_lock = threading.Lock()
 
     @classmethod
@@ -278,40 +284,60 @@ class ServiceBusTransport:
         return cls(client)
 
     def send(self, events: Sequence[CloudEvent]) -> None:
-        from azure.servicebus import ServiceBusMessage
-        from azure.servicebus.exceptions import MessageSizeExceededError
-
         by_queue: dict[str, list[CloudEvent]] = {}
         for event in events:
             by_queue.setdefault(SERVICE_BUS_QUEUES[event.type], []).append(event)
         for queue, queue_events in by_queue.items():
-            sender, lock = self._sender(queue)
+            sender, lock, queued = self._sender(queue)
+            batch = _Batch(queue_events)
+            queued.append(batch)
             with lock:
-                batch = sender.create_message_batch()
-                for event in queue_events:
-                    message = ServiceBusMessage(
-                        event.to_json(),
-                        message_id=event.id,
-                        content_type=CONTENT_TYPE,
-                        application_properties={"type": event.type},
-                        session_id=session_id(event),
-                    )
-                    try:
-                        batch.add_message(message)
-                    except MessageSizeExceededError:
-                        # Batch full: send it and start the next one with this message.
-                        sender.send_messages(batch)
-                        batch = sender.create_message_batch()
-                        batch.add_message(message)
-                if len(batch):
-                    sender.send_messages(batch)
+                if not batch.done:
+                    self._send_queued(sender, queued)
+            if batch.error is not None:
+                raise batch.error
 
-    def _sender(self, queue: str) -> tuple[Any, threading.Lock]:
+    @staticmethod
+    def _send_queued(sender: Any, queued: deque[_Batch]) -> None:
+        """Send every batch queued for this sender; a failure fails each of them (their senders raise)."""
+        from azure.servicebus import ServiceBusMessage
+        from azure.servicebus.exceptions import MessageSizeExceededError
+
+        taken: list[_Batch] = []
+        while queued:
+            taken.append(queued.popleft())
+        try:
+            message_batch = sender.create_message_batch()
+            for event in (event for batch in taken for event in batch.events):
+                message = ServiceBusMessage(
+                    event.to_json(),
+                    message_id=event.id,
+                    content_type=CONTENT_TYPE,
+                    application_properties={"type": event.type},
+                    session_id=session_id(event),
+                )
+                try:
+                    message_batch.add_message(message)
+                except MessageSizeExceededError:
+                    # Batch full: send it and start the next one with this message.
+                    sender.send_messages(message_batch)
+                    message_batch = sender.create_message_batch()
+                    message_batch.add_message(message)
+            if len(message_batch):
+                sender.send_messages(message_batch)
+        except Exception as error:  # noqa: BLE001 - handed to every sender whose events were in it
+            for batch in taken:
+                batch.error = error
+        for batch in taken:
+            batch.done = True
+
+    def _sender(self, queue: str) -> tuple[Any, threading.Lock, deque[_Batch]]:
         with self._registry_lock:
             if queue not in self._senders:
                 self._senders[queue] = self._client.get_queue_sender(queue)
                 self._locks[queue] = threading.Lock()
-            return self._senders[queue], self._locks[queue]
+                self._queued[queue] = deque()
+            return self._senders[queue], self._locks[queue], self._queued[queue]
 
     def close(self) -> None:
         with self._registry_lock:

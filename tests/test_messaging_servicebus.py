@@ -157,3 +157,80 @@ def test_a_failing_transport_does_not_starve_the_other_and_the_publish_fails():
     with pytest.raises(PublishError, match="broken: ConnectionError"):
         publisher.publish([refresh_request(1)])
     assert len(client.senders[REFRESH_REQUESTED].sent_batches) == 1
+
+
+class SlowFirstSendClient(RecordingClient):
+    """The first network send waits until `waiting` other sends are queued for the same queue."""
+
+    def __init__(self, transport_ref, waiting, fail=False):
+        super().__init__()
+        self.transport_ref, self.waiting, self.fail, self.sends = transport_ref, waiting, fail, 0
+
+    def get_queue_sender(self, queue):
+        sender = super().get_queue_sender(queue)
+        send_as_is = sender.send_messages
+
+        def send_messages(batch):
+            self.sends += 1
+            if self.sends == 1:
+                queued = self.transport_ref[0]._queued[queue]
+                for _ in range(1000):
+                    if len(queued) == self.waiting:
+                        break
+                    threading.Event().wait(0.005)
+            if self.fail and self.sends == 2:
+                raise ConnectionError("service bus unreachable")
+            send_as_is(batch)
+
+        sender.send_messages = send_messages
+        return sender
+
+
+def concurrent_sends(transport, first, others):
+    errors = {}
+
+    def send(n):
+        try:
+            transport.send([refresh_request(n)])
+        except Exception as error:  # noqa: BLE001 - collected for the assertions
+            errors[n] = error
+
+    leader = threading.Thread(target=send, args=(first,))
+    leader.start()
+    while not transport._senders:
+        threading.Event().wait(0.001)
+    threads = [threading.Thread(target=send, args=(n,)) for n in others]
+    for thread in [*threads]:
+        thread.start()
+    for thread in [leader, *threads]:
+        thread.join()
+    return errors
+
+
+def test_concurrent_sends_share_one_network_send():
+    # While one invocation's send is on the network, the others queue; the next sender holder sends
+    # all of their events in one batch instead of one round trip each.
+    ref = []
+    client = SlowFirstSendClient(ref, waiting=7)
+    transport = ServiceBusTransport(client)
+    ref.append(transport)
+    assert concurrent_sends(transport, 0, range(1, 8)) == {}
+    sender = client.senders[REFRESH_REQUESTED]
+    assert sorted(message.message_id for batch in sender.sent_batches for message in batch) == sorted(
+        f"id-{n}" for n in range(8)
+    )
+    assert [len(batch) for batch in sender.sent_batches] == [1, 7]
+    assert not sender.overlapped
+
+
+def test_a_failed_shared_send_fails_every_invocation_in_it():
+    ref = []
+    client = SlowFirstSendClient(ref, waiting=7, fail=True)
+    transport = ServiceBusTransport(client)
+    ref.append(transport)
+    errors = concurrent_sends(transport, 0, range(1, 8))
+    assert sorted(errors) == list(range(1, 8))  # the first send went through; the shared one failed
+    assert all(isinstance(error, ConnectionError) for error in errors.values())
+    transport.send([refresh_request(9)])  # the next send works: nothing failed stays queued
+    sent = [message.message_id for batch in client.senders[REFRESH_REQUESTED].sent_batches for message in batch]
+    assert sent == ["id-0", "id-9"]
