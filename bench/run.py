@@ -17,12 +17,14 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import platform
 import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import uuid
 import warnings
@@ -232,11 +234,18 @@ request_refresh_for_expiring_connections(warm, store=store, states=states, publi
 def rss_kib():
     with open("/proc/self/statm") as handle:
         return int(handle.read().split()[1]) * resource.getpagesize() // 1024
+def peak_rss_kib():
+    # VmHWM: this process's own peak. Not ru_maxrss: a child started by subprocess (vfork + exec)
+    # inherits the parent's peak there, so after the bench process seeded 50,000 rows it reported that.
+    with open("/proc/self/status") as handle:
+        return int(next(line for line in handle if line.startswith("VmHWM:")).split()[1])
+with open("/proc/self/clear_refs", "w") as handle:
+    handle.write("5")  # resets VmHWM to the current RSS: the peak below is the check's alone
 before = rss_kib()
 check = CheckExpiringData(timestamp=now, threshold_time=now + timedelta(hours=1))
 summary = request_refresh_for_expiring_connections(check, store=store, states=states, publisher=publisher,
                                                    settings=settings)
-peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+peak = peak_rss_kib()
 print(json.dumps({{"published": summary.published, "before_kib": before, "peak_kib": peak}}))
 """
 
@@ -453,6 +462,17 @@ def bench_connections(database: Any, cosmos: CosmosServer, rabbitmq: RabbitMQ) -
             body=body, message_id="m", delivery_count=1, application_properties={}, user_properties={}
         )
 
+    # Every HTTP connection the process opens, with the thread that opened it: the Cosmos SDK probes
+    # its endpoints from threads of its own at start-up, which can add a connection next to the
+    # invocations' one.
+    opened: list[tuple[str, int]] = []
+    recorder = logging.Handler(logging.DEBUG)
+    recorder.emit = lambda record: (  # type: ignore[method-assign]
+        opened.append((record.threadName, int(record.args[2]))) if "Starting new" in record.msg else None
+    )
+    pool_logger = logging.getLogger("urllib3.connectionpool")
+    pool_logger.setLevel(logging.DEBUG)
+    pool_logger.addHandler(recorder)
     now = utc_now()
     check = make_event(CheckExpiringData(timestamp=now, threshold_time=now + timedelta(hours=1)))
     manager_check_handler.main(trigger(check.to_json()))
@@ -470,11 +490,26 @@ def bench_connections(database: Any, cosmos: CosmosServer, rabbitmq: RabbitMQ) -
         "manager_http": manager.sockets_accepted,
         "cosmos": established_connections_to(cosmos.port),
     }
+    pool_logger.removeHandler(recorder)
+    invocation_thread = threading.current_thread().name
+
+    def opened_to(port: int, by_invocations: bool) -> int:
+        return sum(1 for thread, to in opened if to == port and (thread == invocation_thread) == by_invocations)
+
+    by_invocations = {
+        "manager_http": opened_to(manager.port, by_invocations=True),
+        "cosmos": opened_to(cosmos.port, by_invocations=True),
+        "cosmos_sdk_background": opened_to(cosmos.port, by_invocations=False),
+    }
     runtime.reset()
     keeper.close()
     manager.stop()
-    log(f"connections over {invocations} invocations: {counts}")
-    return {"connections_per_service": counts, "connections_invocations": invocations}
+    log(f"connections over {invocations} invocations: {counts}; opened by invocations: {by_invocations}")
+    return {
+        "connections_per_service": counts,
+        "connections_invocations": invocations,
+        "connections_opened_by_invocations": by_invocations,
+    }
 
 
 # 5. Imports ---------------------------------------------------------------------------------------
@@ -561,7 +596,9 @@ def write_reports(results: dict[str, Any]) -> None:
     if "connections_per_service" in results:
         lines.append(
             f"| connections_per_service | {json.dumps(results['connections_per_service'])} | 1 each | over "
-            f"{results['connections_invocations']} invocations |"
+            f"{results['connections_invocations']} invocations (established at the end); HTTP connections opened "
+            f"by the invocations: {json.dumps(results.get('connections_opened_by_invocations', '?'))} — "
+            "`cosmos_sdk_background`: opened by the Cosmos SDK's own start-up endpoint probe |"
         )
     if "import_ms" in results:
         detail = ", ".join(f"`{m}` {ms} ms" for m, ms in results["import_ms"].items())

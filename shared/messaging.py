@@ -2,8 +2,8 @@
 
 Transports are created once per worker process (see `shared.runtime`) and are safe to use from
 several invocation threads at once: pika connections and Service Bus senders are not thread-safe,
-so only one thread at a time uses a transport's connection (RabbitMQ: that thread also publishes
-the batches other threads queued meanwhile, see RabbitMqTransport).
+so only one thread at a time uses a connection or sender -- and that thread also sends what other
+threads queued meanwhile, so concurrent invocations share round trips instead of waiting in line.
 
 Delivery is at-least-once: when a transport fails, `publish` raises, the triggering message is
 retried, and events that already reached the other transport are sent again with the same ids.
