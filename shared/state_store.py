@@ -73,8 +73,18 @@ class StateStore:
         return self._get(f"claim-{request_id}")
 
     def claim(
-        self, request_id: str, key: str, now_ms: int, lease_ms: int, requested_at_ms: int | None = None
+        self,
+        request_id: str,
+        key: str,
+        now_ms: int,
+        lease_ms: int,
+        requested_at_ms: int | None = None,
+        *,
+        take_over_live_lease: bool = False,
     ) -> ClaimResult:
+        """Claim the request: "acquired" (go ahead), "done" (it ended: see the stored outcome) or
+        "busy" (another invocation holds a live lease; `take_over_live_lease` when the caller knows
+        that holder is gone). Take-overs are etag-guarded: of two contenders, one wins."""
         from azure.core import MatchConditions
         from azure.cosmos.exceptions import CosmosAccessConditionFailedError, CosmosResourceExistsError
 
@@ -99,7 +109,7 @@ class StateStore:
         asked_again = superseded(existing, requested_at_ms)
         if existing["state"] in TERMINAL_STATES and not asked_again:
             return ClaimResult("done", existing)
-        if existing["state"] == IN_PROGRESS and existing.get("leaseUntil", 0) > now_ms:
+        if existing["state"] == IN_PROGRESS and existing.get("leaseUntil", 0) > now_ms and not take_over_live_lease:
             return ClaimResult("busy", existing)
         # A retry of an earlier delivery, or a lease that ran out (its holder died): take it over,
         # but only if nobody else did first (etag).

@@ -213,6 +213,29 @@ def test_a_claim_whose_holder_died_is_taken_over_after_its_lease(app_env, cosmos
     assert [e.routing_key for e in event_tap.drain()] == [REFRESHED]
 
 
+@pytest.mark.parametrize(("delivery", "expected"), [(2, [REFRESHED]), (1, [])])
+def test_a_redelivery_finishes_the_story_of_an_invocation_killed_after_the_refresh(
+    app_env, cosmos_container, manager, event_tap, delivery, expected
+):
+    # The first delivery claimed the request (a lease far longer than a delivery may wait), the
+    # manager refreshed the token, and the host was killed before it published. Its redelivery
+    # reports `refreshed` at once, without calling again. A first delivery (a duplicate message, not
+    # the redelivery) leaves the live claim alone: the redelivery of the killed one will report.
+    expires_at = seed_connection(cosmos_container)
+    request = request_for("c-1", expires_at)
+    key = connection_key("t-1", "zoom", "c-1")
+    assert runtime.state_store().claim(request.id, key, int(time.time() * 1000), 600_000).status == "acquired"
+    new_expiry = seed_connection(cosmos_container, expires_in=timedelta(hours=1))
+    sync_refresh_handler.main(trigger(request, delivery))
+    assert manager.calls == []
+    events = event_tap.drain()
+    assert [e.routing_key for e in events] == expected
+    if expected:
+        assert events[0].body["data"]["expiresAt"] == iso(new_expiry)
+        sync_refresh_handler.main(trigger(request, delivery + 1))  # and only once
+        assert event_tap.drain() == []
+
+
 def test_an_outcome_whose_publish_failed_is_published_on_redelivery_without_calling_again(
     app_env, cosmos_container, manager, event_tap, monkeypatch
 ):

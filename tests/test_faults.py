@@ -801,13 +801,17 @@ def kill_during_call(at_call: int, *, refreshed_by_the_manager: bool) -> tuple[C
     return numbered(script), state
 
 
-@pytest.mark.parametrize("refreshed_by_the_manager", [False, True], ids=["manager-gave-up", "manager-refreshed"])
+@pytest.mark.parametrize(
+    ("refreshed_by_the_manager", "lease_ms"),
+    [(False, 2000), (True, 2000), (True, 600_000)],
+    ids=["manager-gave-up", "manager-refreshed", "manager-refreshed-lease-longer-than-a-delivery-waits"],
+)
 def test_host_killed_mid_cycle_and_restarted_catches_up(
-    fault_env, cosmos_container, manager, tap, hosts, refreshed_by_the_manager
+    fault_env, cosmos_container, manager, tap, hosts, refreshed_by_the_manager, lease_ms
 ):
     fleet = seed_fleet(cosmos_container, due=10)
     manager.script, kill_point = kill_during_call(4, refreshed_by_the_manager=refreshed_by_the_manager)
-    env = fault_env | {"TOKEN_REFRESH_INTERVAL_MS": "1000", "TOKEN_REFRESH_CLAIM_LEASE_MS": "2000"}
+    env = fault_env | {"TOKEN_REFRESH_INTERVAL_MS": "1000", "TOKEN_REFRESH_CLAIM_LEASE_MS": str(lease_ms)}
 
     first = hosts(env)
     assert kill_point.in_flight.wait(30), log_lines(first.output())
