@@ -115,6 +115,21 @@ def bound_queue(url: str, exchange: str) -> tuple[Any, str]:
     return connection, queue
 
 
+def app_settings(cosmos: CosmosServer, rabbitmq: RabbitMQ, container_id: str, manager_url: str, label: str) -> dict:
+    """The app's settings against the bench's services, with a state container and exchange of its own."""
+    return {
+        "COSMOS_ENDPOINT": cosmos.endpoint,
+        "COSMOS_KEY": cosmos.key,
+        "COSMOS_EMULATOR": "true",
+        "COSMOS_DATABASE": "bench",
+        "COSMOS_CONNECTIONS_CONTAINER": container_id,
+        "COSMOS_STATE_CONTAINER": f"state_{uuid.uuid4().hex[:6]}",
+        "RABBITMQ_URL": rabbitmq.url,
+        "RABBITMQ_EXCHANGE": f"bench.{label}.{uuid.uuid4().hex[:6]}",
+        "INTEGRATION_MANAGER_URL": manager_url,
+    }
+
+
 def purge(url: str, queue: str) -> None:
     with pika.BlockingConnection(pika.URLParameters(url)) as connection:
         connection.channel().queue_purge(queue)
@@ -360,16 +375,7 @@ def app_refresh(database: Any, cosmos: CosmosServer, rabbitmq: RabbitMQ, manager
     """Refresh-requested messages through the local host (its worker threads run sync_refresh_handler)."""
     container = new_container(database, "refresh")
     seed(container, REFRESH_MESSAGES)
-    env = {
-        "COSMOS_ENDPOINT": cosmos.endpoint,
-        "COSMOS_KEY": cosmos.key,
-        "COSMOS_EMULATOR": "true",
-        "COSMOS_DATABASE": "bench",
-        "COSMOS_CONNECTIONS_CONTAINER": container.id,
-        "COSMOS_STATE_CONTAINER": f"state_{uuid.uuid4().hex[:6]}",
-        "RABBITMQ_URL": rabbitmq.url,
-        "RABBITMQ_EXCHANGE": f"bench.refresh.{uuid.uuid4().hex[:6]}",
-        "INTEGRATION_MANAGER_URL": manager_url,
+    env = app_settings(cosmos, rabbitmq, container.id, manager_url, "refresh") | {
         "TOKEN_REFRESH_ENABLED": "false",
         "TOKEN_REFRESH_PAGE_SIZE": str(PAGE_SIZE),
         "ServiceBusConnection": "",
@@ -435,17 +441,7 @@ def bench_connections(database: Any, cosmos: CosmosServer, rabbitmq: RabbitMQ) -
     from tools.stand_in_manager import Answer, StandInManager
 
     manager = StandInManager(script=lambda call: Answer(200, {})).start()
-    values = {
-        "COSMOS_ENDPOINT": cosmos.endpoint,
-        "COSMOS_KEY": cosmos.key,
-        "COSMOS_EMULATOR": "true",
-        "COSMOS_DATABASE": "bench",
-        "COSMOS_CONNECTIONS_CONTAINER": container.id,
-        "COSMOS_STATE_CONTAINER": f"state_{uuid.uuid4().hex[:6]}",
-        "RABBITMQ_URL": rabbitmq.url,
-        "RABBITMQ_EXCHANGE": f"bench.conns.{uuid.uuid4().hex[:6]}",
-        "INTEGRATION_MANAGER_URL": manager.url,
-    }
+    values = app_settings(cosmos, rabbitmq, container.id, manager.url, "conns")
     os.environ.update(values)
     from azure.functions.servicebus import ServiceBusMessage
 
