@@ -224,14 +224,12 @@ class _RefreshJob:
             return None
         if existing["state"] in TERMINAL_STATES:
             return _publish_stored_outcome(existing, self.states, self.context.publisher, self.ids)
-        claimed = self._claim()
-        if claimed.status == "busy" and self.delivery > 1:
-            # This message was handed out before and that invocation holds the claim: it stopped after
-            # integration-manager had refreshed the token (the expiry moved), e.g. its host was killed.
-            # A queue hands a message to one invocation at a time, so the holder is gone: finish its
-            # story now instead of waiting out a lease longer than this invocation may run. (Were it
-            # merely slow, `refreshed` is published twice -- at-least-once -- and nothing is called.)
-            claimed = self._claim(take_over_live_lease=True)
+        # A redelivery: this message was handed out before and that invocation holds the claim; it
+        # stopped after integration-manager had refreshed the token (the expiry moved), e.g. its host
+        # was killed. A queue hands a message to one invocation at a time, so the holder is gone:
+        # finish its story now instead of waiting out a lease longer than this invocation may run.
+        # (Were it merely slow, `refreshed` is published twice -- at-least-once -- and nothing is called.)
+        claimed = self._claim(take_over_live_lease=self.delivery > 1)
         if claimed.status == "busy":
             # Its holder may still publish; wait for its lease when that fits the budget, then look again.
             lease_left_ms = claimed.claim.get("leaseUntil", 0) - now_ms()

@@ -1,9 +1,19 @@
 """Small helpers shared by the test modules."""
 
+import os
+import subprocess
+import sys
+import uuid
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
 from azure.functions.servicebus import ServiceBusMessage
 
-from shared.events import CloudEvent
-from shared.events import format_time as iso  # noqa: F401 - re-exported: ISO-8601 UTC with a Z, as the platform writes
+from shared.events import CloudEvent, RefreshRequestedData, make_event, refresh_request_id, utc_now
+from shared.events import format_time as iso  # re-exported: ISO-8601 UTC with a Z, as the platform writes
+
+MISSING = object()  # a field left out of a document or message
 
 
 def trigger(
@@ -18,3 +28,57 @@ def trigger(
         application_properties={},
         user_properties={},
     )
+
+
+APP_ROOT = Path(__file__).resolve().parent.parent
+CLI = [sys.executable, "-m", "shared.cli"]
+
+
+def cli_environment(values: dict[str, str]) -> dict[str, str]:
+    """The environment of a CLI subprocess: this process's, without the app's own settings, plus
+    `values`. Service Bus is blanked (blank = unset), so a developer's local.settings.json cannot point
+    a test at Service Bus."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("TOKEN_REFRESH", "COSMOS", "RABBITMQ"))}
+    env.update({"ServiceBusConnection": "", "ServiceBusConnection__fullyQualifiedNamespace": ""})
+    env.update(values)
+    env["PYTHONPATH"] = str(APP_ROOT)
+    return env
+
+
+def run_cli(env: dict[str, str], *args: str, timeout: float = 240) -> subprocess.CompletedProcess:
+    """`python -m shared.cli ARGS` to completion, output captured."""
+    return subprocess.run(
+        [*CLI, *args], cwd=APP_ROOT, env=env, capture_output=True, text=True, timeout=timeout, check=False
+    )
+
+
+def raw_event(event_type: str, data: Any, **changes: Any) -> dict:
+    """A CloudEvent as JSON, built by hand (not by the app's models) so a test can break it:
+    envelope fields in `changes` replace the valid ones, or are left out when MISSING."""
+    body = {
+        "specversion": "1.0",
+        "id": str(uuid.uuid4()),
+        "source": "integration-token-refresh",
+        "type": event_type,
+        "time": iso(utc_now()),
+        "datacontenttype": "application/json",
+        "data": data,
+    }
+    for name, value in changes.items():
+        if value is MISSING:
+            body.pop(name)
+        else:
+            body[name] = value
+    return body
+
+
+def refresh_request(connection_id: str, integration_id: str, tenant_id: str, expires_at: datetime) -> CloudEvent:
+    """The refresh-requested event a check would publish for this connection and expiry (same id)."""
+    data = RefreshRequestedData(
+        connection_id=connection_id,
+        integration_id=integration_id,
+        tenant_id=tenant_id,
+        expires_at=expires_at,
+        requested_at=utc_now(),
+    )
+    return make_event(data, event_id=refresh_request_id(data, expires_at))

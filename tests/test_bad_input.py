@@ -44,18 +44,14 @@ from shared.events import (
     REFRESHED,
     CheckExpiringData,
     InvalidEventError,
-    RefreshRequestedData,
     make_event,
-    refresh_request_id,
     utc_now,
 )
 from shared.local_host import LocalHost
 from shared.settings import SettingsError, load_settings
 from shared.token_refresh import RefreshRetryLater
-from tests.helpers import iso, trigger
+from tests.helpers import MISSING, iso, raw_event, refresh_request, trigger
 from tools.stand_in_manager import Answer, StandInManager
-
-MISSING = object()  # a field left out of a document or message
 
 
 def check_body(threshold: timedelta = timedelta(minutes=65)) -> bytes:
@@ -90,14 +86,7 @@ def refresh_body(container, connection_id: str) -> bytes:
     """A refresh-requested message for a connection that exists in Cosmos with that expiry."""
     document = seed_connection(container, connection_id)
     expires_at = datetime.fromisoformat(document["oauth"]["expiresAt"])
-    data = RefreshRequestedData(
-        connection_id=connection_id,
-        integration_id="github",
-        tenant_id="t-1",
-        expires_at=expires_at,
-        requested_at=utc_now(),
-    )
-    return make_event(data, event_id=refresh_request_id(data, expires_at)).to_json()
+    return refresh_request(connection_id, "github", "t-1", expires_at).to_json()
 
 
 def published_message_ids(event_tap) -> list[str]:
@@ -272,21 +261,7 @@ def envelope(event_type: str, data: Any = MISSING, **changes: Any) -> dict:
             "expiresAt": iso(now + timedelta(minutes=5)),
             "requestedAt": iso(now),
         }
-    body = {
-        "specversion": "1.0",
-        "id": str(uuid.uuid4()),
-        "source": "integration-token-refresh",
-        "type": event_type,
-        "time": iso(now),
-        "datacontenttype": "application/json",
-        "data": valid_data if data is MISSING else data,
-    }
-    for name, value in changes.items():
-        if value is MISSING:
-            body.pop(name)
-        else:
-            body[name] = value
-    return body
+    return raw_event(event_type, valid_data if data is MISSING else data, **changes)
 
 
 def check_with(**changes: Any) -> bytes:

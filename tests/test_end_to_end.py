@@ -3,16 +3,13 @@ real RabbitMQ and the Cosmos-compatible server, with a stand-in integration-mana
 by moving `oauth.expiresAt` forward in Cosmos and fails where scripted."""
 
 import json
-import os
 import random
 import signal
 import subprocess
-import sys
 import time
 import uuid
 from collections import Counter
 from datetime import UTC, datetime, timedelta
-from pathlib import Path
 
 import pika
 import pytest
@@ -25,10 +22,9 @@ from shared.events import (
     parse_event,
 )
 from tests.conftest import MANAGER_TOKEN
-from tests.helpers import iso
+from tests.helpers import APP_ROOT, CLI, cli_environment, iso, run_cli
 from tools.stand_in_manager import Answer
 
-APP_ROOT = Path(__file__).resolve().parent.parent
 CANARY = "canary-" + uuid.uuid4().hex
 EXPECTED_DATA_KEYS = {
     REFRESH_REQUESTED: {"connectionId", "integrationId", "tenantId", "expiresAt", "requestedAt"},
@@ -38,28 +34,9 @@ EXPECTED_DATA_KEYS = {
 }
 
 
-def run_cli(env: dict, *args: str, timeout: float = 240) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-m", "shared.cli", *args],
-        cwd=APP_ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        check=False,
-    )
-
-
 @pytest.fixture
 def cli_env(app_env, manager):
-    env = {
-        key: value for key, value in os.environ.items() if not key.startswith(("TOKEN_REFRESH", "COSMOS", "RABBITMQ"))
-    }
-    env.update(app_env)
-    # Blank = unset: keeps a developer's local.settings.json from pointing the test at Service Bus.
-    env.update({"ServiceBusConnection": "", "ServiceBusConnection__fullyQualifiedNamespace": ""})
-    env["PYTHONPATH"] = str(APP_ROOT)
-    return env
+    return cli_environment(app_env)
 
 
 def build_fleet(now: datetime, size: int = 1200, seed: int = 7):
@@ -234,7 +211,7 @@ def test_run_keeps_going_on_the_interval_and_stops_cleanly_on_ctrl_c(cli_env, co
     manager.token_lifetime = timedelta(hours=3)
     env = cli_env | {"TOKEN_REFRESH_INTERVAL_MS": "1000"}
     process = subprocess.Popen(
-        [sys.executable, "-m", "shared.cli", "run", "--queue-prefix", f"fg-{uuid.uuid4().hex[:6]}."],
+        [*CLI, "run", "--queue-prefix", f"fg-{uuid.uuid4().hex[:6]}."],
         cwd=APP_ROOT,
         env=env,
         stdout=subprocess.PIPE,

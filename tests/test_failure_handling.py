@@ -15,16 +15,14 @@ from shared.events import (
     REFRESH_REQUESTED,
     REFRESHED,
     CheckExpiringData,
-    RefreshRequestedData,
     make_event,
-    refresh_request_id,
     utc_now,
 )
 from shared.manager_client import RefreshOutcome, parse_retry_after
 from shared.messaging import session_id
 from shared.state_store import connection_key
 from shared.token_refresh import RefreshRetryLater, call_with_retries
-from tests.helpers import iso, trigger
+from tests.helpers import iso, refresh_request, trigger
 from tools.stand_in_manager import Answer
 
 
@@ -42,14 +40,7 @@ def seed_connection(container, connection_id="c-1", expires_in=timedelta(minutes
 
 
 def request_for(connection_id, expires_at):
-    data = RefreshRequestedData(
-        connection_id=connection_id,
-        integration_id="zoom",
-        tenant_id="t-1",
-        expires_at=expires_at,
-        requested_at=utc_now(),
-    )
-    return make_event(data, event_id=refresh_request_id(data, expires_at))
+    return refresh_request(connection_id, "zoom", "t-1", expires_at)
 
 
 def check_event(threshold=timedelta(hours=1)):

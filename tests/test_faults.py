@@ -17,13 +17,9 @@ from __future__ import annotations
 
 import contextlib
 import itertools
-import json
-import logging
-import os
 import re
 import signal
 import subprocess
-import sys
 import threading
 import time
 import uuid
@@ -35,7 +31,6 @@ from email.utils import format_datetime
 from pathlib import Path
 from typing import Any
 
-import pika
 import pytest
 from azure.cosmos import CosmosClient, PartitionKey
 
@@ -46,13 +41,12 @@ from shared.local_host import LocalHost
 from shared.settings import load_settings
 from shared.state_store import StateStore
 from tests.conftest import CapturedEvent
-from tests.helpers import iso
+from tests.helpers import APP_ROOT, CLI, cli_environment, iso, run_cli
 from tools.local_services import CosmosServer, free_port
 from tools.stand_in_manager import Answer, Call
 
 pytestmark = pytest.mark.timeout(60)
 
-APP_ROOT = Path(__file__).resolve().parent.parent
 CYCLE = re.compile(r"Cycle finished: found (\d+), refreshed (\d+), failed (\d+), dead-lettered (\d+)")
 TOKEN_LIFETIME = timedelta(hours=3)  # well past the threshold: a refreshed connection is never due again
 OUTCOMES = (REFRESHED, REFRESH_FAILED)
@@ -97,102 +91,22 @@ def seed_fleet(container: Any, due: int = 12, not_due: int = 2) -> Fleet:
 # Capturing events across broker restarts ----------------------------------------------------------
 
 
-class DurableTap:
-    """A durable queue bound to every routing key of the exchange. Unlike an exclusive queue it
-    survives the broker restarting (the events are persistent), and it reconnects on its own."""
-
-    def __init__(self, url: str, exchange: str):
-        self.url = url
-        self.exchange = exchange
-        self.queue = f"fault-tap.{uuid.uuid4().hex[:10]}"
-        self.events: list[CapturedEvent] = []  # everything drained so far
-        self._connection: Any = None
-        self._channel: Any = None
-        self._open()
-
-    def _open(self) -> Any:
-        if self._connection is None or not self._connection.is_open:
-            pika_logger = logging.getLogger("pika")
-            level = pika_logger.level
-            pika_logger.setLevel(logging.CRITICAL)  # refused while the broker restarts: expected, not news
-            try:
-                self._connection = pika.BlockingConnection(pika.URLParameters(self.url))
-            finally:
-                pika_logger.setLevel(level)
-            self._channel = self._connection.channel()
-            self._channel.exchange_declare(self.exchange, exchange_type="topic", durable=True)
-            self._channel.queue_declare(self.queue, durable=True)
-            self._channel.queue_bind(self.queue, self.exchange, routing_key="#")
-        return self._channel
-
-    def drain(self, timeout: float = 30) -> list[CapturedEvent]:
-        """The events that arrived since the last drain (reconnecting while the broker restarts)."""
-        deadline = time.monotonic() + timeout
-        drained: list[CapturedEvent] = []
-        while True:
-            try:
-                channel = self._open()
-                while True:
-                    method, properties, body = channel.basic_get(self.queue, auto_ack=True)
-                    if method is None:
-                        self.events.extend(drained)
-                        return drained
-                    drained.append(CapturedEvent(method.routing_key, properties, json.loads(body)))
-            except pika.exceptions.AMQPError:
-                self._connection = None
-                if time.monotonic() > deadline:
-                    raise
-                time.sleep(0.2)  # the broker is restarting
-
-    def everything(self) -> list[CapturedEvent]:
-        """Every event captured so far (draining what arrived meanwhile)."""
-        self.drain()
-        return self.events
-
-    def wait_for(self, predicate: Callable[[list[CapturedEvent]], bool], timeout: float) -> bool:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            self.drain()
-            if predicate(self.events):
-                return True
-            time.sleep(0.01)
-        return False
-
-    def close(self) -> None:
-        try:
-            self._open().queue_delete(self.queue)
-            self._connection.close()
-        except pika.exceptions.AMQPError:
-            pass
-
-
-@pytest.fixture
-def tap(rabbitmq, exchange):
-    durable = DurableTap(rabbitmq.url, exchange)
-    yield durable
-    durable.close()
-
-
 # Running the app ------------------------------------------------------------------------------------
 
 
 @pytest.fixture
 def fault_env(app_env, manager, cosmos_container):
     """The CLI's environment (real local services, fast retries) and a queue prefix of its own."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("TOKEN_REFRESH", "COSMOS", "RABBITMQ"))}
-    env.update(app_env)
-    env.update({"ServiceBusConnection": "", "ServiceBusConnection__fullyQualifiedNamespace": ""})
-    env["PYTHONPATH"] = str(APP_ROOT)
-    env["FAULT_QUEUE_PREFIX"] = f"fault-{uuid.uuid4().hex[:8]}."
+    env = cli_environment(app_env | {"FAULT_QUEUE_PREFIX": f"fault-{uuid.uuid4().hex[:8]}."})
     manager.container = cosmos_container
     manager.token_lifetime = TOKEN_LIFETIME
     return env
 
 
-def cli_args(env: dict, *args: str) -> list[str]:
+def fault_args(env: dict) -> list[str]:
     # One worker: the scripted fault sequences (refuse after call N, ...) assume calls in order.
     # Concurrent workers are covered by tests/test_end_to_end.py.
-    return [sys.executable, "-m", "shared.cli", *args, "--queue-prefix", env["FAULT_QUEUE_PREFIX"], "--workers", "1"]
+    return ["--queue-prefix", env["FAULT_QUEUE_PREFIX"], "--workers", "1"]
 
 
 @dataclass
@@ -226,15 +140,7 @@ def log_lines(output: str, last: int = 60) -> str:
 
 
 def run_once(env: dict, timeout: float = 40) -> Cycle:
-    result = subprocess.run(
-        cli_args(env, "run", "--once"),
-        cwd=APP_ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        check=False,
-    )
+    result = run_cli(env, "run", "--once", *fault_args(env), timeout=timeout)
     return Cycle.parse(result.returncode, result.stdout, result.stderr)
 
 
@@ -244,8 +150,9 @@ class Host:
     def __init__(self, env: dict, log_dir: Path, *args: str):
         self.log = log_dir / f"host-{uuid.uuid4().hex[:6]}.log"
         with self.log.open("w") as log:
+            command = [*CLI, "run", *args, *fault_args(env)]
             self.process = subprocess.Popen(
-                cli_args(env, "run", *args), cwd=APP_ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, text=True
+                command, cwd=APP_ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, text=True
             )
 
     def output(self) -> str:

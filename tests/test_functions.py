@@ -19,13 +19,12 @@ from shared.events import (
     REFRESHED,
     CheckExpiringData,
     InvalidEventError,
-    RefreshRequestedData,
     make_event,
     parse_time,
-    refresh_request_id,
     utc_now,
 )
 from tests.helpers import iso, trigger
+from tests.helpers import refresh_request as refresh_request_event
 from tools.stand_in_manager import Answer
 
 APP_ROOT = Path(__file__).resolve().parent.parent
@@ -153,10 +152,7 @@ def refresh_request(container, connection_id="conn-1"):
             "oauth": {"accessToken": "at", "refreshToken": "rt", "expiresAt": iso(expires_at)},
         }
     )
-    data = RefreshRequestedData(
-        connection_id=connection_id, integration_id="github", tenant_id="t-9", expires_at=expires_at, requested_at=now
-    )
-    return make_event(data, event_id=refresh_request_id(data, expires_at))
+    return refresh_request_event(connection_id, "github", "t-9", expires_at)
 
 
 def test_refresh_handler_calls_the_manager_and_publishes_refreshed(

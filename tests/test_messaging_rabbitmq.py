@@ -1,6 +1,5 @@
 """The RabbitMQ bridge against a real broker: contract properties, confirms, reconnects, threads."""
 
-import json
 import threading
 
 import pika
@@ -125,29 +124,7 @@ def test_concurrent_sends_share_confirm_round_trips(transport, event_tap):
     assert len(waits) < senders, "each send waited for a round trip of its own"
 
 
-def durable_tap(url: str, exchange: str) -> str:
-    """A durable queue bound to every event of the exchange: it outlives dropped connections."""
-    queue = f"tap.{exchange}"
-    with pika.BlockingConnection(pika.URLParameters(url)) as connection:
-        channel = connection.channel()
-        channel.exchange_declare(exchange, exchange_type="topic", durable=True)
-        channel.queue_declare(queue, durable=True)
-        channel.queue_bind(queue, exchange, routing_key="#")
-    return queue
-
-
-def drain_ids(url: str, queue: str) -> set[str]:
-    ids = set()
-    with pika.BlockingConnection(pika.URLParameters(url)) as connection:
-        channel = connection.channel()
-        while (delivery := channel.basic_get(queue, auto_ack=True)) != (None, None, None):
-            ids.add(json.loads(delivery[2])["data"]["connectionId"])
-        channel.queue_delete(queue)
-    return ids
-
-
-def test_a_dropped_connection_during_concurrent_sends_loses_no_confirmed_event(transport, rabbitmq, exchange):
-    tap = durable_tap(rabbitmq.url, exchange)
+def test_a_dropped_connection_during_concurrent_sends_loses_no_confirmed_event(transport, rabbitmq, tap):
     confirmed: list[str] = []
     failures: list[BaseException] = []
     dropped = threading.Event()
@@ -172,7 +149,7 @@ def test_a_dropped_connection_during_concurrent_sends_loses_no_confirmed_event(t
     for thread in threads:
         thread.join(timeout=60)
     assert not any(thread.is_alive() for thread in threads)
-    received = drain_ids(rabbitmq.url, tap)
+    received = {event.body["data"]["connectionId"] for event in tap.everything()}
     assert set(confirmed) <= received, "a send returned but its event never reached the broker"
     assert len(failures) <= 8, "a lost connection should cost at most the sends in flight"
     assert transport.connections_opened == 2

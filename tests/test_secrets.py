@@ -18,11 +18,9 @@ import logging
 import os
 import ssl
 import subprocess
-import sys
 import traceback
 import uuid
 from datetime import UTC, datetime, timedelta
-from pathlib import Path
 from typing import Any
 
 import pika
@@ -41,9 +39,7 @@ from shared.events import (
     REFRESH_REQUESTED,
     CheckExpiringData,
     InvalidEventError,
-    RefreshRequestedData,
     make_event,
-    refresh_request_id,
     utc_now,
 )
 from shared.local_host import LocalHost
@@ -51,10 +47,8 @@ from shared.manager_client import IntegrationManagerClient
 from shared.messaging import publisher_from_settings
 from shared.settings import SettingsError, load_settings
 from shared.token_refresh import RefreshRetryLater
-from tests.helpers import iso
+from tests.helpers import cli_environment, iso, raw_event, refresh_request, run_cli
 from tools.stand_in_manager import Answer, StandInManager
-
-APP_ROOT = Path(__file__).resolve().parent.parent
 
 CANARY = uuid.uuid4().hex  # in every secret below: finding it anywhere (even cut short) is a leak
 ACCESS_TOKEN = f"at-{CANARY}"
@@ -223,16 +217,7 @@ def poison_messages() -> dict[str, tuple[str, bytes]]:
     }
 
     def event(event_type: str, data: Any, **envelope: Any) -> bytes:
-        body = {
-            "specversion": "1.0",
-            "id": str(uuid.uuid4()),
-            "source": "integration-token-refresh",
-            "type": event_type,
-            "time": iso(now),
-            "datacontenttype": "application/json",
-            "data": data,
-        }
-        return json.dumps(body | envelope).encode()
+        return json.dumps(raw_event(event_type, data, **envelope)).encode()
 
     return {
         "poison-token-as-id": (
@@ -333,14 +318,7 @@ def test_no_canary_in_logs_events_errors_or_dead_letters(
 def refresh_requested(container, connection_id: str) -> bytes:
     document = container.read_item(connection_id, partition_key="t-secret")
     expires_at = datetime.fromisoformat(document["oauth"]["expiresAt"])
-    data = RefreshRequestedData(
-        connection_id=connection_id,
-        integration_id=document["integrationId"],
-        tenant_id="t-secret",
-        expires_at=expires_at,
-        requested_at=utc_now(),
-    )
-    return make_event(data, event_id=refresh_request_id(data, expires_at)).to_json()
+    return refresh_request(connection_id, document["integrationId"], "t-secret", expires_at).to_json()
 
 
 def test_an_error_code_that_echoes_a_token_is_not_copied_into_events_or_logs(
@@ -390,24 +368,8 @@ SECRET_IN_BAD_SETTINGS = [
 ]  # fmt: skip
 
 
-def cli_env(values: dict[str, str]) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("TOKEN_REFRESH", "COSMOS", "RABBITMQ"))}
-    env.update({"ServiceBusConnection": "", "ServiceBusConnection__fullyQualifiedNamespace": ""})
-    env.update(values)
-    env["PYTHONPATH"] = str(APP_ROOT)
-    return env
-
-
-def run_cli(env: dict[str, str], *args: str, timeout: float = 120) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-m", "shared.cli", "-v", *args],
-        cwd=APP_ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        check=False,
-    )
+def run_cli_verbose(env: dict[str, str], *args: str, timeout: float = 120) -> subprocess.CompletedProcess:
+    return run_cli(env, "-v", *args, timeout=timeout)
 
 
 @pytest.mark.parametrize("bad", SECRET_IN_BAD_SETTINGS)
@@ -426,7 +388,7 @@ def test_settings_errors_never_show_a_secret(bad, secret_env, monkeypatch, debug
     exposure.add_error("timer main", from_function.value)
     exposure.add_logs("timer main", debug_logs)
 
-    result = run_cli(cli_env(environ), "check", "--dry-run")  # and through the CLI
+    result = run_cli_verbose(cli_environment(environ), "check", "--dry-run")  # and through the CLI
     assert result.returncode == 2, result.stderr[-2000:]
     assert "error: " in result.stderr
     exposure.add("CLI stdout", result.stdout)
@@ -468,7 +430,7 @@ def test_a_refused_broker_password_is_never_shown(secret_env, monkeypatch, cosmo
         check_expiring_timer.main(TimerRequest(past_due=False))
     exposure.add_error("timer with a refused password", raised.value)
     exposure.add_logs("timer", debug_logs)
-    result = run_cli(cli_env(secret_env | {"RABBITMQ_URL": wrong}), "run", "--once", timeout=60)
+    result = run_cli_verbose(cli_environment(secret_env | {"RABBITMQ_URL": wrong}), "run", "--once", timeout=60)
     assert result.returncode != 0
     exposure.add("CLI stdout", result.stdout)
     exposure.add("CLI stderr", result.stderr)
@@ -482,10 +444,10 @@ def test_cli_dry_run_and_run_once_never_print_a_secret(secret_env, cosmos_contai
     seed(cosmos_container)
     with StandInManager() as elsewhere:
         manager.script = echoing_manager(elsewhere.url)
-        env = cli_env(secret_env)
-        dry = run_cli(env, "check", "--dry-run")
+        env = cli_environment(secret_env)
+        dry = run_cli_verbose(env, "check", "--dry-run")
         assert dry.returncode == 0, dry.stderr[-3000:]
-        once = run_cli(env, "run", "--once", "--queue-prefix", f"secrets-cli-{uuid.uuid4().hex[:8]}.")
+        once = run_cli_verbose(env, "run", "--once", "--queue-prefix", f"secrets-cli-{uuid.uuid4().hex[:8]}.")
         assert once.returncode == 0, once.stderr[-3000:]
         assert elsewhere.sockets_accepted == 0
     assert f"{len(GOOD) + len(FAILING) + 1} connection(s) would be refreshed" in dry.stdout

@@ -5,11 +5,10 @@ import threading
 from datetime import timedelta
 from types import SimpleNamespace
 
-from azure.functions.servicebus import ServiceBusMessage
-
 import sync_refresh_handler
 from shared import telemetry
-from shared.events import RefreshRequestedData, make_event, refresh_request_id, utc_now
+from shared.events import utc_now
+from tests.helpers import refresh_request, trigger
 
 FIELDS = ("invocationId", "functionName", "connectionId", "integrationId", "tenantId")
 
@@ -25,15 +24,9 @@ def test_every_record_of_a_refresh_invocation_carries_the_ids(app_env, cosmos_co
             "oauth": {"expiresAt": expires_at.isoformat()},
         }
     )
-    data = RefreshRequestedData(
-        connection_id="c-7", integration_id="asana", tenant_id="t-7", expires_at=expires_at, requested_at=utc_now()
-    )
-    event = make_event(data, event_id=refresh_request_id(data, expires_at))
-    message = ServiceBusMessage(
-        body=event.to_json(), message_id=event.id, delivery_count=1, application_properties={}, user_properties={}
-    )
+    event = refresh_request("c-7", "asana", "t-7", expires_at)
     with caplog.at_level(logging.INFO):
-        sync_refresh_handler.main(message, context=SimpleNamespace(invocation_id="inv-123"))
+        sync_refresh_handler.main(trigger(event), context=SimpleNamespace(invocation_id="inv-123"))
     records = [r for r in caplog.records if r.name.startswith("shared.token_refresh")]
     assert any("OAuth tokens refreshed successfully" in r.getMessage() for r in records)
     for record in records:
