@@ -2,6 +2,8 @@
 # `make test` (lint + the whole test suite). Both install what they need first (scripts/setup.sh).
 VENV ?= .venv
 PYTHON := $(VENV)/bin/python
+PYTHON_VERSION ?= 3.13
+export PYTHON_VERSION
 export VENV
 AZCLI_VENV ?= .venv-azcli
 export AZCLI_VENV
@@ -50,4 +52,4 @@ stand-in-manager: setup
 	$(PYTHON) -m tools.stand_in_manager
 
 clean:
-	rm -rf .venv .venv-py312 .venv-azcli node_modules .local .pytest_cache .ruff_cache
+	rm -rf .venv .venv-py311 .venv-py312 .venv-azcli node_modules .local .pytest_cache .ruff_cache

@@ -448,6 +448,7 @@ def bench_connections(database: Any, cosmos: CosmosServer, rabbitmq: RabbitMQ) -
     import manager_check_handler
     import sync_refresh_handler
     from shared import runtime
+    from shared.local_host import LocalInvocationContext
 
     runtime.reset()
     keeper, queue = bound_queue(rabbitmq.url, values["RABBITMQ_EXCHANGE"])
@@ -471,14 +472,14 @@ def bench_connections(database: Any, cosmos: CosmosServer, rabbitmq: RabbitMQ) -
     pool_logger.addHandler(recorder)
     now = utc_now()
     check = make_event(CheckExpiringData(timestamp=now, threshold_time=now + timedelta(hours=1)))
-    manager_check_handler.main(trigger(check.to_json()))
+    manager_check_handler.main(trigger(check.to_json()), context=LocalInvocationContext("manager_check_handler"))
     invocations = 1
     while True:
         method, properties, body = channel.basic_get(queue, auto_ack=True)
         if method is None:
             break
         if properties.type == "integration.token.refresh-requested" or b"refresh-requested" in body[:300]:
-            sync_refresh_handler.main(trigger(body))
+            sync_refresh_handler.main(trigger(body), context=LocalInvocationContext("sync_refresh_handler"))
             invocations += 1
     rabbit = rabbitmq.ctl("list_connections", "client_properties").count("integration-token-refresh")
     counts = {

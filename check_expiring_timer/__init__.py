@@ -6,6 +6,6 @@ from shared import telemetry
 from shared.check_timer import run_timer_tick
 
 
-def main(timer: func.TimerRequest, context: func.Context | None = None) -> None:
+def main(timer: func.TimerRequest, context: func.Context) -> None:
     with telemetry.invocation(context, "check_expiring_timer"):
         run_timer_tick(past_due=timer.past_due)

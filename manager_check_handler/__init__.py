@@ -6,7 +6,7 @@ from shared import telemetry
 from shared.expiring_check import handle_check_expiring_message
 
 
-def main(message: func.ServiceBusMessage, context: func.Context | None = None) -> None:
+def main(message: func.ServiceBusMessage, context: func.Context) -> None:
     with telemetry.invocation(context, "manager_check_handler"):
         handle_check_expiring_message(
             message.get_body(), delivery_count=message.delivery_count, message_id=message.message_id

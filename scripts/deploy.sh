@@ -14,7 +14,7 @@ Usage: RESOURCE_GROUP=... LOCATION=... APP_NAME=... COSMOS_ACCOUNT=... scripts/d
 
 Creates or updates, in RESOURCE_GROUP: a storage account, a Service Bus namespace (Standard) with the
 app's four queues, Log Analytics + Application Insights, a user-assigned managed identity and its role
-assignments, a Key Vault, a Flex Consumption function app (Python 3.11) with identity-based
+assignments, a Key Vault, a Flex Consumption function app (Python 3.13) with identity-based
 connections and no keys in its settings, the Cosmos DB state container in the existing COSMOS_ACCOUNT,
 and an alert on dead-lettered messages; then publishes the code (zip of the app root, honouring
 .funcignore, remote build). Needs `az login` and rights to create role assignments.
@@ -44,6 +44,8 @@ Optional environment (default):
   APP_INSIGHTS                           (APP_NAME-insights)
   INSTANCE_MEMORY_MB                     Flex Consumption instance size: 512, 2048 or 4096 (2048)
   MAXIMUM_INSTANCE_COUNT                 Flex Consumption scale-out limit (platform default)
+  PYTHON_RUNTIME_VERSION                 3.11, 3.12 or 3.13 (3.13: requirements.txt pins its worker to
+                                         the version the real-worker tests run)
   TOKEN_REFRESH_INTERVAL_MS              (3600000)
   TOKEN_REFRESH_EXPIRATION_THRESHOLD_MS  (3900000)
   TOKEN_REFRESH_MAX_DELIVERY_COUNT       also the refresh queue's max delivery count (10)
@@ -286,6 +288,7 @@ APP_INSIGHTS="${APP_INSIGHTS:-$APP_NAME-insights}"
 DEPLOYMENT_CONTAINER="${DEPLOYMENT_CONTAINER:-app-package}"
 INSTANCE_MEMORY_MB="${INSTANCE_MEMORY_MB:-2048}"
 MAXIMUM_INSTANCE_COUNT="${MAXIMUM_INSTANCE_COUNT:-}"
+PYTHON_RUNTIME_VERSION="${PYTHON_RUNTIME_VERSION:-3.13}"
 TOKEN_REFRESH_INTERVAL_MS="${TOKEN_REFRESH_INTERVAL_MS:-3600000}"
 TOKEN_REFRESH_EXPIRATION_THRESHOLD_MS="${TOKEN_REFRESH_EXPIRATION_THRESHOLD_MS:-3900000}"
 TOKEN_REFRESH_MAX_DELIVERY_COUNT="${TOKEN_REFRESH_MAX_DELIVERY_COUNT:-10}"
@@ -301,6 +304,8 @@ for name in TOKEN_REFRESH_INTERVAL_MS TOKEN_REFRESH_EXPIRATION_THRESHOLD_MS TOKE
     INSTANCE_MEMORY_MB; do
     [[ "${!name}" =~ ^[0-9]+$ ]] || usage_error "$name must be a whole number"
 done
+[[ "$PYTHON_RUNTIME_VERSION" =~ ^3\.1[1-3]$ ]] \
+    || usage_error "PYTHON_RUNTIME_VERSION must be 3.11, 3.12 or 3.13 (3.13 runs the worker version the tests pin)"
 [[ -z "$MAXIMUM_INSTANCE_COUNT" || "$MAXIMUM_INSTANCE_COUNT" =~ ^[0-9]+$ ]] \
     || usage_error "MAXIMUM_INSTANCE_COUNT must be a whole number"
 ((TOKEN_REFRESH_MAX_DELIVERY_COUNT >= 1 && TOKEN_REFRESH_MAX_DELIVERY_COUNT <= 100)) \
@@ -506,14 +511,14 @@ else
 fi
 
 # --- 10. function app -----------------------------------------------------------------------------
-step "function app (Flex Consumption, Python 3.11, user-assigned identity)"
+step "function app (Flex Consumption, Python $PYTHON_RUNTIME_VERSION, user-assigned identity)"
 if az_exists functionapp show --name "$APP_NAME" --resource-group "$RESOURCE_GROUP" --output none; then
     note "function app $APP_NAME exists"
 else
     note "when the function app is missing:"
     create_args=(functionapp create --name "$APP_NAME" --resource-group "$RESOURCE_GROUP"
         --storage-account "$STORAGE_ACCOUNT" --flexconsumption-location "$LOCATION"
-        --runtime python --runtime-version 3.11 --instance-memory "$INSTANCE_MEMORY_MB")
+        --runtime python --runtime-version "$PYTHON_RUNTIME_VERSION" --instance-memory "$INSTANCE_MEMORY_MB")
     if [[ -n "$MAXIMUM_INSTANCE_COUNT" ]]; then
         create_args+=(--maximum-instance-count "$MAXIMUM_INSTANCE_COUNT")
     fi
@@ -544,6 +549,9 @@ settings=(
     "AZURE_CLIENT_ID=$client_id"
     "APPLICATIONINSIGHTS_CONNECTION_STRING=$insights_connection_string"
     "APPLICATIONINSIGHTS_AUTHENTICATION_STRING=ClientId=$client_id;Authorization=AAD"
+    # The Python worker configures Azure Monitor OpenTelemetry itself (azure-monitor-opentelemetry in
+    # requirements.txt): the app's log fields arrive as customDimensions (docs/operations.md).
+    "PYTHON_APPLICATIONINSIGHTS_ENABLE_TELEMETRY=true"
     "COSMOS_ENDPOINT=$cosmos_endpoint"
     "COSMOS_DATABASE=$COSMOS_DATABASE"
     "COSMOS_CONNECTIONS_CONTAINER=$COSMOS_CONNECTIONS_CONTAINER"

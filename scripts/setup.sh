@@ -5,8 +5,10 @@
 #   1. rabbitmq-server (Debian package) when /usr/lib/rabbitmq/bin/rabbitmq-server is missing
 #   2. npm packages (Azurite, the Cosmos DB-compatible server) when node_modules is missing or older
 #      than package-lock.json
-#   3. .venv (Python >= 3.11) with requirements-dev.txt, re-installed only when a requirements file
-#      changed. VENV=dir and SETUP_PYTHON=interpreter choose another venv / Python (CI tests 3.12 too).
+#   3. .venv (Python 3.13, the deploy default, whose worker the real-worker tests run) with
+#      requirements-dev.txt, re-installed only when a requirements file changed. VENV=dir and
+#      PYTHON_VERSION=3.11|3.12|3.13 choose another venv / Python (CI tests all three); SETUP_PYTHON=path
+#      names an interpreter directly. Interpreters are looked up on PATH, then in pyenv's versions.
 set -euo pipefail
 
 repo_root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -56,25 +58,38 @@ else
 fi
 
 # --- 3. Python virtualenv -------------------------------------------------------------------------
-python_ok() {  # the interpreter exists and is >= 3.11
-    "$1" -c 'import sys; sys.exit(0 if sys.version_info >= (3, 11) else 1)' >/dev/null 2>&1
+wanted_version="${PYTHON_VERSION:-3.13}"
+[[ "$wanted_version" =~ ^3\.(1[1-9])$ ]] || die "PYTHON_VERSION must be 3.11 or newer (3.11, 3.12, 3.13), got '$wanted_version'"
+
+python_version_of() {  # "3.13" for an interpreter that runs, else nothing
+    "$1" -c 'import sys; print("%d.%d" % sys.version_info[:2])' 2>/dev/null || true
+}
+
+find_python() {  # an interpreter of the wanted version: SETUP_PYTHON, PATH, then pyenv's versions
+    local candidate
+    local pyenv_root
+    pyenv_root="$(pyenv root 2>/dev/null || echo "${PYENV_ROOT:-$HOME/.pyenv}")"
+    for candidate in ${SETUP_PYTHON:-} "python$wanted_version" "$pyenv_root"/versions/"$wanted_version".*/bin/"python$wanted_version"; do
+        if [[ "$candidate" == */* ]]; then [[ -x "$candidate" ]] || continue
+        else candidate="$(command -v "$candidate" 2>/dev/null)" || continue
+        fi
+        if [[ "$(python_version_of "$candidate")" == "$wanted_version" ]]; then
+            printf '%s\n' "$candidate"
+            return 0
+        fi
+    done
+    return 1
 }
 
 venv="${VENV:-.venv}"
-if [[ -x "$venv/bin/python" ]] && ! python_ok "$venv/bin/python"; then
-    log "$venv is broken or older than Python 3.11: recreating it"
+if [[ -x "$venv/bin/python" && "$(python_version_of "$venv/bin/python")" != "$wanted_version" ]]; then
+    log "$venv is not Python $wanted_version (or is broken): recreating it"
     rm -rf "$venv"
 fi
 
 if [[ ! -x "$venv/bin/python" ]]; then
-    python=""
-    for candidate in ${SETUP_PYTHON:-python3.11 python3}; do
-        if command -v "$candidate" >/dev/null 2>&1 && python_ok "$candidate"; then
-            python="$candidate"
-            break
-        fi
-    done
-    [[ -n "$python" ]] || die "Python >= 3.11 is needed (python3.11 or python3 on PATH)"
+    python="$(find_python)" \
+        || die "Python $wanted_version is needed (python$wanted_version on PATH, or pyenv install $wanted_version); PYTHON_VERSION=3.11 or 3.12 also work, without the real-worker tests (the worker needs 3.13)"
     log "creating $venv with $("$python" --version 2>&1)"
     "$python" -m venv "$venv"
 fi

@@ -300,7 +300,6 @@ class ServiceBusTransport:
     @staticmethod
     def _send_queued(sender: Any, queued: deque[_Batch]) -> None:
         """Send every batch queued for this sender; a failure fails each of them (their senders raise)."""
-        from azure.servicebus import ServiceBusMessage
         from azure.servicebus.exceptions import MessageSizeExceededError
 
         taken: list[_Batch] = []
@@ -309,13 +308,7 @@ class ServiceBusTransport:
         try:
             message_batch = sender.create_message_batch()
             for event in (event for batch in taken for event in batch.events):
-                message = ServiceBusMessage(
-                    event.to_json(),
-                    message_id=event.id,
-                    content_type=CONTENT_TYPE,
-                    application_properties={"type": event.type},
-                    session_id=session_id(event),
-                )
+                message = service_bus_message(event)
                 try:
                     message_batch.add_message(message)
                 except MessageSizeExceededError:
@@ -345,6 +338,20 @@ class ServiceBusTransport:
                 sender.close()
             self._senders.clear()
             self._client.close()
+
+
+def service_bus_message(event: CloudEvent) -> Any:
+    """The Service Bus message an event is sent as (DESIGN.md section 3): the CloudEvent as the body,
+    its id as message id, its type as application property, and a session for refresh requests."""
+    from azure.servicebus import ServiceBusMessage
+
+    return ServiceBusMessage(
+        event.to_json(),
+        message_id=event.id,
+        content_type=CONTENT_TYPE,
+        application_properties={"type": event.type},
+        session_id=session_id(event),
+    )
 
 
 def session_id(event: CloudEvent) -> str | None:

@@ -6,12 +6,14 @@ import sys
 import uuid
 from datetime import datetime
 from pathlib import Path
+from types import ModuleType
 from typing import Any
 
 from azure.functions.servicebus import ServiceBusMessage
 
 from shared.events import CloudEvent, RefreshRequestedData, make_event, refresh_request_id, utc_now
 from shared.events import format_time as iso  # re-exported: ISO-8601 UTC with a Z, as the platform writes
+from shared.local_host import LocalInvocationContext
 
 MISSING = object()  # a field left out of a document or message
 
@@ -28,6 +30,14 @@ def trigger(
         application_properties={},
         user_properties={},
     )
+
+
+def invoke(function_module: ModuleType, trigger_object: Any, **kwargs: Any) -> None:
+    """Call a function folder's main() as the Functions host would: with the trigger object and an
+    invocation `context` (a fresh invocation id). The real worker's own checks are in test_real_worker."""
+    function_name = function_module.__name__.rsplit(".", 1)[-1]
+    kwargs.setdefault("context", LocalInvocationContext(function_name))
+    function_module.main(trigger_object, **kwargs)
 
 
 APP_ROOT = Path(__file__).resolve().parent.parent

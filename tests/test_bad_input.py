@@ -50,7 +50,7 @@ from shared.events import (
 from shared.local_host import LocalHost
 from shared.settings import SettingsError, load_settings
 from shared.token_refresh import RefreshRetryLater
-from tests.helpers import MISSING, iso, raw_event, refresh_request, trigger
+from tests.helpers import MISSING, invoke, iso, raw_event, refresh_request, trigger
 from tools.stand_in_manager import Answer, StandInManager
 
 
@@ -185,11 +185,11 @@ SETTINGS_TABLE = [
 
 def run_entry(entry: str, container, event_tap, delivery_count: int = 1) -> None:
     if entry == "timer":
-        check_expiring_timer.main(TimerRequest(past_due=False))
+        invoke(check_expiring_timer, TimerRequest(past_due=False))
     elif entry == "check":
-        manager_check_handler.main(trigger(check_body(), delivery_count))
+        invoke(manager_check_handler, trigger(check_body(), delivery_count))
     else:
-        sync_refresh_handler.main(trigger(refresh_body(container, "conn-settings"), delivery_count))
+        invoke(sync_refresh_handler, trigger(refresh_body(container, "conn-settings"), delivery_count))
 
 
 @pytest.mark.parametrize("case", SETTINGS_TABLE)
@@ -232,12 +232,12 @@ def test_a_check_that_could_not_be_published_runs_on_the_next_tick(app_env, rabb
     user, password = f"bad-input-{uuid.uuid4().hex[:8]}", uuid.uuid4().hex
     monkeypatch.setenv("RABBITMQ_URL", app_env["RABBITMQ_URL"].replace("guest:guest@", f"{user}:{password}@"))
     with pytest.raises(Exception, match=r"could not publish 1 event\(s\) \(rabbitmq: ") as raised:
-        check_expiring_timer.main(TimerRequest(past_due=False))
+        invoke(check_expiring_timer, TimerRequest(past_due=False))
     assert password not in str(raised.value)
     rabbitmq.ctl("add_user", user, password)
     rabbitmq.ctl("set_permissions", "-p", "/", user, ".*", ".*", ".*")
     try:
-        check_expiring_timer.main(TimerRequest(past_due=False))  # the next tick, a minute later
+        invoke(check_expiring_timer, TimerRequest(past_due=False))  # the next tick, a minute later
         assert len(event_tap.of_type(CHECK_EXPIRING)) == 1
     finally:
         rabbitmq.ctl("delete_user", user)
@@ -383,7 +383,7 @@ def test_poison_message(case: PoisonMessage, local_host, app_env, cosmos_contain
 
     # The function itself: a clear, short reason, and one "Poison message" line naming the queue.
     with caplog.at_level(logging.INFO), pytest.raises(InvalidEventError) as raised:
-        FUNCTIONS[case.queue].main(trigger(case.body, message_id="poison-direct"))
+        invoke(FUNCTIONS[case.queue], trigger(case.body, message_id="poison-direct"))
     reason = str(raised.value)
     assert case.says in reason, reason[:500]
     assert len(reason) <= 300, f"{len(reason)}-character reason: {reason[:300]}..."
@@ -510,10 +510,10 @@ def test_cosmos_document(fields, expected, app_env, cosmos_container, manager, e
     seed_connection(cosmos_container, "conn-good")
 
     with caplog.at_level(logging.INFO):
-        manager_check_handler.main(trigger(check_body()))
+        invoke(manager_check_handler, trigger(check_body()))
         requests_ = event_tap.of_type(REFRESH_REQUESTED)
         for request in requests_:  # and each resulting refresh request, as the refresh queue would
-            sync_refresh_handler.main(trigger(json.dumps(request).encode()))
+            invoke(sync_refresh_handler, trigger(json.dumps(request).encode()))
     requested = {e["data"]["connectionId"] for e in requests_}
     published = outcome_events(event_tap)
     refreshed = {e["data"]["connectionId"] for e in published.get(REFRESHED, [])}
@@ -665,9 +665,9 @@ def test_manager_answer(case: ManagerAnswer, app_env, monkeypatch, cosmos_contai
         with caplog.at_level(logging.INFO):
             if isinstance(case.expect, RetryLater):
                 with pytest.raises(RefreshRetryLater):
-                    sync_refresh_handler.main(message)
+                    invoke(sync_refresh_handler, message)
             else:
-                sync_refresh_handler.main(message)
+                invoke(sync_refresh_handler, message)
         assert time.monotonic() - started < 10
         # Redirects are never followed: the other host saw no connection at all, let alone the token.
         assert elsewhere.sockets_accepted == 0 and elsewhere.calls == []
@@ -704,5 +704,5 @@ def test_manager_answer(case: ManagerAnswer, app_env, monkeypatch, cosmos_contai
 
     # Same process, a good answer: the next refresh works.
     manager.script = None
-    sync_refresh_handler.main(trigger(refresh_body(cosmos_container, "conn-good")))
+    invoke(sync_refresh_handler, trigger(refresh_body(cosmos_container, "conn-good")))
     assert [e["data"]["connectionId"] for e in event_tap.of_type(REFRESHED)] == ["conn-good"]

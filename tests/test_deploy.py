@@ -10,6 +10,7 @@ unknown option, a misspelled command, a bad value) fails the test.
 
 from __future__ import annotations
 
+import importlib.metadata
 import json
 import os
 import re
@@ -227,6 +228,8 @@ def test_app_settings_use_identity_and_no_keys(full):
     assert settings["COSMOS_STATE_CONTAINER"] == "token_refresh_state"
     assert settings["INTEGRATION_MANAGER_URL"] == FULL["INTEGRATION_MANAGER_URL"]
     assert settings["APPLICATIONINSIGHTS_AUTHENTICATION_STRING"] == "ClientId=<identity-client-id>;Authorization=AAD"
+    # The worker configures Azure Monitor OpenTelemetry (which reads the authentication string above).
+    assert settings["PYTHON_APPLICATIONINSIGHTS_ENABLE_TELEMETRY"] == "true"
     for argv in commands(full, "functionapp", "config", "appsettings"):
         line = shlex.join(argv)
         assert not any(marker in line for marker in KEY_MARKERS), line
@@ -298,7 +301,7 @@ def test_function_app_state_container_alert_and_publish(full):
     (create,) = commands(full, "functionapp", "create")
     assert option(create, "--flexconsumption-location") == FULL["LOCATION"]
     assert option(create, "--runtime") == "python"
-    assert option(create, "--runtime-version") == "3.11"
+    assert option(create, "--runtime-version") == "3.13"  # the Python whose worker requirements.txt pins
     assert option(create, "--assign-identity").endswith("/userAssignedIdentities/token-refresh-test-identity")
     assert option(create, "--deployment-storage-auth-type") == "UserAssignedIdentity"
 
@@ -318,6 +321,24 @@ def test_function_app_state_container_alert_and_publish(full):
     assert option(publish, "--build-remote") == "true"
     assert option(publish, "--src").endswith(".zip")
     assert publish == commands(full, "functionapp")[-1], "the code is published last"
+
+
+def worker_pin(requirements: str) -> tuple[str, str, str]:
+    """(operator, version, marker) of the azure-functions-runtime-v1 line of a requirements file."""
+    from packaging.requirements import Requirement
+
+    lines = [line for line in requirements.splitlines() if line.startswith("azure-functions-runtime-v1")]
+    [requirement] = [Requirement(line) for line in lines]
+    [specifier] = requirement.specifier
+    return specifier.operator, specifier.version, str(requirement.marker)
+
+
+# The version the real-worker tests ran on this machine (they run on 3.13; CI runs 3.13 first).
+WORKER_VERSION_TESTED = (
+    importlib.metadata.version("azure-functions-runtime-v1")
+    if sys.version_info >= (3, 13)
+    else worker_pin((REPO / "requirements.txt").read_text())[1]
+)
 
 
 def test_package_honours_funcignore(tmp_path):
@@ -340,6 +361,10 @@ def test_package_honours_funcignore(tmp_path):
         assert not top.startswith(".venv"), name
         assert "__pycache__" not in name
         assert name != "local.settings.json"
+    # On Python 3.13 the deployed app runs exactly the worker the real-worker tests run.
+    requirements = zipfile.ZipFile(zip_path).read("requirements.txt").decode()
+    assert worker_pin(requirements) == ("==", WORKER_VERSION_TESTED, 'python_version >= "3.13"')
+    assert "azure-monitor-opentelemetry" in requirements
     # Same tree, same bytes: a deployment can be rebuilt from a commit.
     again = tmp_path / "again.zip"
     assert run_deploy({}, "--package", str(again)).returncode == 0

@@ -22,7 +22,7 @@ from shared.manager_client import RefreshOutcome, parse_retry_after
 from shared.messaging import session_id
 from shared.state_store import connection_key
 from shared.token_refresh import RefreshRetryLater, call_with_retries
-from tests.helpers import iso, refresh_request, trigger
+from tests.helpers import invoke, iso, refresh_request, trigger
 from tools.stand_in_manager import Answer
 
 
@@ -112,9 +112,9 @@ def test_transient_failure_is_redelivered_then_reported_on_the_last_delivery(
     manager.script = lambda call: Answer(503)
     for delivery in (1, 2):
         with pytest.raises(RefreshRetryLater):
-            sync_refresh_handler.main(trigger(request, delivery))
+            invoke(sync_refresh_handler, trigger(request, delivery))
         assert event_tap.drain() == []  # nothing is reported while the queue will retry
-    sync_refresh_handler.main(trigger(request, 3))
+    invoke(sync_refresh_handler, trigger(request, 3))
     [failed] = event_tap.of_type(REFRESH_FAILED)
     assert failed["data"]["retryable"] is True
     assert failed["data"]["attempts"] == 6 == len(manager.calls)  # 2 calls x 3 deliveries
@@ -126,8 +126,8 @@ def test_transient_failure_then_success_ends_refreshed(app_env, cosmos_container
     manager.script = lambda call: next(answers)
     request = request_for("c-1", expires_at)
     with pytest.raises(RefreshRetryLater):
-        sync_refresh_handler.main(trigger(request, 1))
-    sync_refresh_handler.main(trigger(request, 2))
+        invoke(sync_refresh_handler, trigger(request, 1))
+    invoke(sync_refresh_handler, trigger(request, 2))
     events = event_tap.drain()
     assert [e.routing_key for e in events] == [REFRESHED]
     assert len(manager.calls) == 3
@@ -143,7 +143,7 @@ def test_429_with_retry_after_waits_before_calling_again(app_env, cosmos_contain
         return next(answers)
 
     manager.script = script
-    sync_refresh_handler.main(trigger(request_for("c-1", expires_at)))
+    invoke(sync_refresh_handler, trigger(request_for("c-1", expires_at)))
     assert stamps[1] - stamps[0] >= 1.0
     assert [e.routing_key for e in event_tap.drain()] == [REFRESHED]
 
@@ -155,9 +155,9 @@ def test_a_redelivered_or_duplicate_request_is_not_refreshed_twice(app_env, cosm
     expires_at = seed_connection(cosmos_container)
     request = request_for("c-1", expires_at)
     manager.script = lambda call: Answer(200, {})  # does not move expiresAt: only the claim prevents a 2nd call
-    sync_refresh_handler.main(trigger(request, 1))
-    sync_refresh_handler.main(trigger(request, 2))  # redelivery after, say, a lost completion
-    sync_refresh_handler.main(trigger(request_for("c-1", expires_at), 1))  # a second check's duplicate
+    invoke(sync_refresh_handler, trigger(request, 1))
+    invoke(sync_refresh_handler, trigger(request, 2))  # redelivery after, say, a lost completion
+    invoke(sync_refresh_handler, trigger(request_for("c-1", expires_at), 1))  # a second check's duplicate
     assert len(manager.calls) == 1
     assert [e.routing_key for e in event_tap.drain()] == [REFRESHED]
 
@@ -165,7 +165,7 @@ def test_a_redelivered_or_duplicate_request_is_not_refreshed_twice(app_env, cosm
 def test_a_request_whose_token_was_refreshed_since_is_not_called(app_env, cosmos_container, manager, event_tap):
     old_expiry = seed_connection(cosmos_container)
     seed_connection(cosmos_container, expires_in=timedelta(hours=1))  # refreshed by someone else meanwhile
-    sync_refresh_handler.main(trigger(request_for("c-1", old_expiry)))
+    invoke(sync_refresh_handler, trigger(request_for("c-1", old_expiry)))
     assert manager.calls == []
     assert event_tap.drain() == []
 
@@ -179,7 +179,7 @@ def test_a_request_for_a_connection_revoked_or_deleted_since_is_not_called(
         seed_connection(cosmos_container, status="revoked")
     else:
         cosmos_container.delete_item("c-1", partition_key="t-1")
-    sync_refresh_handler.main(trigger(request_for("c-1", expires_at)))
+    invoke(sync_refresh_handler, trigger(request_for("c-1", expires_at)))
     assert manager.calls == []
 
 
@@ -189,7 +189,7 @@ def test_a_request_held_by_a_live_invocation_is_left_alone(app_env, cosmos_conta
     key = connection_key("t-1", "zoom", "c-1")
     # Another invocation claimed it and is still within its lease (a slow refresh).
     assert runtime.state_store().claim(request.id, key, int(time.time() * 1000), 60_000).status == "acquired"
-    sync_refresh_handler.main(trigger(request))
+    invoke(sync_refresh_handler, trigger(request))
     assert manager.calls == []
 
 
@@ -199,7 +199,7 @@ def test_a_claim_whose_holder_died_is_taken_over_after_its_lease(app_env, cosmos
     key = connection_key("t-1", "zoom", "c-1")
     long_ago = int(time.time() * 1000) - 3_600_000
     runtime.state_store().claim(request.id, key, long_ago, 1000)  # lease ran out an hour ago
-    sync_refresh_handler.main(trigger(request))
+    invoke(sync_refresh_handler, trigger(request))
     assert len(manager.calls) == 1
     assert [e.routing_key for e in event_tap.drain()] == [REFRESHED]
 
@@ -217,13 +217,13 @@ def test_a_redelivery_finishes_the_story_of_an_invocation_killed_after_the_refre
     key = connection_key("t-1", "zoom", "c-1")
     assert runtime.state_store().claim(request.id, key, int(time.time() * 1000), 600_000).status == "acquired"
     new_expiry = seed_connection(cosmos_container, expires_in=timedelta(hours=1))
-    sync_refresh_handler.main(trigger(request, delivery))
+    invoke(sync_refresh_handler, trigger(request, delivery))
     assert manager.calls == []
     events = event_tap.drain()
     assert [e.routing_key for e in events] == expected
     if expected:
         assert events[0].body["data"]["expiresAt"] == iso(new_expiry)
-        sync_refresh_handler.main(trigger(request, delivery + 1))  # and only once
+        invoke(sync_refresh_handler, trigger(request, delivery + 1))  # and only once
         assert event_tap.drain() == []
 
 
@@ -241,9 +241,9 @@ def test_an_outcome_whose_publish_failed_is_published_on_redelivery_without_call
 
     monkeypatch.setattr(publisher, "publish", broken_publish)
     with pytest.raises(ConnectionError):
-        sync_refresh_handler.main(trigger(request, 1))
+        invoke(sync_refresh_handler, trigger(request, 1))
     monkeypatch.setattr(publisher, "publish", real_publish)
-    sync_refresh_handler.main(trigger(request, 2))
+    invoke(sync_refresh_handler, trigger(request, 2))
     assert len(manager.calls) == 1
     [refreshed] = event_tap.of_type(REFRESHED)
     assert refreshed["data"]["connectionId"] == "c-1"
@@ -274,19 +274,19 @@ def test_a_permanent_failure_is_not_requested_again_until_the_document_changes(
         Answer(400, {"error": "invalid_grant"}) if call.connection_id == "broken" else Answer(200, {})
     )
 
-    manager_check_handler.main(trigger(check_event()))
+    invoke(manager_check_handler, trigger(check_event()))
     requests = [e for e in event_tap.drain() if e.routing_key == REFRESH_REQUESTED]
     assert sorted(e.body["data"]["connectionId"] for e in requests) == ["broken", "fine"]
     for captured in requests:
-        sync_refresh_handler.main(trigger(make_event_from(captured.body)))
+        invoke(sync_refresh_handler, trigger(make_event_from(captured.body)))
     event_tap.drain()
 
-    manager_check_handler.main(trigger(check_event()))  # next run: "broken" unchanged -> suppressed
+    invoke(manager_check_handler, trigger(check_event()))  # next run: "broken" unchanged -> suppressed
     assert requested_ids(event_tap) == ["fine"]
 
     time.sleep(1.1)  # Cosmos _ts has one-second resolution
     seed_connection(cosmos_container, "broken")  # the user reconnected: the document changed
-    manager_check_handler.main(trigger(check_event()))
+    invoke(manager_check_handler, trigger(check_event()))
     assert requested_ids(event_tap) == ["broken", "fine"]
 
 
@@ -297,11 +297,11 @@ def test_the_cooldown_lets_an_unchanged_failure_be_tried_again(
     runtime.reset()
     expires_at = seed_connection(cosmos_container, "broken")
     manager.script = lambda call: Answer(400, {"error": "invalid_grant"})
-    sync_refresh_handler.main(trigger(request_for("broken", expires_at)))
-    manager_check_handler.main(trigger(check_event()))
+    invoke(sync_refresh_handler, trigger(request_for("broken", expires_at)))
+    invoke(manager_check_handler, trigger(check_event()))
     assert requested_ids(event_tap) == []
     time.sleep(1.1)
-    manager_check_handler.main(trigger(check_event()))
+    invoke(manager_check_handler, trigger(check_event()))
     assert requested_ids(event_tap) == ["broken"]
 
 
@@ -322,7 +322,7 @@ def seed_without_expiry(container, connection_id, refresh_token=True):
 def test_tokens_without_expiry_are_ignored_by_default(app_env, cosmos_container, event_tap):
     seed_without_expiry(cosmos_container, "no-expiry")
     time.sleep(1.1)
-    manager_check_handler.main(trigger(check_event()))
+    invoke(manager_check_handler, trigger(check_event()))
     assert requested_ids(event_tap) == []
 
 
@@ -333,13 +333,13 @@ def test_tokens_without_expiry_are_refreshed_when_their_document_is_older_than_m
     runtime.reset()
     seed_without_expiry(cosmos_container, "no-expiry")
     seed_without_expiry(cosmos_container, "no-refresh-token", refresh_token=False)
-    manager_check_handler.main(trigger(check_event()))
+    invoke(manager_check_handler, trigger(check_event()))
     assert requested_ids(event_tap) == []  # younger than the max age
     time.sleep(2.1)
-    manager_check_handler.main(trigger(check_event()))
+    invoke(manager_check_handler, trigger(check_event()))
     [request] = event_tap.of_type(REFRESH_REQUESTED)
     assert request["data"]["connectionId"] == "no-expiry"
     assert "expiresAt" not in request["data"]
-    sync_refresh_handler.main(trigger(make_event_from(request)))
+    invoke(sync_refresh_handler, trigger(make_event_from(request)))
     assert [call.connection_id for call in manager.calls] == ["no-expiry"]
     assert [json.dumps(e["data"]["connectionId"]) for e in event_tap.of_type(REFRESHED)] == ['"no-expiry"']

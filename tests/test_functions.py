@@ -23,7 +23,7 @@ from shared.events import (
     parse_time,
     utc_now,
 )
-from tests.helpers import iso, trigger
+from tests.helpers import invoke, iso, trigger
 from tests.helpers import refresh_request as refresh_request_event
 from tools.stand_in_manager import Answer
 
@@ -36,7 +36,7 @@ APP_ROOT = Path(__file__).resolve().parent.parent
 def test_timer_publishes_check_expiring_with_the_threshold(app_env, event_tap, caplog):
     with caplog.at_level(logging.INFO):
         before = utc_now()
-        check_expiring_timer.main(TimerRequest(past_due=False))
+        invoke(check_expiring_timer, TimerRequest(past_due=False))
     [event] = event_tap.of_type(CHECK_EXPIRING)
     data = event["data"]
     timestamp, threshold = parse_time(data["timestamp"]), parse_time(data["thresholdTime"])
@@ -49,7 +49,7 @@ def test_timer_publishes_check_expiring_with_the_threshold(app_env, event_tap, c
 def test_timer_runs_once_per_interval_and_announces_once_per_process(app_env, event_tap, caplog):
     with caplog.at_level(logging.INFO):
         for _ in range(3):
-            check_expiring_timer.main(TimerRequest(past_due=False))
+            invoke(check_expiring_timer, TimerRequest(past_due=False))
     assert len(event_tap.of_type(CHECK_EXPIRING)) == 1
     assert caplog.text.count("Token refresh worker initialized and started") == 1
 
@@ -69,8 +69,8 @@ def test_timer_cadence_follows_the_interval_setting(app_env, monkeypatch):
 def test_timer_publishes_nothing_when_disabled(app_env, monkeypatch, event_tap, caplog):
     monkeypatch.setenv("TOKEN_REFRESH_ENABLED", "false")
     with caplog.at_level(logging.INFO):
-        check_expiring_timer.main(TimerRequest(past_due=False))
-        check_expiring_timer.main(TimerRequest(past_due=True))
+        invoke(check_expiring_timer, TimerRequest(past_due=False))
+        invoke(check_expiring_timer, TimerRequest(past_due=True))
     assert event_tap.drain() == []
     assert caplog.text.count("Token refresh is disabled") == 1
     assert "initialized and started" not in caplog.text
@@ -111,7 +111,7 @@ def check_event(threshold_minutes=65):
 def test_check_handler_requests_one_refresh_per_expiring_connection(app_env, cosmos_container, event_tap, caplog):
     seed(cosmos_container)
     with caplog.at_level(logging.INFO):
-        manager_check_handler.main(trigger(check_event()))
+        invoke(manager_check_handler, trigger(check_event()))
     requests_ = event_tap.of_type(REFRESH_REQUESTED)
     assert sorted(event["data"]["connectionId"] for event in requests_) == ["due-0", "due-1", "due-2"]
     assert "Token check-expiring event received" in caplog.text
@@ -122,9 +122,9 @@ def test_check_handler_requests_one_refresh_per_expiring_connection(app_env, cos
 
 def test_check_handler_gives_the_same_ids_for_the_same_connection_and_expiry(app_env, cosmos_container, event_tap):
     seed(cosmos_container)
-    manager_check_handler.main(trigger(check_event()))
+    invoke(manager_check_handler, trigger(check_event()))
     first = {e["data"]["connectionId"]: e["id"] for e in event_tap.of_type(REFRESH_REQUESTED)}
-    manager_check_handler.main(trigger(check_event()))
+    invoke(manager_check_handler, trigger(check_event()))
     second = {e["data"]["connectionId"]: e["id"] for e in event_tap.of_type(REFRESH_REQUESTED)}
     assert first == second
 
@@ -132,7 +132,7 @@ def test_check_handler_gives_the_same_ids_for_the_same_connection_and_expiry(app
 @pytest.mark.parametrize("body", [b"{not json", b'{"specversion":"1.0"}', b"[]"])
 def test_check_handler_rejects_malformed_messages_with_a_clear_error(app_env, event_tap, body):
     with pytest.raises(InvalidEventError):
-        manager_check_handler.main(trigger(body))
+        invoke(manager_check_handler, trigger(body))
     assert event_tap.drain() == []
 
 
@@ -159,7 +159,7 @@ def test_refresh_handler_calls_the_manager_and_publishes_refreshed(
     app_env, cosmos_container, manager, event_tap, caplog
 ):
     with caplog.at_level(logging.INFO):
-        sync_refresh_handler.main(trigger(refresh_request(cosmos_container)))
+        invoke(sync_refresh_handler, trigger(refresh_request(cosmos_container)))
     [call] = manager.calls
     assert call.raw_path == "/api/v1/integrations/github/connections/conn-1/refresh"
     assert call.headers["Authorization"] == f"Bearer {app_env['INTEGRATION_MANAGER_TOKEN']}"
@@ -187,7 +187,7 @@ def test_refresh_handler_publishes_failed_with_error_retryable_and_attempts(
 ):
     manager.script = lambda call: Answer(status, body)
     # The last delivery (TOKEN_REFRESH_MAX_DELIVERY_COUNT=3 in the test settings) reports any failure.
-    sync_refresh_handler.main(trigger(refresh_request(cosmos_container), delivery_count=3))
+    invoke(sync_refresh_handler, trigger(refresh_request(cosmos_container), delivery_count=3))
     [event] = event_tap.of_type(REFRESH_FAILED)
     data = event["data"]
     assert data["error"]["httpStatus"] == status
@@ -199,7 +199,7 @@ def test_refresh_handler_publishes_failed_with_error_retryable_and_attempts(
 
 def test_refresh_handler_rejects_an_event_of_another_type(app_env, manager):
     with pytest.raises(InvalidEventError, match=r"expected 'integration\.token\.refresh-requested'"):
-        sync_refresh_handler.main(trigger(check_event()))
+        invoke(sync_refresh_handler, trigger(check_event()))
     assert manager.calls == []
 
 

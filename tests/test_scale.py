@@ -21,7 +21,7 @@ from shared.events import (
     make_event,
     utc_now,
 )
-from tests.helpers import iso, trigger
+from tests.helpers import invoke, iso, trigger
 from tools.stand_in_manager import Answer
 
 APP_ROOT = Path(__file__).resolve().parent.parent
@@ -53,7 +53,7 @@ def test_a_scan_past_its_time_budget_continues_in_a_follow_up_without_gaps_or_re
     invocations = 0
     requested: list[str] = []
     while check is not None:
-        manager_check_handler.main(trigger(check))
+        invoke(manager_check_handler, trigger(check))
         invocations += 1
         check = None
         for captured in event_tap.drain():
@@ -98,14 +98,15 @@ def test_five_hundred_invocations_reuse_one_connection_per_service(
     runtime.reset()
     before = rabbitmq.ctl("list_connections", "client_properties").count("integration-token-refresh")
     now = utc_now()
-    manager_check_handler.main(
-        trigger(make_event(CheckExpiringData(timestamp=now, threshold_time=now + timedelta(hours=1))))
+    invoke(
+        manager_check_handler,
+        trigger(make_event(CheckExpiringData(timestamp=now, threshold_time=now + timedelta(hours=1)))),
     )
     requests = [CloudEvent.model_validate(e.body) for e in event_tap.drain() if e.routing_key == REFRESH_REQUESTED]
     cosmos_client = runtime.cosmos_client()
     assert len(requests) == 500
     for request in requests:
-        sync_refresh_handler.main(trigger(request))
+        invoke(sync_refresh_handler, trigger(request))
     assert len(event_tap.of_type(REFRESHED)) == 500
     assert manager.sockets_accepted == 1
     app_connections = rabbitmq.ctl("list_connections", "client_properties").count("integration-token-refresh")

@@ -47,7 +47,7 @@ from shared.manager_client import IntegrationManagerClient
 from shared.messaging import publisher_from_settings
 from shared.settings import SettingsError, load_settings
 from shared.token_refresh import RefreshRetryLater
-from tests.helpers import cli_environment, iso, raw_event, refresh_request, run_cli
+from tests.helpers import cli_environment, invoke, iso, raw_event, refresh_request, run_cli
 from tools.stand_in_manager import Answer, StandInManager
 
 CANARY = uuid.uuid4().hex  # in every secret below: finding it anywhere (even cut short) is a leak
@@ -303,12 +303,12 @@ def test_no_canary_in_logs_events_errors_or_dead_letters(
 
     # Exceptions the functions raise, as a host would report them.
     with pytest.raises(InvalidEventError) as poison_error:
-        sync_refresh_handler.main(trigger(poisons["poison-token-as-id"][1]))
+        invoke(sync_refresh_handler, trigger(poisons["poison-token-as-id"][1]))
     exposure.add_error("InvalidEventError", poison_error.value)
     cosmos_container.upsert_item(connection("down-again"))
     manager.script = lambda call: Answer(503, raw_body=f"{ACCESS_TOKEN} {call.headers['Authorization']}".encode())
     with pytest.raises(RefreshRetryLater) as retry_error:
-        sync_refresh_handler.main(trigger(refresh_requested(cosmos_container, "down-again")))
+        invoke(sync_refresh_handler, trigger(refresh_requested(cosmos_container, "down-again")))
     exposure.add_error("RefreshRetryLater", retry_error.value)
 
     exposure.add_logs("in-process", debug_logs)
@@ -329,7 +329,7 @@ def test_an_error_code_that_echoes_a_token_is_not_copied_into_events_or_logs(
     exposure = Exposure()
     cosmos_container.upsert_item(connection("echo-code"))
     manager.script = lambda call: Answer(400, {"error": ACCESS_TOKEN, "code": REFRESH_TOKEN})
-    sync_refresh_handler.main(trigger(refresh_requested(cosmos_container, "echo-code")))
+    invoke(sync_refresh_handler, trigger(refresh_requested(cosmos_container, "echo-code")))
     [event] = event_tap.of_type(REFRESH_FAILED)
     assert event["data"]["retryable"] is False
     exposure.add("refresh.failed event", json.dumps(event))
@@ -384,7 +384,7 @@ def test_settings_errors_never_show_a_secret(bad, secret_env, monkeypatch, debug
     for name, value in bad.items():  # the same through a function, as the Functions host runs it
         monkeypatch.setenv(name, value)
     with pytest.raises(SettingsError) as from_function:
-        check_expiring_timer.main(TimerRequest(past_due=False))
+        invoke(check_expiring_timer, TimerRequest(past_due=False))
     exposure.add_error("timer main", from_function.value)
     exposure.add_logs("timer main", debug_logs)
 
@@ -415,7 +415,7 @@ def test_valid_secret_settings_and_the_clients_built_from_them_never_show_a_secr
 
     runtime.reset()
     with pytest.raises(Exception, match="service-bus") as raised:
-        check_expiring_timer.main(TimerRequest(past_due=False))
+        invoke(check_expiring_timer, TimerRequest(past_due=False))
     exposure.add_error("timer with unreachable Service Bus", raised.value)
     assert len(event_tap.of_type(CHECK_EXPIRING)) == 1  # RabbitMQ (canary password) got it
     exposure.add_logs("timer", debug_logs)
@@ -427,7 +427,7 @@ def test_a_refused_broker_password_is_never_shown(secret_env, monkeypatch, cosmo
     wrong = secret_env["RABBITMQ_URL"].replace(BROKER_PASSWORD, f"{BROKER_PASSWORD}-wrong")
     monkeypatch.setenv("RABBITMQ_URL", wrong)
     with pytest.raises(Exception, match="rabbitmq") as raised:
-        check_expiring_timer.main(TimerRequest(past_due=False))
+        invoke(check_expiring_timer, TimerRequest(past_due=False))
     exposure.add_error("timer with a refused password", raised.value)
     exposure.add_logs("timer", debug_logs)
     result = run_cli_verbose(cli_environment(secret_env | {"RABBITMQ_URL": wrong}), "run", "--once", timeout=60)
@@ -510,7 +510,7 @@ def test_the_manager_client_verifies_tls_certificates(self_signed, app_env, monk
         monkeypatch.setenv("INTEGRATION_MANAGER_URL", untrusted.url)
         cosmos_container.upsert_item(connection("tls-1", tenantId="t-secret"))
         # Last delivery (TOKEN_REFRESH_MAX_DELIVERY_COUNT=3), so the failure is reported, not retried.
-        sync_refresh_handler.main(trigger(refresh_requested(cosmos_container, "tls-1"), delivery_count=3))
+        invoke(sync_refresh_handler, trigger(refresh_requested(cosmos_container, "tls-1"), delivery_count=3))
         [event] = event_tap.of_type(REFRESH_FAILED)
         error = event["data"]["error"]
         assert (error["code"], event["data"]["retryable"]) == ("network_error", True)
@@ -555,7 +555,7 @@ def test_cosmos_tls_verification_is_off_only_for_an_explicit_loopback_emulator(
     with pytest.raises(SettingsError, match=error):
         load_settings()
     with pytest.raises(SettingsError, match=error):  # the function refuses to start with it
-        check_expiring_timer.main(TimerRequest(past_due=False))
+        invoke(check_expiring_timer, TimerRequest(past_due=False))
     assert event_tap.drain() == []
 
 
@@ -570,6 +570,6 @@ def test_a_non_emulator_cosmos_endpoint_is_verified(self_signed, app_env, monkey
         now = utc_now()
         check = make_event(CheckExpiringData(timestamp=now, threshold_time=now + timedelta(hours=1)))
         with pytest.raises(Exception, match="CERTIFICATE_VERIFY_FAILED"):
-            manager_check_handler.main(trigger(check.to_json()))
+            invoke(manager_check_handler, trigger(check.to_json()))
         assert untrusted.calls == [] and untrusted.sockets_accepted == 0
     assert event_tap.of_type(REFRESH_REQUESTED) == []
