@@ -12,6 +12,7 @@ import os
 import shutil
 import subprocess
 import sys
+import uuid
 from collections import Counter
 from datetime import UTC, datetime, timedelta
 
@@ -19,7 +20,7 @@ import pytest
 from azure.cosmos import PartitionKey
 
 from shared.events import CHECK_EXPIRING, REFRESH_FAILED, REFRESH_REQUESTED, REFRESHED, parse_event
-from tests.conftest import DurableTap
+from tests.conftest import MANAGER_TOKEN, DurableTap
 from tests.functions_worker import BODY_KINDS, FunctionsWorker, ServiceBusDelivery, ServiceBusQueues
 from tests.helpers import APP_ROOT, cli_environment, run_cli
 from tests.test_end_to_end import build_fleet
@@ -261,3 +262,54 @@ def test_a_whole_cycle_through_the_worker_ends_as_run_once_does(
             assert Counter(call.connection_id for call in twin_manager.calls) == calls
     finally:
         cosmos_database.delete_container(twin.id)
+
+
+# Application Insights through the worker ---------------------------------------------------------
+
+
+def test_refresh_logs_reach_application_insights_with_the_ids_and_the_invocations_operation(
+    app_env, cosmos_container, manager, tmp_path
+):
+    """With PYTHON_APPLICATIONINSIGHTS_ENABLE_TELEMETRY=true the worker configures the Azure Monitor
+    distro; what its exporter sends for a refresh invocation must carry the ids as customDimensions
+    and the host's trace context as the operation (tests/worker_telemetry.py)."""
+    event = stored_connection_request(cosmos_container, "conn-otel")
+    body_file = tmp_path / "message.json"
+    body_file.write_bytes(event.to_json())
+    trace_id, span_id = uuid.uuid4().hex, uuid.uuid4().hex[:16]
+    result = subprocess.run(
+        [sys.executable, "-m", "tests.worker_telemetry", str(body_file), f"00-{trace_id}-{span_id}-01"],
+        cwd=APP_ROOT,
+        env=cli_environment(app_env),
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = json.loads(result.stdout.splitlines()[-1])
+    assert report["load_errors"] == {} and report["succeeded"], report["error"]
+    assert [call.connection_id for call in manager.calls] == ["conn-otel"]
+
+    messages = {
+        envelope["data"]["baseData"]["message"]: envelope
+        for envelope in report["envelopes"]
+        if envelope["data"]["baseType"] == "MessageData"
+        and envelope["data"]["baseData"]["properties"].get("logger_name", "").startswith("shared.")
+    }
+    [refreshed] = [envelope for message, envelope in messages.items() if message.startswith("OAuth tokens refreshed")]
+    assert refreshed["data"]["baseData"]["properties"] | {"logger_name": "-"} == {
+        "connectionId": "conn-otel",
+        "integrationId": "github",
+        "tenantId": "t-9",
+        "invocationId": report["invocation_id"],
+        "functionName": "sync_refresh_handler",
+        "logger_name": "-",
+    }
+    # Every line the app logged in the invocation belongs to the invocation's operation.
+    assert len(messages) >= 3
+    for envelope in messages.values():
+        assert envelope["tags"]["ai.operation.id"] == trace_id, envelope["data"]["baseData"]["message"]
+        assert envelope["tags"]["ai.operation.parentId"] == span_id
+        assert envelope["data"]["baseData"]["properties"]["invocationId"] == report["invocation_id"]
+    assert MANAGER_TOKEN not in json.dumps(report["envelopes"])

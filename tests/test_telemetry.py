@@ -1,4 +1,5 @@
-"""Log records carry the fields Application Insights queries (customDimensions)."""
+"""Log records carry the fields Application Insights queries (customDimensions). What the real worker's
+Azure Monitor exporter sends is in tests/test_real_worker.py."""
 
 import logging
 import threading
@@ -37,7 +38,6 @@ def test_every_record_of_a_refresh_invocation_carries_the_ids(app_env, cosmos_co
             "integrationId": "asana",
             "tenantId": "t-7",
         }
-        assert record.custom_dimensions["connectionId"] == "c-7"
     # Outside the invocation nothing is attached any more.
     assert telemetry.current_fields() == {}
 
