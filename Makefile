@@ -8,7 +8,7 @@ export VENV
 AZCLI_VENV ?= .venv-azcli
 export AZCLI_VENV
 
-.PHONY: setup demo test bench lint run stand-in-manager services-up services-down clean azure-cli deploy
+.PHONY: setup demo test worker-test bench lint run stand-in-manager services-up services-down clean azure-cli deploy
 
 setup:
 	bash scripts/setup.sh
@@ -18,6 +18,10 @@ demo: setup
 
 test: setup azure-cli lint
 	$(PYTHON) -m pytest
+
+# The app in the real Functions Python worker only (docs/functions-worker.md); Python 3.13 venv.
+worker-test: setup
+	$(PYTHON) -m pytest tests/test_real_worker.py
 
 # The Azure CLI in its own venv: tests/test_deploy.py parses every deploy command with it.
 azure-cli:

@@ -252,6 +252,7 @@ class FunctionsWorker:
         self.app_root = app_root.resolve()
         self.loaded: dict[str, str] = {}  # function name -> function id
         self.load_errors: dict[str, str] = {}
+        self._real_mains: dict[str, Callable[..., Any]] = {}
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, name="functions-worker-loop", daemon=True)
         self._worker: Any = None
@@ -372,7 +373,7 @@ class FunctionsWorker:
         function_id = self.loaded[function_name]
         info = registry[function_id]
         calls: list[dict[str, Any]] = []
-        real_main = info.func
+        real_main = self._real_mains.setdefault(function_id, info.func)  # a new recording replaces the last
 
         def recording_main(**arguments: Any) -> Any:
             calls.append(arguments)

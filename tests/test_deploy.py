@@ -357,7 +357,7 @@ def test_package_honours_funcignore(tmp_path):
         assert required in names
     for name in names:
         top = name.split("/")[0]
-        assert top not in ("tests", "tools", "scripts", "node_modules", ".git", ".local", "bench"), name
+        assert top not in ("tests", "tools", "scripts", "node_modules", ".git", ".local", "bench", "docs"), name
         assert not top.startswith(".venv"), name
         assert "__pycache__" not in name
         assert name != "local.settings.json"

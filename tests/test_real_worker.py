@@ -214,9 +214,31 @@ def test_a_whole_cycle_through_the_worker_ends_as_run_once_does(
         published.extend(fresh)
         return fresh
 
+    received = {name: functions_worker.record_arguments(name) for name in FUNCTIONS}
     with caplog.at_level(logging.WARNING):
         functions_worker.invoke_timer("check_expiring_timer").raise_for_failure()
         queues.run(newly_published)
+
+    # Each invocation got the trigger object of what was delivered, field by field.
+    assert len(received["check_expiring_timer"]) == 1
+    messages = [
+        call["message"] for name in ("manager_check_handler", "sync_refresh_handler") for call in received[name]
+    ]
+    assert sorted(m.lock_token for m in messages) == sorted(d.delivery.lock_token for d in queues.delivered)
+    by_lock_token = {m.lock_token: m for m in messages}
+    for delivered in queues.delivered:
+        sent, got = delivered.delivery, by_lock_token[delivered.delivery.lock_token]
+        assert (got.get_body(), got.message_id, got.delivery_count, got.sequence_number) == (
+            sent.body,
+            sent.message_id,
+            sent.delivery_count,
+            sent.sequence_number,
+        )
+        assert (got.content_type, got.session_id, got.application_properties) == (
+            sent.content_type,
+            sent.session_id,
+            sent.application_properties,
+        )
 
     # Every due connection refreshed or failed with an event; nothing else touched.
     worker_outcomes = outcomes(published)
