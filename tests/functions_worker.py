@@ -451,20 +451,22 @@ class ServiceBusQueues:
             return
         event, _ = parse_event(body, event_type)
         message = service_bus_message(event)
-        self._sequence += 1
-        self.pending.append(
-            (
-                event_type,
-                ServiceBusDelivery(
-                    body=b"".join(message.body),
-                    message_id=message.message_id,
-                    content_type=message.content_type,
-                    session_id=message.session_id,
-                    application_properties={str(k): v for k, v in (message.application_properties or {}).items()},
-                    sequence_number=self._sequence,
-                ),
-            )
+        self.send_message(
+            event_type,
+            ServiceBusDelivery(
+                body=b"".join(message.body),
+                message_id=message.message_id,
+                content_type=message.content_type,
+                session_id=message.session_id,
+                application_properties={str(k): v for k, v in (message.application_properties or {}).items()},
+            ),
         )
+
+    def send_message(self, queue: str, delivery: ServiceBusDelivery) -> None:
+        """Enqueue a message as it is (e.g. one no app would send) on `queue`."""
+        self._sequence += 1
+        delivery.sequence_number = self._sequence
+        self.pending.append((queue, delivery))
 
     def run(self, published: Callable[[], list[tuple[bytes, str]]], rounds: int = 1000) -> None:
         """Deliver until no message is pending and `published()` (new events: body, type) is empty."""

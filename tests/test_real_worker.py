@@ -215,6 +215,8 @@ def test_a_whole_cycle_through_the_worker_ends_as_run_once_does(
         return fresh
 
     received = {name: functions_worker.record_arguments(name) for name in FUNCTIONS}
+    poison = ServiceBusDelivery(body=b'{"specversion": "1.0", "oops": true}', message_id="poison-cycle")
+    queues.send_message(REFRESH_REQUESTED, poison)  # a message no app sent: retried, then dead-lettered
     with caplog.at_level(logging.WARNING):
         functions_worker.invoke_timer("check_expiring_timer").raise_for_failure()
         queues.run(newly_published)
@@ -250,11 +252,15 @@ def test_a_whole_cycle_through_the_worker_ends_as_run_once_does(
         assert envelope.type == event_type
     calls = Counter(call.connection_id for call in manager.calls)
     assert set(calls) == due
-    # Transient failures fail each delivery until the last one reports them; nothing is dead-lettered.
+    # Transient failures fail each delivery until the last one reports them; only the poison message
+    # fails every delivery and is dead-lettered, after max_deliveries.
     assert {d.function_name for d in queues.delivered if not d.result.succeeded} <= {"sync_refresh_handler"}
     failed_deliveries = Counter(d.delivery.message_id for d in queues.delivered if not d.result.succeeded)
+    assert failed_deliveries.pop("poison-cycle") == max_deliveries
     assert len(failed_deliveries) == len(flaky) and set(failed_deliveries.values()) <= {max_deliveries - 1}
-    assert queues.dead_lettered == []
+    [dead] = queues.dead_lettered
+    assert (dead.delivery.message_id, dead.delivery.delivery_count) == ("poison-cycle", max_deliveries)
+    assert "InvalidEventError" in dead.result.error
 
     # The local host over an identical fleet: the same outcomes and the same calls.
     twin = cosmos_database.create_container(f"twin_{cosmos_container.id}", partition_key=PartitionKey("/tenantId"))
