@@ -30,6 +30,7 @@ MAX_EVENT_BYTES = 64 * 1024
 
 # Fixed namespace so refresh-requested ids are stable across processes, hosts and deployments.
 _REFRESH_REQUEST_NAMESPACE = uuid.UUID("5b0f7c1e-8d1e-4b7a-9a55-3f6a2a0e6c11")
+_OUTCOME_NAMESPACE = uuid.UUID("a3c1f0d2-6e4b-4f7a-8c9d-1b2e3f4a5c6d")
 
 
 class InvalidEventError(ValueError):
@@ -144,6 +145,10 @@ class CloudEvent(BaseModel):
 
 
 def make_event(data: _Payload, event_id: str | None = None, time: datetime | None = None) -> CloudEvent:
+    """An event of `data`'s type. Its id: `event_id`, else the deterministic id of a refresh request
+    with an expiry (DESIGN.md section 3), else a random one."""
+    if event_id is None and isinstance(data, RefreshRequestedData) and data.expires_at is not None:
+        event_id = refresh_request_id(data, data.expires_at)
     return CloudEvent(
         id=event_id or str(uuid.uuid4()),
         source=SOURCE,
@@ -159,6 +164,20 @@ def refresh_request_id(connection: ConnectionRef, expires_at: datetime | None, d
     version = format_time(expires_at) if expires_at is not None else f"ts:{document_ts}"
     key = "\x1f".join((connection.tenant_id, connection.integration_id, connection.connection_id, version))
     return str(uuid.uuid5(_REFRESH_REQUEST_NAMESPACE, key))
+
+
+def outcome_event_id(request_id: str, attempt_round: int, event_type: str) -> str:
+    """Deterministic id of a request's outcome event: publishing the same outcome again (a redelivery
+    finishing an earlier invocation's story) gives the same id, so consumers can de-duplicate on it.
+    `attempt_round` counts the times a later check asked again for a request that had ended retryable."""
+    return str(uuid.uuid5(_OUTCOME_NAMESPACE, "\x1f".join((request_id, str(attempt_round), event_type))))
+
+
+def request_id_matches(envelope: CloudEvent, request: RefreshRequestedData) -> bool:
+    """A refresh request's id is bound to its connection and expiry (the check derives it from them).
+    A request without expiry was identified by its document version, which the message does not carry:
+    its binding is checked by the claim instead (StateStore.claim)."""
+    return request.expires_at is None or envelope.id == refresh_request_id(request, request.expires_at)
 
 
 def parse_event(body: bytes | str, expected_type: str) -> tuple[CloudEvent, Any]:
@@ -187,6 +206,10 @@ def parse_event(body: bytes | str, expected_type: str) -> tuple[CloudEvent, Any]
         payload = envelope.payload()
     except ValidationError as error:
         raise InvalidEventError(f"invalid {expected_type} data: {_fields(error)}") from None
+    if isinstance(payload, RefreshRequestedData) and not request_id_matches(envelope, payload):
+        raise InvalidEventError(
+            "the request id does not match its connection and expiresAt (refresh request ids are derived from them)"
+        )
     return envelope, payload
 
 

@@ -101,12 +101,19 @@ class IntegrationManagerClient:
             settings.integration_manager_timeout_ms / 1000,
         )
 
-    def refresh_connection(self, integration_id: str, connection_id: str, tenant_id: str) -> RefreshOutcome:
+    def refresh_connection(
+        self, integration_id: str, connection_id: str, tenant_id: str, idempotency_key: str | None = None
+    ) -> RefreshOutcome:
+        """One refresh call. `idempotency_key` (the refresh request's id) is sent as `Idempotency-Key`
+        on every call for the same request, retries included: integration-manager should answer a
+        repeated key with the first call's result instead of refreshing again (docs/failure-handling.md)."""
         try:
             path = self._base_path + refresh_path(integration_id, connection_id)
         except InvalidConnectionId as error:
             return RefreshOutcome(False, error_code="invalid_connection_id", error_message=str(error))
         headers = {"X-Tenant-Id": tenant_id} if _PRINTABLE_ASCII.match(tenant_id) else {}
+        if idempotency_key is not None:
+            headers["Idempotency-Key"] = idempotency_key
         request = requests.Request(
             "POST", self._base_url.removesuffix(self._base_path) + path, json={"tenantId": tenant_id}, headers=headers
         )

@@ -25,7 +25,8 @@ CLAIM_TTL_S = 7 * 24 * 3600  # claims outlive any redelivery or duplicate-detect
 _KEY_NAMESPACE = uuid.UUID("0e1b7d2c-5a6f-4c3e-9f8a-2b7c6d5e4f30")
 
 IN_PROGRESS, RETRY_PENDING, REFRESHED, FAILED = "in_progress", "retry_pending", "refreshed", "failed"
-TERMINAL_STATES = (REFRESHED, FAILED)
+SKIPPED = "skipped"  # ended without an outcome: the connection was revoked or deleted while retrying
+TERMINAL_STATES = (REFRESHED, FAILED, SKIPPED)
 
 
 def connection_key(tenant_id: str, integration_id: str, connection_id: str) -> str:
@@ -35,7 +36,7 @@ def connection_key(tenant_id: str, integration_id: str, connection_id: str) -> s
 
 @dataclass
 class ClaimResult:
-    status: Literal["acquired", "done", "busy"]
+    status: Literal["acquired", "done", "busy", "conflict"]
     claim: dict[str, Any] | None
 
 
@@ -72,7 +73,7 @@ class StateStore:
     def get_claim(self, request_id: str) -> dict[str, Any] | None:
         return self._get(f"claim-{request_id}")
 
-    def claim(
+    def claim(  # noqa: PLR0911 - one return per way a claim can end
         self,
         request_id: str,
         key: str,
@@ -82,9 +83,12 @@ class StateStore:
         *,
         take_over_live_lease: bool = False,
     ) -> ClaimResult:
-        """Claim the request: "acquired" (go ahead), "done" (it ended: see the stored outcome) or
+        """Claim the request: "acquired" (go ahead), "done" (it ended: see the stored outcome),
         "busy" (another invocation holds a live lease; `take_over_live_lease` when the caller knows
-        that holder is gone). Take-overs are etag-guarded: of two contenders, one wins."""
+        that holder is gone) or "conflict" (the request id belongs to another connection: a claim is
+        bound to the connection that first used it). Take-overs are etag-guarded: of two contenders,
+        one wins. `round` counts the times a later check asked again after the request had ended
+        retryable; outcome event ids and idempotency keys include it."""
         from azure.core import MatchConditions
         from azure.cosmos.exceptions import CosmosAccessConditionFailedError, CosmosResourceExistsError
 
@@ -98,6 +102,7 @@ class StateStore:
             "attempts": 0,
             "published": False,
             "updatedAt": now_ms,
+            "round": 0,
             "ttl": CLAIM_TTL_S,
         }
         try:
@@ -106,6 +111,8 @@ class StateStore:
             existing = self._get(item_id)
         if existing is None:  # removed in between (TTL): take it fresh
             return ClaimResult("acquired", self._container.upsert_item(fresh))
+        if existing.get("connectionKey") != key:
+            return ClaimResult("conflict", existing)
         asked_again = superseded(existing, requested_at_ms)
         if existing["state"] in TERMINAL_STATES and not asked_again:
             return ClaimResult("done", existing)
@@ -115,7 +122,11 @@ class StateStore:
         # but only if nobody else did first (etag).
         taken = existing | {"state": IN_PROGRESS, "leaseUntil": now_ms + lease_ms, "updatedAt": now_ms}
         if asked_again:  # a later check asked again after transient failures ended it: a new attempt
-            taken = {k: v for k, v in taken.items() if k != "outcome"} | {"published": False, "notBefore": 0}
+            taken = {k: v for k, v in taken.items() if k != "outcome"} | {
+                "published": False,
+                "notBefore": 0,
+                "round": existing.get("round", 0) + 1,
+            }
         try:
             replaced = self._container.replace_item(
                 item_id, taken, etag=existing["_etag"], match_condition=MatchConditions.IfNotModified

@@ -35,11 +35,13 @@ from shared.connection_store import ConnectionState, ConnectionStore, parse_expi
 from shared.events import (
     REFRESH_REQUESTED,
     CloudEvent,
+    InvalidEventError,
     RefreshedData,
     RefreshError,
     RefreshFailedData,
     RefreshRequestedData,
     make_event,
+    outcome_event_id,
     parse_trigger_message,
     utc_now,
 )
@@ -50,6 +52,7 @@ from shared.state_store import (
     FAILED,
     REFRESHED,
     RETRY_PENDING,
+    SKIPPED,
     TERMINAL_STATES,
     ClaimResult,
     StateStore,
@@ -65,7 +68,19 @@ class RefreshRetryLater(RuntimeError):
     """Transient failures used up this delivery's retries: the queue should redeliver the message."""
 
 
-def outcome_event(request: RefreshRequestedData, outcome: RefreshOutcome, attempts: int) -> CloudEvent:
+class _NoLongerRefreshable(Exception):
+    """Raised between retries: the connection was revoked or deleted since the request was made."""
+
+
+class RequestIdConflictError(InvalidEventError):
+    """A request id already claimed for another connection: the message is not what the check sent
+    (a poison message: every delivery fails, then it is dead-lettered)."""
+
+
+def outcome_event(
+    request: RefreshRequestedData, outcome: RefreshOutcome, attempts: int, request_id: str, attempt_round: int = 0
+) -> CloudEvent:
+    """The `refreshed` or `refresh.failed` event of a request, with its deterministic id."""
     ids = {
         "connection_id": request.connection_id,
         "integration_id": request.integration_id,
@@ -73,16 +88,15 @@ def outcome_event(request: RefreshRequestedData, outcome: RefreshOutcome, attemp
     }
     now = utc_now()
     if outcome.succeeded:
-        return make_event(RefreshedData(**ids, refreshed_at=now, expires_at=outcome.expires_at), time=now)
+        data: RefreshedData | RefreshFailedData = RefreshedData(**ids, refreshed_at=now, expires_at=outcome.expires_at)
+        return make_event(data, event_id=outcome_event_id(request_id, attempt_round, data.event_type), time=now)
     error = RefreshError(
         code=outcome.error_code or "refresh_failed",
         message=outcome.error_message or "refresh failed",
         http_status=outcome.http_status,
     )
-    return make_event(
-        RefreshFailedData(**ids, failed_at=now, error=error, retryable=outcome.retryable, attempts=attempts),
-        time=now,
-    )
+    data = RefreshFailedData(**ids, failed_at=now, error=error, retryable=outcome.retryable, attempts=attempts)
+    return make_event(data, event_id=outcome_event_id(request_id, attempt_round, data.event_type), time=now)
 
 
 def call_with_retries(
@@ -206,6 +220,10 @@ class _RefreshJob:
         if moved_to is not None:
             return self._already_refreshed(moved_to)
         claimed = self._claim()
+        if claimed.status == "conflict":
+            raise RequestIdConflictError(
+                f"request {self.event.id} was first used for another connection; not refreshing ({self.ids})"
+            )
         if claimed.status == "busy":
             self._skip("another invocation is refreshing it")
             return None
@@ -219,6 +237,10 @@ class _RefreshJob:
         publish failed, or report `refreshed` for an attempt that died (or timed out) after the
         manager had done the refresh."""
         existing = self.states.get_claim(self.event.id)
+        if existing is not None and existing.get("connectionKey") != self.key:
+            raise RequestIdConflictError(
+                f"request {self.event.id} was first used for another connection; not reporting it ({self.ids})"
+            )
         if existing is None:
             self._skip("the token was refreshed since the request (oauth.expiresAt moved forward)")
             return None
@@ -257,13 +279,22 @@ class _RefreshJob:
         previous: list[RefreshOutcome] = []
 
         def call() -> RefreshOutcome:
-            # After a timeout or dropped connection the refresh may have happened anyway: look first.
-            if previous and previous[-1].error_code in ("timeout", "network_error"):
-                moved_to = expiry_moved_forward(self.request, self._current())
+            if previous:
+                # Before every retry, look again: the failed call may have refreshed the token anyway
+                # (a timeout, a dropped connection, a gateway's 5xx), or the connection was revoked
+                # or deleted meanwhile -- then it must not be called again.
+                latest = self._current()
+                reason = no_longer_refreshable(latest, settings.skip_statuses)
+                if reason:
+                    raise _NoLongerRefreshable(reason)
+                moved_to = expiry_moved_forward(self.request, latest)
                 if moved_to is not None:
                     return RefreshOutcome(True, expires_at=moved_to)
             outcome = self.context.manager.refresh_connection(
-                self.request.integration_id, self.request.connection_id, self.request.tenant_id
+                self.request.integration_id,
+                self.request.connection_id,
+                self.request.tenant_id,
+                idempotency_key=idempotency_key(self.event.id, claim.get("round", 0)),
             )
             previous.append(outcome)
             return outcome
@@ -276,6 +307,11 @@ class _RefreshJob:
                 settings.integration_manager_backoff_initial_ms / 1000,
                 self.context.sleep,
             )
+        except _NoLongerRefreshable as stop:
+            # Ended for good, without an outcome event: as when a request finds it so at the start.
+            self.states.finish_claim(claim, SKIPPED, claim.get("attempts", 0) + len(previous), now_ms())
+            self._skip(f"{stop} (after {len(previous)} failed call(s))")
+            return None
         except Exception:
             # Unexpected: release the claim so a redelivery can try again at once, not after the lease.
             self.states.finish_claim(claim, RETRY_PENDING, claim.get("attempts", 0) + 1, now_ms())
@@ -296,18 +332,12 @@ class _RefreshJob:
             raise RefreshRetryLater(f"transient failure {outcome.error_code} after {attempts} attempt(s)")
         return self._report(claim, outcome, attempts, current)
 
-    def _report(
-        self, claim: dict[str, Any], outcome: RefreshOutcome, attempts: int, current: ConnectionState | None
-    ) -> CloudEvent:
-        """Publish the outcome, then record it with the claim in one write. A failed publish is
-        recorded as unpublished first, so the redelivery publishes the stored outcome without
-        calling integration-manager again."""
-        event = outcome_event(self.request, outcome, attempts)
-        state = REFRESHED if outcome.succeeded else FAILED
-        stored = event.model_dump(mode="json")
-        if not outcome.succeeded and not outcome.retryable:
-            # Keyed to the document version: a success or a reconnect rewrites the document, so the
-            # record stops matching by itself (no clean-up write on the success path).
+    def _record_permanent_failure(self, outcome: RefreshOutcome, current: ConnectionState | None) -> None:
+        """Keep the next checks from requesting a connection that failed for good. Keyed to the
+        document version: a success or a reconnect rewrites the document, so the record stops
+        matching by itself. Best effort: without it the next check asks again (one more call), while
+        a failing write must never cost the outcome event."""
+        try:
             self.states.record_permanent_failure(
                 self.key,
                 current.document_ts if current else None,
@@ -315,6 +345,24 @@ class _RefreshJob:
                 now_ms(),
                 self.settings.failure_cooldown_ms,
             )
+        except Exception as error:  # noqa: BLE001 - any store failure: the outcome still goes out
+            logger.warning(
+                "Could not record the permanent failure of connection (%s): %s; the next check may request it again",
+                self.ids,
+                error.__class__.__name__,
+            )
+
+    def _report(
+        self, claim: dict[str, Any], outcome: RefreshOutcome, attempts: int, current: ConnectionState | None
+    ) -> CloudEvent:
+        """Publish the outcome, then record it with the claim in one write. A failed publish is
+        recorded as unpublished first, so the redelivery publishes the stored outcome without
+        calling integration-manager again."""
+        event = outcome_event(self.request, outcome, attempts, self.event.id, claim.get("round", 0))
+        state = REFRESHED if outcome.succeeded else FAILED
+        stored = event.model_dump(mode="json")
+        if not outcome.succeeded and not outcome.retryable:
+            self._record_permanent_failure(outcome, current)
         try:
             self.context.publisher.publish([event])
         except Exception:
@@ -333,6 +381,12 @@ class _RefreshJob:
                 attempts,
             )
         return event
+
+
+def idempotency_key(request_id: str, attempt_round: int) -> str:
+    """The Idempotency-Key of every call for a request: its id, and the round when a later check asked
+    again after it had ended retryable (a new attempt, not a repeat of the last)."""
+    return request_id if attempt_round == 0 else f"{request_id}.{attempt_round}"
 
 
 def now_ms() -> int:

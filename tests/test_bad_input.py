@@ -44,7 +44,9 @@ from shared.events import (
     REFRESHED,
     CheckExpiringData,
     InvalidEventError,
+    RefreshRequestedData,
     make_event,
+    refresh_request_id,
     utc_now,
 )
 from shared.local_host import LocalHost
@@ -268,14 +270,23 @@ def check_with(**changes: Any) -> bytes:
     return json.dumps(envelope(CHECK_EXPIRING, **changes)).encode()
 
 
-def refresh_with(**data_changes: Any) -> bytes:
+def refresh_with(*, bound_id: bool = True, **data_changes: Any) -> bytes:
+    """A refresh request with `data_changes`; its id bound to the data as the check derives it, when the
+    data is valid enough to derive one (`bound_id=False`: a random id)."""
     data = envelope(REFRESH_REQUESTED)["data"]
     for name, value in data_changes.items():
         if value is MISSING:
             data.pop(name)
         else:
             data[name] = value
-    return json.dumps(envelope(REFRESH_REQUESTED, data=data)).encode()
+    changes = {}
+    try:
+        request = RefreshRequestedData.model_validate(data)
+    except ValueError:
+        request = None
+    if bound_id and request is not None and request.expires_at is not None:
+        changes["id"] = refresh_request_id(request, request.expires_at)
+    return json.dumps(envelope(REFRESH_REQUESTED, data=data, **changes)).encode()
 
 
 @dataclass(frozen=True)
@@ -319,6 +330,10 @@ MESSAGE_TABLE = [
     pytest.param(PoisonMessage(CHECK_EXPIRING, check_with(data={"timestamp": "2026-11-26T14:00:00Z",
                                                                 "thresholdTime": "next tuesday"}), "thresholdTime"),
                  id="check-threshold-not-a-time"),
+    pytest.param(
+        PoisonMessage(REFRESH_REQUESTED, refresh_with(bound_id=False), "request id does not match its connection"),
+        id="refresh-id-not-bound-to-its-connection",
+    ),
     pytest.param(PoisonMessage(REFRESH_REQUESTED, refresh_with(connectionId=MISSING), "connectionId: Field required"),
                  id="refresh-without-connection-id"),
     pytest.param(PoisonMessage(REFRESH_REQUESTED, refresh_with(connectionId=12345), "connectionId"),

@@ -104,18 +104,31 @@ def test_retry_after_http_date():
 # Across deliveries -------------------------------------------------------------------------------
 
 
-def test_transient_failure_is_redelivered_then_reported_on_the_last_delivery(
-    app_env, cosmos_container, manager, event_tap
-):
-    expires_at = seed_connection(cosmos_container)
-    request = request_for("c-1", expires_at)
-    manager.script = lambda call: Answer(503)
+def deliver_until_the_last_delivery_reports(request, event_tap):
+    """Deliveries of a failing request: each but the last raises for redelivery and reports nothing
+    (TOKEN_REFRESH_MAX_DELIVERY_COUNT=3 in the test settings); the last one reports."""
     for delivery in (1, 2):
         with pytest.raises(RefreshRetryLater):
             invoke(sync_refresh_handler, trigger(request, delivery))
         assert event_tap.drain() == []  # nothing is reported while the queue will retry
     invoke(sync_refresh_handler, trigger(request, 3))
+
+
+def a_request_that_failed_transiently(container, manager, event_tap):
+    """Connection c-1 due, the manager answering 503 to every call, every delivery used up: the
+    request, its expiry and the `refresh.failed` event its last delivery published."""
+    expires_at = seed_connection(container)
+    request = request_for("c-1", expires_at)
+    manager.script = lambda call: Answer(503)
+    deliver_until_the_last_delivery_reports(request, event_tap)
     [failed] = event_tap.of_type(REFRESH_FAILED)
+    return request, expires_at, failed
+
+
+def test_transient_failure_is_redelivered_then_reported_on_the_last_delivery(
+    app_env, cosmos_container, manager, event_tap
+):
+    _, _, failed = a_request_that_failed_transiently(cosmos_container, manager, event_tap)
     assert failed["data"]["retryable"] is True
     assert failed["data"]["attempts"] == 6 == len(manager.calls)  # 2 calls x 3 deliveries
 

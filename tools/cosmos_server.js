@@ -121,9 +121,61 @@ function parseArgs(argv) {
   return { port, host: args.host };
 }
 
+// Faults on request, for the tests' failure enumeration: `POST /_faults` with
+// {"method": "POST", "path": "<regex>", "partitionKey": "<regex>", "status": 500, "times": N} makes the
+// next N matching requests (times -1: all) fail with that status before the package sees them;
+// `DELETE /_faults` removes every rule. Nothing outside the tests calls these paths.
+const faults = [];
+function matchingFault(req) {
+  const partitionKey = String(req.headers["x-ms-documentdb-partitionkey"] || "");
+  const index = faults.findIndex(
+    (rule) =>
+      (!rule.method || rule.method === req.method) &&
+      (!rule.path || new RegExp(rule.path).test(decodeURIComponent(req.url))) &&
+      (!rule.partitionKey || new RegExp(rule.partitionKey).test(partitionKey))
+  );
+  if (index < 0) return undefined;
+  const rule = faults[index];
+  if (rule.times > 0 && --rule.times === 0) faults.splice(index, 1);
+  rule.hits = (rule.hits || 0) + 1;
+  return rule;
+}
+function faultAdmin(req, res) {
+  const answer = (status, body) => {
+    res.writeHead(status, { "Content-Type": "application/json" });
+    res.end(JSON.stringify(body));
+  };
+  if (req.method === "DELETE") {
+    faults.length = 0;
+    return answer(200, { faults: 0 });
+  }
+  let text = "";
+  req.on("data", (chunk) => (text += chunk));
+  req.on("end", () => {
+    try {
+      const rule = JSON.parse(text);
+      faults.push({ status: 500, times: 1, ...rule });
+      answer(201, { faults: faults.length });
+    } catch (error) {
+      answer(400, { message: String(error) });
+    }
+  });
+}
+
 const { port, host } = parseArgs(process.argv.slice(2));
 const sockets = new Set();
 const server = createHttpsServer({ keepAlive: true });
+const emitAsIs = server.emit.bind(server);
+server.emit = (event, req, res) => {
+  if (event !== "request") return emitAsIs(event, req, res);
+  if (req.url === "/_faults") return faultAdmin(req, res) || true;
+  const rule = matchingFault(req);
+  if (!rule) return emitAsIs(event, req, res);
+  req.resume();
+  res.writeHead(rule.status, { "Content-Type": "application/json", "x-ms-activity-id": "fault" });
+  res.end(JSON.stringify({ code: "InjectedFault", message: `fault injected by the test (HTTP ${rule.status})` }));
+  return true;
+};
 
 server.on("connection", (socket) => {
   sockets.add(socket);

@@ -593,6 +593,39 @@ class CosmosServer:
     def is_ready(self) -> bool:
         return _port_open(self.port)
 
+    def inject_fault(
+        self,
+        *,
+        method: str | None = None,
+        path: str | None = None,
+        partition_key: str | None = None,
+        status: int = 500,
+        times: int = 1,
+    ) -> None:
+        """Make the next `times` requests matching `method`, the `path` regex (the decoded URL) and
+        the `partition_key` regex (the partition key header) fail with `status` (`times=-1`: all of
+        them, until `clear_faults()`). Tests use it to fail one step of a refresh at the server."""
+        rule = {"method": method, "path": path, "partitionKey": partition_key, "status": status, "times": times}
+        self._admin("POST", json.dumps({k: v for k, v in rule.items() if v is not None}).encode())
+
+    def clear_faults(self) -> None:
+        self._admin("DELETE", b"")
+
+    def _admin(self, method: str, body: bytes) -> None:
+        import http.client
+        import ssl
+
+        context = ssl._create_unverified_context()  # noqa: S323 - the local server's self-signed certificate
+        connection = http.client.HTTPSConnection(HOST, self.port, context=context, timeout=10)
+        try:
+            connection.request(method, "/_faults", body=body, headers={"Content-Type": "application/json"})
+            response = connection.getresponse()
+            answer = response.read()
+            if response.status >= 300:
+                raise ServiceStartError(f"Cosmos server refused the fault rule: {answer[:200]!r}")
+        finally:
+            connection.close()
+
     def _state(self) -> dict[str, Any]:
         return {
             "base_dir": str(self.base_dir),

@@ -62,6 +62,7 @@ class Answer:
     raw_body: bytes | None = None  # sent as is instead of `body` as JSON (HTML error pages, text, ...)
     content_type: str = "application/json"
     drop_connection: bool = False  # close the connection without answering
+    refresh_anyway: bool = False  # refresh (with a container), then answer this: a gateway's 504 after the work
 
 
 def parse_refresh_path(raw_path: str) -> tuple[str, str] | None:
@@ -165,6 +166,9 @@ class StandInManager:
     def answer(self, call: Call) -> Answer:
         if self.script is not None:
             answer = self.script(call)
+            if answer.status != 200 and answer.refresh_anyway and self.container is not None:
+                self._refresh_in_cosmos(call)
+                return answer
             if answer.status != 200 or self.container is None:
                 return answer
             refreshed = self._refresh_in_cosmos(call)
