@@ -19,6 +19,7 @@ import contextlib
 import importlib
 import json
 import logging
+import math
 import threading
 import time
 import uuid
@@ -115,6 +116,34 @@ def load_function_app(
     return timer_main, queue_functions
 
 
+def longest_invocation_s(settings: Settings) -> float:
+    """An upper bound of one refresh invocation: its retry budget, the last call's timeouts, the wait
+    for an earlier call that may be in flight, and a redelivery's wait to take a claim over."""
+    from shared.token_refresh import TAKE_OVER_MAX_WAIT_MS
+
+    return (
+        settings.integration_manager_retry_budget_ms
+        + settings.integration_manager_connect_timeout_ms
+        + settings.integration_manager_timeout_ms
+        + settings.integration_manager_in_flight_ms
+        + TAKE_OVER_MAX_WAIT_MS
+    ) / 1000
+
+
+def connection_parameters(settings: Settings) -> pika.URLParameters:
+    """The local host's broker connection. A consumer runs each invocation on its connection's thread,
+    so no heartbeat is sent while one runs: a heartbeat timeout shorter than an invocation would make
+    RabbitMQ close the connection and hand the message to another consumer mid-refresh. The heartbeat
+    is therefore at least the longest invocation (whatever the URL or the broker proposes)."""
+    parameters = pika.URLParameters(settings.rabbitmq_url.get_secret_value())
+    needed = math.ceil(longest_invocation_s(settings))
+    asked = parameters.heartbeat
+    if isinstance(asked, int) and 0 < asked < needed:
+        logger.warning("RabbitMQ heartbeat %d s is shorter than the longest invocation; using %d s", asked, needed)
+    parameters.heartbeat = lambda connection, proposed: max(proposed or 0, asked or 0, needed)
+    return parameters
+
+
 class LocalInvocationContext:
     """What the Functions host passes as `context`: a fresh invocation id per call."""
 
@@ -165,7 +194,7 @@ class LocalHost:
     # Topology -----------------------------------------------------------------------------------
 
     def connect(self) -> Any:
-        parameters = pika.URLParameters(self.settings.rabbitmq_url.get_secret_value())
+        parameters = connection_parameters(self.settings)
         try:
             with _pika_errors_muted():  # a failure is reported once, by the caller, in one line
                 self._connection = pika.BlockingConnection(parameters)
@@ -364,7 +393,7 @@ class LocalHost:
 
         def work() -> None:
             try:
-                with pika.BlockingConnection(pika.URLParameters(self.settings.rabbitmq_url.get_secret_value())) as conn:
+                with pika.BlockingConnection(connection_parameters(self.settings)) as conn:
                     channel = conn.channel()
                     channel.basic_qos(prefetch_count=1)
                     while not self._stop.is_set():
@@ -448,9 +477,7 @@ class LocalHost:
         while not self._stop.is_set():
             try:
                 with _pika_errors_muted():
-                    connection = pika.BlockingConnection(
-                        pika.URLParameters(self.settings.rabbitmq_url.get_secret_value())
-                    )
+                    connection = pika.BlockingConnection(connection_parameters(self.settings))
                 try:
                     channel = connection.channel()
                     channel.basic_qos(prefetch_count=1)

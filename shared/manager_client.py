@@ -47,6 +47,9 @@ class RefreshOutcome:
     retryable: bool = False
     expires_at: datetime | None = None
     retry_after_s: float | None = None  # the callee's Retry-After, when it sent one
+    # The app stopped waiting, but the call may have reached integration-manager, which may still be
+    # working on it: a read timeout, a connection dropped after sending, a gateway's 502/504.
+    may_be_in_flight: bool = False
 
 
 def path_segment(value: str, name: str) -> str:
@@ -125,9 +128,13 @@ class IntegrationManagerClient:
             )
         try:
             response = self._session.send(prepared, timeout=self._timeout, allow_redirects=False, stream=True)
-        except requests.Timeout:
+        except requests.Timeout as error:
             return RefreshOutcome(
-                False, error_code="timeout", error_message="integration-manager did not answer in time", retryable=True
+                False,
+                error_code="timeout",
+                error_message="integration-manager did not answer in time",
+                retryable=True,
+                may_be_in_flight=not isinstance(error, requests.ConnectTimeout),
             )
         except requests.RequestException as error:
             return RefreshOutcome(
@@ -135,16 +142,33 @@ class IntegrationManagerClient:
                 error_code="network_error",
                 error_message=f"could not reach integration-manager ({error.__class__.__name__})",
                 retryable=True,
+                may_be_in_flight=not _never_connected(error),
             )
         with response:
             body = _read_json(response)
         outcome = _outcome(response.status_code, body)
         if not outcome.succeeded and outcome.retryable:
-            outcome = replace(outcome, retry_after_s=parse_retry_after(response.headers.get("Retry-After")))
+            outcome = replace(
+                outcome,
+                retry_after_s=parse_retry_after(response.headers.get("Retry-After")),
+                # A gateway gave up on integration-manager, which may still be refreshing.
+                may_be_in_flight=response.status_code in (502, 504),
+            )
         return outcome
 
     def close(self) -> None:
         self._session.close()
+
+
+def _never_connected(error: requests.RequestException) -> bool:
+    """The request provably never reached a server: the connection could not be made (refused, DNS,
+    connect timeout). Anything later (reset, closed while reading) may have reached it."""
+    from urllib3.exceptions import MaxRetryError, NameResolutionError, NewConnectionError
+
+    cause = error.args[0] if error.args else None
+    if isinstance(cause, MaxRetryError):
+        cause = cause.reason
+    return isinstance(error, requests.ConnectTimeout) or isinstance(cause, NewConnectionError | NameResolutionError)
 
 
 def parse_retry_after(value: str | None, now: datetime | None = None) -> float | None:

@@ -55,6 +55,7 @@ _EXPECTED_FORMS = {
     "INTEGRATION_MANAGER_MAX_ATTEMPTS": "a whole number of calls per delivery between 1 and 10",
     "INTEGRATION_MANAGER_RETRY_BUDGET_MS": "a whole number of milliseconds between 0 and 300000",
     "INTEGRATION_MANAGER_BACKOFF_INITIAL_MS": "a whole number of milliseconds between 1 and 60000",
+    "INTEGRATION_MANAGER_IN_FLIGHT_MS": "a whole number of milliseconds between 0 and 600000",
     "TOKEN_REFRESH_MAX_DELIVERY_COUNT": "the refresh queue's MaxDeliveryCount, a whole number between 1 and 100",
     "TOKEN_REFRESH_FAILURE_COOLDOWN_MS": "a whole number of milliseconds from 0 (off) to 31536000000 (365 days)",
     "TOKEN_REFRESH_CLAIM_LEASE_MS": "a whole number of milliseconds from 1000 to 86400000 (1 day)",
@@ -106,6 +107,10 @@ class Settings(BaseSettings):
     integration_manager_retry_budget_ms: int = Field(
         60_000, alias="INTEGRATION_MANAGER_RETRY_BUDGET_MS", ge=0, le=300_000
     )
+    # How long integration-manager may go on working on a call the app stopped waiting for (a read
+    # timeout, a connection dropped after sending, a gateway's 502/504): no new call for that request
+    # starts before it has passed (README "Failure handling").
+    integration_manager_in_flight_ms: int = Field(60_000, alias="INTEGRATION_MANAGER_IN_FLIGHT_MS", ge=0, le=600_000)
 
     # Failure handling (README "Failure handling")
     max_delivery_count: int = Field(10, alias="TOKEN_REFRESH_MAX_DELIVERY_COUNT", ge=1, le=100)

@@ -82,13 +82,17 @@ class StateStore:
         requested_at_ms: int | None = None,
         *,
         take_over_live_lease: bool = False,
+        holder: dict[str, Any] | None = None,
+        calls_window_ms: int = 0,
     ) -> ClaimResult:
         """Claim the request: "acquired" (go ahead), "done" (it ended: see the stored outcome),
         "busy" (another invocation holds a live lease; `take_over_live_lease` when the caller knows
         that holder is gone) or "conflict" (the request id belongs to another connection: a claim is
         bound to the connection that first used it). Take-overs are etag-guarded: of two contenders,
         one wins. `round` counts the times a later check asked again after the request had ended
-        retryable; outcome event ids and idempotency keys include it."""
+        retryable; outcome event ids and idempotency keys include it. `holder` (message id and delivery
+        count) and `callsUntil` (now + `calls_window_ms`) say who holds a live claim and until when
+        its calls may run, for a redelivery of the same message to take over safely."""
         from azure.core import MatchConditions
         from azure.cosmos.exceptions import CosmosAccessConditionFailedError, CosmosResourceExistsError
 
@@ -103,6 +107,8 @@ class StateStore:
             "published": False,
             "updatedAt": now_ms,
             "round": 0,
+            "holder": holder,
+            "callsUntil": now_ms + calls_window_ms,
             "ttl": CLAIM_TTL_S,
         }
         try:
@@ -120,7 +126,13 @@ class StateStore:
             return ClaimResult("busy", existing)
         # A retry of an earlier delivery, or a lease that ran out (its holder died): take it over,
         # but only if nobody else did first (etag).
-        taken = existing | {"state": IN_PROGRESS, "leaseUntil": now_ms + lease_ms, "updatedAt": now_ms}
+        taken = existing | {
+            "state": IN_PROGRESS,
+            "leaseUntil": now_ms + lease_ms,
+            "updatedAt": now_ms,
+            "holder": holder,
+            "callsUntil": now_ms + calls_window_ms,
+        }
         if asked_again:  # a later check asked again after transient failures ended it: a new attempt
             taken = {k: v for k, v in taken.items() if k != "outcome"} | {
                 "published": False,
@@ -145,11 +157,21 @@ class StateStore:
         outcome: dict | None = None,
         published: bool = False,
         not_before_ms: int = 0,
+        in_flight_until_ms: int = 0,
     ) -> dict[str, Any]:
         """Record how this delivery ended: its outcome event and whether that was published.
-        `not_before_ms`: the callee's Retry-After, for the next delivery."""
+        `not_before_ms`: the callee's Retry-After, for the next delivery; `in_flight_until_ms`: until
+        when the last call may still be running at integration-manager (no new call before)."""
         updated = {k: v for k, v in claim.items() if not k.startswith("_")}
-        updated.update(state=state, attempts=attempts, updatedAt=now_ms, leaseUntil=0, notBefore=not_before_ms)
+        updated.update(
+            state=state,
+            attempts=attempts,
+            updatedAt=now_ms,
+            leaseUntil=0,
+            notBefore=not_before_ms,
+            inFlightUntil=in_flight_until_ms,
+            callsUntil=0,
+        )
         if outcome is not None:
             updated.update(outcome=outcome, published=published)
         return self._container.upsert_item(updated)

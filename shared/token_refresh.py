@@ -105,15 +105,18 @@ def call_with_retries(
     budget_s: float,
     initial_backoff_s: float = 0.5,
     sleep: Callable[[float], None] = time.sleep,
+    *,
+    in_flight_s: float = 0.0,
 ) -> tuple[RefreshOutcome, int]:
     """Call until success, a permanent failure, `max_attempts`, or the next wait would pass `budget_s`.
     Waits grow exponentially from `initial_backoff_s` (up to 10 s) with as much jitter, or follow the
-    callee's Retry-After when that is longer. Returns the last outcome and the number of calls made."""
+    callee's Retry-After when that is longer; after a call that may still be in flight, at least
+    `in_flight_s`. Returns the last outcome and the number of calls made."""
     backoff = wait_exponential(multiplier=initial_backoff_s, max=BACKOFF_MAX_S) + wait_random(0, initial_backoff_s)
 
     def wait(state: Any) -> float:
-        retry_after = state.outcome.result().retry_after_s
-        return max(backoff(state), retry_after or 0.0)
+        last = state.outcome.result()
+        return max(backoff(state), last.retry_after_s or 0.0, in_flight_s if last.may_be_in_flight else 0.0)
 
     retrying = Retrying(
         retry=retry_if_result(lambda outcome: not outcome.succeeded and outcome.retryable),
@@ -176,16 +179,34 @@ class RefreshContext:
 
 
 def refresh_connection_token(
-    request_event: CloudEvent, request: RefreshRequestedData, context: RefreshContext, delivery_count: int = 1
+    request_event: CloudEvent,
+    request: RefreshRequestedData,
+    context: RefreshContext,
+    delivery_count: int = 1,
+    message_id: str | None = None,
 ) -> CloudEvent | None:
-    return _RefreshJob(request_event, request, context, delivery_count).run()
+    """Refresh one requested connection and publish the outcome (one delivery of its message)."""
+    return _RefreshJob(request_event, request, context, delivery_count, message_id).run()
+
+
+# A redelivery waits at most this long for an earlier delivery's calls to be over (Service Bus renews
+# the message lock for 5 minutes, host.json maxAutoLockRenewalDuration).
+TAKE_OVER_MAX_WAIT_MS = 300_000
 
 
 class _RefreshJob:
     """One delivery of one refresh request (see the module docstring for the rules)."""
 
-    def __init__(self, event: CloudEvent, request: RefreshRequestedData, context: RefreshContext, delivery: int):
+    def __init__(
+        self,
+        event: CloudEvent,
+        request: RefreshRequestedData,
+        context: RefreshContext,
+        delivery: int,
+        message_id: str | None = None,
+    ):
         self.event, self.request, self.context, self.delivery = event, request, context, delivery
+        self.message_id = message_id
         self.settings, self.states = context.settings, context.states
         self.key = connection_key(request.tenant_id, request.integration_id, request.connection_id)
         self.requested_at_ms = int(request.requested_at.timestamp() * 1000)
@@ -201,14 +222,54 @@ class _RefreshJob:
         logger.info("Not refreshing OAuth tokens for connection (%s): %s", self.ids, reason)
 
     def _claim(self, take_over_live_lease: bool = False) -> ClaimResult:
+        settings = self.settings
+        # The latest this delivery may still be calling, or a call of it may still be running:
+        # its retry budget, the last call's timeouts, and the manager's in-flight window.
+        calls_window_ms = (
+            settings.integration_manager_retry_budget_ms
+            + settings.integration_manager_connect_timeout_ms
+            + settings.integration_manager_timeout_ms
+            + settings.integration_manager_in_flight_ms
+        )
         return self.states.claim(
             self.event.id,
             self.key,
             now_ms(),
-            self.settings.claim_lease_ms,
+            settings.claim_lease_ms,
             requested_at_ms=self.requested_at_ms,
             take_over_live_lease=take_over_live_lease,
+            holder={"messageId": self.message_id, "delivery": self.delivery},
+            calls_window_ms=calls_window_ms,
         )
+
+    def _redelivered_to_me(self, claim: dict[str, Any]) -> bool:
+        """The live claim is held by an earlier delivery of this very message: the queue handed the
+        message out again, so that delivery is over (its host died, or its lock was lost)."""
+        holder = claim.get("holder") or {}
+        return (
+            self.message_id is not None
+            and holder.get("messageId") == self.message_id
+            and self.delivery > int(holder.get("delivery") or 0)
+        )
+
+    def _take_over_from_earlier_delivery(self, claim: dict[str, Any]) -> ClaimResult:
+        """Take the claim of an earlier delivery of this message, once none of its calls can still be
+        running (it may only have lost its lock): never two calls for one request at once."""
+        # Never past the lease: once it runs out, anyone may take the claim anyway.
+        wait_ms = min(claim.get("callsUntil", 0), claim.get("leaseUntil", 0)) - now_ms()
+        if wait_ms > TAKE_OVER_MAX_WAIT_MS:
+            raise RefreshRetryLater(
+                f"an earlier delivery of this request may be calling for {wait_ms / 1000:.0f} s more"
+            )
+        if wait_ms > 0:
+            logger.info(
+                "Taking over the refresh from an earlier delivery of this request (%s) in %.1f s, once its "
+                "calls are over",
+                self.ids,
+                wait_ms / 1000,
+            )
+            self.context.sleep(wait_ms / 1000)
+        return self._claim(take_over_live_lease=True)
 
     def run(self) -> CloudEvent | None:
         current = self._current()
@@ -220,6 +281,11 @@ class _RefreshJob:
         if moved_to is not None:
             return self._already_refreshed(moved_to)
         claimed = self._claim()
+        if claimed.status == "busy" and self._redelivered_to_me(claimed.claim):
+            return self._continue_earlier_delivery(claimed.claim)
+        return self._proceed(claimed, current)
+
+    def _proceed(self, claimed: ClaimResult, current: ConnectionState | None) -> CloudEvent | None:
         if claimed.status == "conflict":
             raise RequestIdConflictError(
                 f"request {self.event.id} was first used for another connection; not refreshing ({self.ids})"
@@ -229,6 +295,24 @@ class _RefreshJob:
             return None
         if claimed.status == "done":
             return _publish_stored_outcome(claimed.claim, self.states, self.context.publisher, self.ids)
+        return self._call_and_report(claimed.claim, current)
+
+    def _continue_earlier_delivery(self, claim: dict[str, Any]) -> CloudEvent | None:
+        """This message was handed out before and that delivery still holds the claim: it is over
+        (killed, or its lock was lost), so finish its story instead of dropping the message."""
+        claimed = self._take_over_from_earlier_delivery(claim)
+        if claimed.status != "acquired":
+            return self._proceed(claimed, None)
+        # Look again: the earlier delivery may have refreshed it, or it was revoked meanwhile.
+        current = self._current()
+        reason = no_longer_refreshable(current, self.settings.skip_statuses)
+        if reason:
+            self.states.finish_claim(claimed.claim, SKIPPED, claimed.claim.get("attempts", 0), now_ms())
+            self._skip(reason)
+            return None
+        moved_to = expiry_moved_forward(self.request, current)
+        if moved_to is not None:
+            return self._already_refreshed(moved_to)
         return self._call_and_report(claimed.claim, current)
 
     def _already_refreshed(self, moved_to: datetime) -> CloudEvent | None:
@@ -271,15 +355,29 @@ class _RefreshJob:
 
     def _call_and_report(self, claim: dict[str, Any], current: ConnectionState | None) -> CloudEvent | None:
         settings = self.settings
+        # A call of an earlier delivery may still be running at integration-manager: no new call
+        # before its in-flight window has passed (and the connection has been looked at again).
+        in_flight_ms = claim.get("inFlightUntil", 0) - now_ms()
+        if in_flight_ms > settings.integration_manager_retry_budget_ms:
+            self.states.finish_claim(
+                claim,
+                RETRY_PENDING,
+                claim.get("attempts", 0),
+                now_ms(),
+                not_before_ms=claim.get("notBefore", 0),
+                in_flight_until_ms=claim["inFlightUntil"],
+            )
+            raise RefreshRetryLater(f"an earlier call may be in flight for {in_flight_ms / 1000:.0f} s more")
         # A Retry-After answered to the previous delivery still holds for this one.
-        wait_ms = claim.get("notBefore", 0) - now_ms()
+        wait_ms = max(claim.get("notBefore", 0) - now_ms(), in_flight_ms)
         if wait_ms > 0:
             self.context.sleep(min(wait_ms, settings.integration_manager_retry_budget_ms) / 1000)
         logger.info("Refreshing OAuth tokens for connection (%s)", self.ids)
         previous: list[RefreshOutcome] = []
+        look_first = in_flight_ms > 0
 
         def call() -> RefreshOutcome:
-            if previous:
+            if previous or look_first:
                 # Before every retry, look again: the failed call may have refreshed the token anyway
                 # (a timeout, a dropped connection, a gateway's 5xx), or the connection was revoked
                 # or deleted meanwhile -- then it must not be called again.
@@ -306,6 +404,7 @@ class _RefreshJob:
                 settings.integration_manager_retry_budget_ms / 1000,
                 settings.integration_manager_backoff_initial_ms / 1000,
                 self.context.sleep,
+                in_flight_s=settings.integration_manager_in_flight_ms / 1000,
             )
         except _NoLongerRefreshable as stop:
             # Ended for good, without an outcome event: as when a request finds it so at the start.
@@ -317,9 +416,17 @@ class _RefreshJob:
             self.states.finish_claim(claim, RETRY_PENDING, claim.get("attempts", 0) + 1, now_ms())
             raise
         attempts = claim.get("attempts", 0) + calls
+        if not outcome.succeeded and outcome.may_be_in_flight:
+            # The last call may have refreshed after all: look before reporting or retrying.
+            moved_to = expiry_moved_forward(self.request, self._current())
+            if moved_to is not None:
+                outcome = RefreshOutcome(True, expires_at=moved_to)
         if not outcome.succeeded and outcome.retryable and self.delivery < settings.max_delivery_count:
             not_before = now_ms() + int((outcome.retry_after_s or 0) * 1000)
-            self.states.finish_claim(claim, RETRY_PENDING, attempts, now_ms(), not_before_ms=not_before)
+            in_flight_until = now_ms() + settings.integration_manager_in_flight_ms if outcome.may_be_in_flight else 0
+            self.states.finish_claim(
+                claim, RETRY_PENDING, attempts, now_ms(), not_before_ms=not_before, in_flight_until_ms=in_flight_until
+            )
             logger.warning(
                 "OAuth token refresh will be retried (%s code=%s httpStatus=%s attempts=%d delivery %d of %d)",
                 self.ids,
@@ -415,4 +522,6 @@ def handle_refresh_requested_message(
     delivery = max(1, delivery_count or 1)
     envelope, request = parse_trigger_message(body, REFRESH_REQUESTED, message_id, delivery)
     telemetry.bind(connectionId=request.connection_id, integrationId=request.integration_id, tenantId=request.tenant_id)
-    return refresh_connection_token(envelope, request, RefreshContext.from_runtime(), delivery_count=delivery)
+    return refresh_connection_token(
+        envelope, request, RefreshContext.from_runtime(), delivery_count=delivery, message_id=message_id or None
+    )

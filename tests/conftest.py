@@ -214,6 +214,7 @@ def app_env(monkeypatch, rabbitmq, cosmos_server, cosmos_container, state_contai
         "INTEGRATION_MANAGER_MAX_ATTEMPTS": "2",
         "INTEGRATION_MANAGER_BACKOFF_INITIAL_MS": "5",
         "INTEGRATION_MANAGER_RETRY_BUDGET_MS": "5000",
+        "INTEGRATION_MANAGER_IN_FLIGHT_MS": "2000",
         "TOKEN_REFRESH_MAX_DELIVERY_COUNT": "3",
     }
     for name in (

@@ -3,6 +3,7 @@ each against the real Cosmos-compatible server, RabbitMQ and the stand-in manage
 at the servers (the Cosmos server's fault hook, the manager's script), never by mocking an SDK."""
 
 import logging
+import subprocess
 import time
 from datetime import timedelta
 
@@ -21,8 +22,9 @@ from shared.events import (
 )
 from shared.state_store import connection_key
 from shared.token_refresh import RequestIdConflictError
-from tests.helpers import invoke, trigger
+from tests.helpers import APP_ROOT, CLI, invoke, trigger
 from tests.test_failure_handling import a_request_that_failed_transiently, request_for, seed_connection
+from tests.test_faults import fault_env  # noqa: F401 - fixture
 from tools.stand_in_manager import Answer
 
 
@@ -149,3 +151,95 @@ def test_an_outcome_published_again_keeps_its_id(app_env, cosmos_container, mana
     [published] = event_tap.of_type(REFRESHED)
     assert published["id"] == outcome_event_id(other.id, 0, REFRESHED)
     assert manager.calls and all(header(call, "Idempotency-Key") == other.id for call in manager.calls)
+
+
+def test_a_redelivery_meeting_its_own_live_claim_takes_over_once_the_earlier_calls_are_over(
+    app_env, cosmos_container, manager, event_tap
+):
+    # Was: the redelivery found the claim of its own earlier delivery (killed mid-call, or its broker
+    # connection lost) within the lease, logged "another invocation is refreshing it" and completed:
+    # 0 calls, 0 outcome events for ~10 minutes, and the next check's requests were skipped the same way.
+    request = request_for("c-1", seed_connection(cosmos_container))
+    key = connection_key("t-1", "zoom", "c-1")
+    now_ms = int(time.time() * 1000)
+    held = runtime.state_store().claim(
+        request.id, key, now_ms, 600_000, holder={"messageId": request.id, "delivery": 1}, calls_window_ms=1500
+    )
+    assert held.status == "acquired"
+
+    invoke(sync_refresh_handler, trigger(request, 1, message_id="a-duplicate"))  # another message: left alone
+    assert manager.calls == []
+
+    called_at = []
+    manager.script = lambda call: called_at.append(time.time() * 1000) or Answer(200)
+    invoke(sync_refresh_handler, trigger(request, 2))  # the same message again: the earlier delivery is over
+    assert len(manager.calls) == 1
+    assert called_at[0] >= now_ms + 1500  # not before the earlier delivery's calls could be over
+    assert [e.routing_key for e in event_tap.drain()] == [REFRESHED]
+    invoke(sync_refresh_handler, trigger(request, 3))  # and only once
+    assert len(manager.calls) == 1 and event_tap.drain() == []
+
+
+def test_no_new_call_while_an_earlier_one_may_still_be_in_flight(app_env, cosmos_container, manager, event_tap):
+    # Was: a call that timed out was repeated at once, while integration-manager was still working on
+    # it: overlapping refreshes of one token (with rotating refresh tokens, a revoked token family).
+    request = request_for("c-1", seed_connection(cosmos_container))
+    manager.container, manager.token_lifetime = cosmos_container, timedelta(hours=2)
+    in_flight = {"until": 0.0}
+
+    def slow_then_fast(call):
+        if len(manager.calls) == 1:
+            in_flight["until"] = time.monotonic() + 1.0
+            return Answer(504, delay_s=1.0)  # the gateway gives up after the app did; nothing refreshed
+        return Answer(200)
+
+    manager.script = slow_then_fast
+    invoke(sync_refresh_handler, trigger(request, 1))
+    first, second = manager.calls
+    assert second.received_at >= in_flight["until"]  # INTEGRATION_MANAGER_IN_FLIGHT_MS=2000 after giving up
+    assert second.received_at - first.received_at >= 2.0
+    assert [e.routing_key for e in event_tap.drain()] == [REFRESHED]
+
+
+def test_a_heartbeat_shorter_than_an_invocation_is_raised_to_outlast_it(
+    fault_env,  # noqa: F811 - the fixture imported above
+    cosmos_container,
+    manager,
+    tap,
+    rabbitmq,
+    tmp_path,
+):
+    # A consumer runs the invocation on its connection's thread: no heartbeat goes out meanwhile. With
+    # ?heartbeat=2 and a longer call, RabbitMQ could close the connection and hand the message to
+    # another worker mid-refresh. The local host's connections negotiate at least the longest invocation.
+    seed_connection(cosmos_container)
+    manager.script = lambda call: Answer(200, delay_s=4)
+    env = fault_env | {
+        "RABBITMQ_URL": fault_env["RABBITMQ_URL"] + "?heartbeat=2",
+        "INTEGRATION_MANAGER_TIMEOUT_MS": "15000",
+    }
+    log = tmp_path / "host.log"
+    with log.open("w") as output:
+        host = subprocess.Popen(
+            [*CLI, "run", "--once", "--queue-prefix", env["FAULT_QUEUE_PREFIX"], "--workers", "2"],
+            cwd=APP_ROOT,
+            env=env,
+            stdout=output,
+            stderr=subprocess.STDOUT,
+        )
+    try:
+        deadline = time.monotonic() + 30
+        while not manager.calls and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert manager.calls, log.read_text()[-3000:]
+        connections = rabbitmq.ctl("list_connections", "timeout", "client_properties").splitlines()[2:]
+        assert host.wait(60) == 0, log.read_text()[-3000:]
+    finally:
+        host.kill()
+    # The consumers' connections (the publisher's, named integration-token-refresh, only publishes: if the
+    # broker drops it, the next publish reconnects) and the test's own tap (the broker's 60 s).
+    consumers = [int(line.split()[0]) for line in connections if '"integration-token-refresh"' not in line]
+    assert len(consumers) >= 3 and min(consumers) >= 60, connections
+    assert "RabbitMQ heartbeat 2 s is shorter than the longest invocation" in log.read_text()
+    assert len(manager.calls) == 1
+    assert [e.routing_key for e in tap.everything() if e.routing_key in (REFRESHED, REFRESH_FAILED)] == [REFRESHED]

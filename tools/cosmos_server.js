@@ -122,8 +122,11 @@ function parseArgs(argv) {
 }
 
 // Faults on request, for the tests' failure enumeration: `POST /_faults` with
-// {"method": "POST", "path": "<regex>", "partitionKey": "<regex>", "status": 500, "times": N} makes the
-// next N matching requests (times -1: all) fail with that status before the package sees them;
+// {"method": "POST", "path": "<regex>", "partitionKey": "<regex>", "status": 500, "times": N, "skip": K}
+// lets K matching requests pass, then makes the next N (times -1: all) fail with that status before
+// the package sees them;
+// with {"action": "kill", "pid": P, "when": "before" | "after"} it SIGKILLs process P (the app) instead:
+// before the request takes effect, or after it took effect but before the answer is sent.
 // `DELETE /_faults` removes every rule. Nothing outside the tests calls these paths.
 const faults = [];
 function matchingFault(req) {
@@ -136,6 +139,10 @@ function matchingFault(req) {
   );
   if (index < 0) return undefined;
   const rule = faults[index];
+  if (rule.skip > 0) {
+    rule.skip -= 1; // this one passes: the rule is for a later matching request
+    return undefined;
+  }
   if (rule.times > 0 && --rule.times === 0) faults.splice(index, 1);
   rule.hits = (rule.hits || 0) + 1;
   return rule;
@@ -149,6 +156,7 @@ function faultAdmin(req, res) {
     faults.length = 0;
     return answer(200, { faults: 0 });
   }
+  if (req.method === "GET") return answer(200, faults);
   let text = "";
   req.on("data", (chunk) => (text += chunk));
   req.on("end", () => {
@@ -171,6 +179,27 @@ server.emit = (event, req, res) => {
   if (req.url === "/_faults") return faultAdmin(req, res) || true;
   const rule = matchingFault(req);
   if (!rule) return emitAsIs(event, req, res);
+  if (rule.action === "kill") {
+    const kill = () => {
+      try {
+        process.kill(rule.pid, "SIGKILL");
+      } catch (error) {
+        // already gone
+      }
+    };
+    if (rule.when === "after") {
+      const endAsIs = res.end.bind(res);
+      res.end = (...args) => {
+        kill();
+        return endAsIs(...args);
+      };
+      return emitAsIs(event, req, res);
+    }
+    kill();
+    req.resume();
+    res.destroy();
+    return true;
+  }
   req.resume();
   res.writeHead(rule.status, { "Content-Type": "application/json", "x-ms-activity-id": "fault" });
   res.end(JSON.stringify({ code: "InjectedFault", message: `fault injected by the test (HTTP ${rule.status})` }));

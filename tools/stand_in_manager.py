@@ -47,6 +47,7 @@ class Call:
     status: int | None = None  # the status answered; None if no answer could be written (client gone)
     refreshed_from: Any = None  # the document's oauth.expiresAt before this call refreshed it
     refreshed_to: str | None = None  # ... and after (None: this call did not refresh the document)
+    finished_at: float | None = None  # when the manager was done with it (answered, or gave up answering)
 
     @property
     def refreshed(self) -> bool:
@@ -127,6 +128,7 @@ class StandInManager:
                 answer = manager.answer(call) if ids else Answer(404, {"error": "not_found"})
                 if answer.delay_s:
                     time.sleep(answer.delay_s)
+                call.finished_at = time.monotonic()
                 if answer.drop_connection:
                     self.close_connection = True
                     return
