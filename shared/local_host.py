@@ -25,6 +25,7 @@ import time
 import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -32,7 +33,8 @@ import azure.functions.servicebus as func_servicebus
 import pika
 from azure.functions.timer import TimerRequest
 
-from shared.events import CHECK_EXPIRING, REFRESH_FAILED, REFRESHED
+from shared import runtime
+from shared.events import CHECK_EXPIRING, CONTENT_TYPE, REFRESH_FAILED, REFRESHED, CloudEvent
 from shared.messaging import PublishError
 from shared.settings import Settings
 
@@ -59,6 +61,7 @@ RECONNECT_MAX_S = 5.0
 RECONNECT_TIMEOUT_S = 60.0  # `run --once`: how long a cycle waits for the broker to come back
 # The per-cycle outcome queue outlives a broker restart (durable) but not a crashed run (expires).
 CYCLE_QUEUE_EXPIRES_MS = 30 * 60 * 1000
+RETRY_GRACE_S = 30.0  # a scheduled retry not back this long after it was due is not waited for
 
 
 class BrokerUnavailable(SystemExit):
@@ -144,6 +147,99 @@ def connection_parameters(settings: Settings) -> pika.URLParameters:
     return parameters
 
 
+class DelayQueueRetries:
+    """Scheduled retries for the local host, as Service Bus schedules messages in Azure: the copy of a
+    request waits in a durable delay queue (one per target queue and retry number, so every message in
+    it waits as long) until its TTL ends, then RabbitMQ dead-letters it into the function's queue. It
+    survives a restart of the host. Thread-safe: invocation threads schedule through one connection."""
+
+    def __init__(self, settings: Settings, queues_by_event_type: dict[str, str]):
+        self._settings = settings
+        self._queues = queues_by_event_type
+        self._lock = threading.Lock()
+        self._connection: Any = None
+        self._channel: Any = None
+        self.delay_queues: set[str] = set()
+        # Retries scheduled by this host and not yet delivered back (message id, when it is due): a
+        # copy that has left its delay queue but is not in the function's queue yet is still pending.
+        # One not back RETRY_GRACE_S after it was due is given up on (another host may have taken it).
+        self._outstanding: list[tuple[str, float]] = []
+
+    def schedule_retry(self, event: CloudEvent, retry: int, at: datetime, attempt_round: int = 0) -> None:
+        """Deliver `event` to its function's queue again at `at` (`attempt_round` is for Service Bus's
+        duplicate detection; RabbitMQ has none: the copy keeps the request's message id)."""
+        target = self._queues[event.type]
+        delay_queue = f"{target}.retry-{retry}"
+        delay_ms = max(1, math.ceil((at - datetime.now(UTC)).total_seconds() * 1000))
+        properties = pika.BasicProperties(
+            message_id=event.id,
+            content_type=CONTENT_TYPE,
+            type=event.type,
+            delivery_mode=pika.DeliveryMode.Persistent,
+            expiration=str(delay_ms),
+        )
+        with self._lock:
+            for attempt in (1, 2):  # once more on a fresh connection if the broker dropped it
+                try:
+                    channel = self._open()
+                    channel.queue_declare(
+                        delay_queue,
+                        durable=True,
+                        arguments={"x-dead-letter-exchange": "", "x-dead-letter-routing-key": target},
+                    )
+                    channel.basic_publish("", delay_queue, event.to_json(), properties, mandatory=True)
+                    self.delay_queues.add(delay_queue)
+                    self._outstanding.append((event.id, time.monotonic() + delay_ms / 1000))
+                    return
+                except BROKER_CONNECTION_ERRORS:
+                    self._reset()
+                    if attempt == 2:
+                        raise
+
+    def delivered(self, message_id: str | None) -> None:
+        """A message came back to a function: if it is a retry this host scheduled, it is no longer pending."""
+        with self._lock:
+            for index, (outstanding_id, _) in enumerate(self._outstanding):
+                if outstanding_id == message_id:
+                    del self._outstanding[index]
+                    return
+
+    def pending(self) -> int:
+        """Retries not delivered back yet: scheduled by this host, or waiting in a delay queue (after a
+        restart of the host)."""
+        with self._lock:
+            now = time.monotonic()
+            self._outstanding = [(m, due) for m, due in self._outstanding if due + RETRY_GRACE_S > now]
+            outstanding = len(self._outstanding)
+            if not self.delay_queues:
+                return outstanding
+            try:
+                channel = self._open()
+                waiting = sum(channel.queue_declare(q, passive=True).method.message_count for q in self.delay_queues)
+            except BROKER_CONNECTION_ERRORS:
+                self._reset()
+                raise
+            return max(outstanding, waiting)
+
+    def _open(self) -> Any:
+        if self._channel is None or not self._channel.is_open:
+            self._reset()
+            self._connection = pika.BlockingConnection(connection_parameters(self._settings))
+            self._channel = self._connection.channel()
+            self._channel.confirm_delivery()  # a retry is only scheduled once the broker has it
+        return self._channel
+
+    def _reset(self) -> None:
+        connection, self._connection, self._channel = self._connection, None, None
+        if connection is not None and connection.is_open:
+            with contextlib.suppress(Exception):
+                connection.close()
+
+    def close(self) -> None:
+        with self._lock:
+            self._reset()
+
+
 class LocalInvocationContext:
     """What the Functions host passes as `context`: a fresh invocation id per call."""
 
@@ -190,6 +286,7 @@ class LocalHost:
         self._connection: Any = None
         self._channel: Any = None
         self._stop = threading.Event()
+        self.retries = DelayQueueRetries(settings, {f.event_type: f.queue for f in self.functions})
 
     # Topology -----------------------------------------------------------------------------------
 
@@ -206,9 +303,13 @@ class LocalHost:
         self._channel = self._connection.channel()
         self._channel.basic_qos(prefetch_count=1)
         declare_topology(self._channel, self.settings.rabbitmq_exchange, self.functions, self.max_deliveries)
+        runtime.use_retry_scheduler(self.retries)  # transient failures come back through its delay queues
         return self._channel
 
     def close(self) -> None:
+        if runtime.retry_scheduler_installed() is self.retries:
+            runtime.use_retry_scheduler(None)  # its delay queues are this host's: not without it
+        self.retries.close()
         connection, self._connection, self._channel = self._connection, None, None
         if connection is not None and connection.is_open:
             try:
@@ -253,6 +354,7 @@ class LocalHost:
         channel = channel or self._channel
         function = self._by_queue[queue]
         message = trigger_message(body, properties)
+        self.retries.delivered(message.message_id)
         try:
             function.main(message, context=LocalInvocationContext(function.name))
         except Exception as error:
@@ -334,6 +436,9 @@ class LocalHost:
             try:
                 self._declare_cycle_queue(cycle_queue)
                 self._process_queued_messages(summary, counted)
+                if self.retries.pending():  # scheduled retries are part of the cycle: wait for them
+                    time.sleep(0.05)
+                    continue
                 self._count_outcomes(cycle_queue, summary, counted)
                 summary.dead_lettered = self._dead_letter_count() - dead_letters_before
                 break

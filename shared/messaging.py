@@ -16,6 +16,7 @@ import threading
 from collections import deque
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
+from datetime import datetime
 from typing import Any, Protocol
 
 from shared.events import CHECK_EXPIRING, CONTENT_TYPE, REFRESH_REQUESTED, CloudEvent
@@ -46,6 +47,12 @@ class EventTransport(Protocol):
     def close(self) -> None: ...
 
 
+class RetryScheduler(Protocol):
+    """Delivers a refresh request again later, on the queue that triggers the refresh function."""
+
+    def schedule_retry(self, event: CloudEvent, retry: int, at: datetime, attempt_round: int = 0) -> None: ...
+
+
 class EventPublisher:
     """Sends every event to every configured transport."""
 
@@ -56,6 +63,11 @@ class EventPublisher:
                 "ServiceBusConnection__fullyQualifiedNamespace) and/or RABBITMQ_URL."
             )
         self.transports = list(transports)
+
+    @property
+    def retry_scheduler(self) -> RetryScheduler | None:
+        """The transport that triggers the functions and can schedule a message (Service Bus)."""
+        return next((t for t in self.transports if isinstance(t, ServiceBusTransport)), None)
 
     def publish(self, events: Iterable[CloudEvent]) -> int:
         batch = list(events)
@@ -323,6 +335,17 @@ class ServiceBusTransport:
                 batch.error = error
         for batch in taken:
             batch.done = True
+
+    def schedule_retry(self, event: CloudEvent, retry: int, at: datetime, attempt_round: int = 0) -> None:
+        """Send `event` again to its queue, to be delivered at `at` (a scheduled message), as retry
+        number `retry` of its round. Its message id is the event id + `.retry-ROUND.N`: the queue's
+        duplicate detection would drop the event id itself, or an earlier round's retry."""
+        queue = SERVICE_BUS_QUEUES[event.type]
+        sender, lock, _ = self._sender(queue)
+        message = service_bus_message(event)
+        message.message_id = f"{event.id}.retry-{attempt_round}.{retry}"
+        with lock:
+            sender.schedule_messages(message, at)
 
     def _sender(self, queue: str) -> tuple[Any, threading.Lock, deque[_Batch]]:
         with self._registry_lock:

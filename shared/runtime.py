@@ -14,7 +14,7 @@ from shared.settings import Settings, load_settings, warn_about_risky_threshold
 if TYPE_CHECKING:
     from shared.connection_store import ConnectionStore
     from shared.manager_client import IntegrationManagerClient
-    from shared.messaging import EventPublisher
+    from shared.messaging import EventPublisher, RetryScheduler
     from shared.state_store import StateStore
 
 T = TypeVar("T")
@@ -75,6 +75,28 @@ def manager_client() -> IntegrationManagerClient:
     from shared.manager_client import IntegrationManagerClient
 
     return _once("manager_client", lambda: IntegrationManagerClient.from_settings(settings()))
+
+
+def retry_scheduler() -> RetryScheduler | None:
+    """Where a transient failure's retry is scheduled: the one a host installed (the local host's
+    delay queues), else Service Bus when configured, else None (the queue redelivers at once)."""
+    installed = _instances.get("retry_scheduler")
+    return installed if installed is not None else publisher().retry_scheduler
+
+
+def retry_scheduler_installed() -> RetryScheduler | None:
+    """The scheduler a host installed, if any."""
+    return _instances.get("retry_scheduler")
+
+
+def use_retry_scheduler(scheduler: RetryScheduler | None) -> None:
+    """Install the scheduler of the host that runs the functions (the local host; tests); None
+    removes it (the host stopped)."""
+    with _lock:
+        if scheduler is None:
+            _instances.pop("retry_scheduler", None)
+        else:
+            _instances["retry_scheduler"] = scheduler
 
 
 def reset() -> None:

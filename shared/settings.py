@@ -57,6 +57,7 @@ _EXPECTED_FORMS = {
     "INTEGRATION_MANAGER_BACKOFF_INITIAL_MS": "a whole number of milliseconds between 1 and 60000",
     "INTEGRATION_MANAGER_IN_FLIGHT_MS": "a whole number of milliseconds between 0 and 600000",
     "TOKEN_REFRESH_MAX_DELIVERY_COUNT": "the refresh queue's MaxDeliveryCount, a whole number between 1 and 100",
+    "TOKEN_REFRESH_RETRY_DELAY_MS": "a whole number of milliseconds from 0 (redeliver at once) to 3600000 (1 hour)",
     "TOKEN_REFRESH_FAILURE_COOLDOWN_MS": "a whole number of milliseconds from 0 (off) to 31536000000 (365 days)",
     "TOKEN_REFRESH_CLAIM_LEASE_MS": "a whole number of milliseconds from 1000 to 86400000 (1 day)",
     "TOKEN_REFRESH_MAX_AGE_MS": "a whole number of milliseconds from 0 (off) to 315360000000 (10 years)",
@@ -114,6 +115,10 @@ class Settings(BaseSettings):
 
     # Failure handling (README "Failure handling")
     max_delivery_count: int = Field(10, alias="TOKEN_REFRESH_MAX_DELIVERY_COUNT", ge=1, le=100)
+    # A transient failure is retried by a scheduled copy of the request, this long after the first
+    # failed delivery, doubling per retry up to RETRY_DELAY_MAX_MS: a short outage cannot use up the
+    # deliveries. 0: the queue redelivers at once.
+    retry_delay_ms: int = Field(30_000, alias="TOKEN_REFRESH_RETRY_DELAY_MS", ge=0, le=3_600_000)
     failure_cooldown_ms: int = Field(DAY_MS, alias="TOKEN_REFRESH_FAILURE_COOLDOWN_MS", ge=0, le=365 * DAY_MS)
     claim_lease_ms: int = Field(600_000, alias="TOKEN_REFRESH_CLAIM_LEASE_MS", ge=1000, le=DAY_MS)
     max_age_ms: int = Field(0, alias="TOKEN_REFRESH_MAX_AGE_MS", ge=0, le=3650 * DAY_MS)

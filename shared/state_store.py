@@ -137,6 +137,7 @@ class StateStore:
             taken = {k: v for k, v in taken.items() if k != "outcome"} | {
                 "published": False,
                 "notBefore": 0,
+                "retries": 0,
                 "round": existing.get("round", 0) + 1,
             }
         try:
@@ -158,6 +159,7 @@ class StateStore:
         published: bool = False,
         not_before_ms: int = 0,
         in_flight_until_ms: int = 0,
+        retries: int | None = None,
     ) -> dict[str, Any]:
         """Record how this delivery ended: its outcome event and whether that was published.
         `not_before_ms`: the callee's Retry-After, for the next delivery; `in_flight_until_ms`: until
@@ -174,6 +176,8 @@ class StateStore:
         )
         if outcome is not None:
             updated.update(outcome=outcome, published=published)
+        if retries is not None:  # scheduled retries of this round so far
+            updated["retries"] = retries
         return self._container.upsert_item(updated)
 
     def mark_published(self, claim: dict[str, Any]) -> None:

@@ -18,7 +18,7 @@ import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Any
 
 from tenacity import (
@@ -46,7 +46,7 @@ from shared.events import (
     utc_now,
 )
 from shared.manager_client import IntegrationManagerClient, RefreshOutcome
-from shared.messaging import EventPublisher
+from shared.messaging import EventPublisher, RetryScheduler
 from shared.settings import Settings
 from shared.state_store import (
     FAILED,
@@ -166,6 +166,7 @@ class RefreshContext:
     manager: IntegrationManagerClient
     publisher: EventPublisher
     sleep: Callable[[float], None] = time.sleep
+    retry_scheduler: RetryScheduler | None = None  # None: a transient failure is redelivered at once
 
     @classmethod
     def from_runtime(cls) -> RefreshContext:
@@ -175,6 +176,7 @@ class RefreshContext:
             runtime.state_store(),
             runtime.manager_client(),
             runtime.publisher(),
+            retry_scheduler=runtime.retry_scheduler(),
         )
 
 
@@ -188,6 +190,9 @@ def refresh_connection_token(
     """Refresh one requested connection and publish the outcome (one delivery of its message)."""
     return _RefreshJob(request_event, request, context, delivery_count, message_id).run()
 
+
+# Scheduled retries of a transient failure wait at most this long (TOKEN_REFRESH_RETRY_DELAY_MS doubles).
+RETRY_DELAY_MAX_MS = 15 * 60 * 1000
 
 # A redelivery waits at most this long for an earlier delivery's calls to be over (Service Bus renews
 # the message lock for 5 minutes, host.json maxAutoLockRenewalDuration).
@@ -421,7 +426,10 @@ class _RefreshJob:
             moved_to = expiry_moved_forward(self.request, self._current())
             if moved_to is not None:
                 outcome = RefreshOutcome(True, expires_at=moved_to)
-        if not outcome.succeeded and outcome.retryable and self.delivery < settings.max_delivery_count:
+        if not outcome.succeeded and outcome.retryable and self._schedules_retries():
+            if self._retry_later(claim, outcome, attempts):
+                return None  # a scheduled copy comes back later; this delivery is complete
+        elif not outcome.succeeded and outcome.retryable and self.delivery < settings.max_delivery_count:
             not_before = now_ms() + int((outcome.retry_after_s or 0) * 1000)
             in_flight_until = now_ms() + settings.integration_manager_in_flight_ms if outcome.may_be_in_flight else 0
             self.states.finish_claim(
@@ -438,6 +446,49 @@ class _RefreshJob:
             )
             raise RefreshRetryLater(f"transient failure {outcome.error_code} after {attempts} attempt(s)")
         return self._report(claim, outcome, attempts, current)
+
+    def _schedules_retries(self) -> bool:
+        """Transient failures come back as scheduled copies (else the queue redelivers at once)."""
+        return self.context.retry_scheduler is not None and self.settings.retry_delay_ms > 0
+
+    def _retry_later(self, claim: dict[str, Any], outcome: RefreshOutcome, attempts: int) -> bool:
+        """Schedule the next delivery of a transient failure, TOKEN_REFRESH_RETRY_DELAY_MS after this
+        one (doubling per retry, up to RETRY_DELAY_MAX_MS; never before a Retry-After or an in-flight
+        window), and complete this one: a short outage cannot use up the deliveries. False when the
+        request had all its deliveries (TOKEN_REFRESH_MAX_DELIVERY_COUNT, retries included)."""
+        settings = self.settings
+        retries = claim.get("retries", 0)
+        if retries + 1 >= settings.max_delivery_count:
+            return False  # deliveries used up: report it
+        now = now_ms()
+        delay_ms = min(settings.retry_delay_ms * 2**retries, RETRY_DELAY_MAX_MS)
+        in_flight_until = now + settings.integration_manager_in_flight_ms if outcome.may_be_in_flight else 0
+        not_before = now + int((outcome.retry_after_s or 0) * 1000)
+        at_ms = max(now + delay_ms, in_flight_until, not_before)
+        self.states.finish_claim(
+            claim,
+            RETRY_PENDING,
+            attempts,
+            now,
+            not_before_ms=not_before,
+            in_flight_until_ms=in_flight_until,
+            retries=retries + 1,
+        )
+        scheduler = self.context.retry_scheduler
+        assert scheduler is not None  # noqa: S101 - _schedules_retries() said so
+        at = datetime.fromtimestamp(at_ms / 1000, UTC)
+        scheduler.schedule_retry(self.event, retries + 1, at, attempt_round=claim.get("round", 0))
+        logger.warning(
+            "OAuth token refresh will be retried in %.1f s (%s code=%s httpStatus=%s attempts=%d retry %d of %d)",
+            (at_ms - now) / 1000,
+            self.ids,
+            outcome.error_code,
+            outcome.http_status,
+            attempts,
+            retries + 1,
+            settings.max_delivery_count - 1,
+        )
+        return True
 
     def _record_permanent_failure(self, outcome: RefreshOutcome, current: ConnectionState | None) -> None:
         """Keep the next checks from requesting a connection that failed for good. Keyed to the

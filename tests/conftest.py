@@ -216,6 +216,8 @@ def app_env(monkeypatch, rabbitmq, cosmos_server, cosmos_container, state_contai
         "INTEGRATION_MANAGER_RETRY_BUDGET_MS": "5000",
         "INTEGRATION_MANAGER_IN_FLIGHT_MS": "2000",
         "TOKEN_REFRESH_MAX_DELIVERY_COUNT": "3",
+        # Scheduled retries of transient failures (local host: delay queues) after 50 ms, 100 ms, ...
+        "TOKEN_REFRESH_RETRY_DELAY_MS": "50",
     }
     for name in (
         "ServiceBusConnection",

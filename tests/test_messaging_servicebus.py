@@ -3,6 +3,7 @@ and batch types are used and only the network send is replaced by a recorder."""
 
 import json
 import threading
+from datetime import timedelta
 
 import pytest
 from azure.identity import DefaultAzureCredential
@@ -17,7 +18,13 @@ from shared.events import (
     make_event,
     utc_now,
 )
-from shared.messaging import EventPublisher, PublishError, ServiceBusTransport, publisher_from_settings
+from shared.messaging import (
+    EventPublisher,
+    PublishError,
+    ServiceBusTransport,
+    publisher_from_settings,
+    session_id,
+)
 from shared.settings import SettingsError, load_settings
 
 CONNECTION_STRING = (
@@ -35,6 +42,7 @@ class RecordingSender:
         self.sent_batches: list[list[ServiceBusMessage]] = []
         self.in_send = 0
         self.overlapped = False
+        self.scheduled: list[tuple[ServiceBusMessage, object]] = []
 
     def create_message_batch(self):
         return ServiceBusMessageBatch(max_size_in_bytes=self.max_batch_bytes)
@@ -45,6 +53,12 @@ class RecordingSender:
         self.overlapped |= self.in_send > 1
         self.sent_batches.append(list(batch._messages))
         self.in_send -= 1
+
+    def schedule_messages(self, message, schedule_time_utc):
+        assert isinstance(message, ServiceBusMessage)
+        assert schedule_time_utc.tzinfo is not None
+        self.scheduled.append((message, schedule_time_utc))
+        return [len(self.scheduled)]  # sequence numbers of the scheduled messages
 
     def close(self):
         pass
@@ -234,3 +248,32 @@ def test_a_failed_shared_send_fails_every_invocation_in_it():
     transport.send([refresh_request(9)])  # the next send works: nothing failed stays queued
     sent = [message.message_id for batch in client.senders[REFRESH_REQUESTED].sent_batches for message in batch]
     assert sent == ["id-0", "id-9"]
+
+
+def test_a_retry_is_a_scheduled_message_on_the_trigger_queue_with_a_message_id_of_its_own():
+    client = RecordingClient()
+    transport = ServiceBusTransport(client)
+    assert EventPublisher([transport]).retry_scheduler is transport
+    event = refresh_request(7)
+    at = utc_now() + timedelta(seconds=30)
+    transport.schedule_retry(event, 2, at)
+    [(message, when)] = client.senders[REFRESH_REQUESTED].scheduled
+    assert when == at
+    # Duplicate detection would drop the request's own id: the retry has one of its own; the body
+    # (and so the request id the function sees) is the request's.
+    assert message.message_id == "id-7.retry-0.2"
+    assert json.loads(b"".join(message.body)) == json.loads(event.to_json())
+    assert message.session_id == session_id(event)
+    assert message.content_type == CONTENT_TYPE
+    assert message.application_properties == {"type": REFRESH_REQUESTED}
+
+
+def test_without_service_bus_there_is_no_scheduler_and_the_queue_redelivers_at_once():
+    class RabbitOnly:
+        def send(self, events):
+            pass
+
+        def close(self):
+            pass
+
+    assert EventPublisher([RabbitOnly()]).retry_scheduler is None

@@ -4,6 +4,7 @@ at the servers (the Cosmos server's fault hook, the manager's script), never by 
 
 import logging
 import subprocess
+import threading
 import time
 from datetime import timedelta
 
@@ -13,6 +14,7 @@ import sync_refresh_handler
 from shared import runtime
 from shared.events import (
     REFRESH_FAILED,
+    REFRESH_REQUESTED,
     REFRESHED,
     InvalidEventError,
     RefreshRequestedData,
@@ -20,9 +22,10 @@ from shared.events import (
     outcome_event_id,
     utc_now,
 )
+from shared.messaging import ServiceBusTransport
 from shared.state_store import connection_key
 from shared.token_refresh import RequestIdConflictError
-from tests.helpers import APP_ROOT, CLI, invoke, trigger
+from tests.helpers import APP_ROOT, CLI, invoke, run_cli, trigger
 from tests.test_failure_handling import a_request_that_failed_transiently, request_for, seed_connection
 from tests.test_faults import fault_env  # noqa: F401 - fixture
 from tools.stand_in_manager import Answer
@@ -243,3 +246,54 @@ def test_a_heartbeat_shorter_than_an_invocation_is_raised_to_outlast_it(
     assert "RabbitMQ heartbeat 2 s is shorter than the longest invocation" in log.read_text()
     assert len(manager.calls) == 1
     assert [e.routing_key for e in tap.everything() if e.routing_key in (REFRESHED, REFRESH_FAILED)] == [REFRESHED]
+
+
+def test_in_azure_a_transient_failure_is_retried_by_a_scheduled_message_and_the_delivery_completes(
+    app_env, cosmos_container, manager, event_tap
+):
+    # The Service Bus transport (at the SDK boundary) schedules the retry; the failed delivery
+    # completes instead of being redelivered at once.
+    from tests.test_messaging_servicebus import RecordingClient
+
+    client = RecordingClient()
+    runtime.use_retry_scheduler(ServiceBusTransport(client))
+    request = request_for("c-1", seed_connection(cosmos_container))
+    answers = iter([Answer(503), Answer(503), Answer(200)])
+    manager.script = lambda call: next(answers)
+    before = utc_now()
+    invoke(sync_refresh_handler, trigger(request, 1))  # no exception: nothing to redeliver
+    [(retry, at)] = client.senders[REFRESH_REQUESTED].scheduled
+    assert retry.message_id == f"{request.id}.retry-0.1"
+    assert before + timedelta(milliseconds=50) <= at <= utc_now() + timedelta(milliseconds=50)  # the delay
+    assert event_tap.drain() == []
+
+    body = b"".join(retry.body)
+    invoke(sync_refresh_handler, trigger(body, 1, message_id=retry.message_id))  # delivered at `at`
+    assert [e.routing_key for e in event_tap.drain()] == [REFRESHED]
+    assert len(manager.calls) == 3
+
+
+def test_a_manager_outage_longer_than_immediate_redeliveries_ends_refreshed(
+    fault_env,  # noqa: F811 - the fixture imported above
+    cosmos_container,
+    manager,
+    tap,
+):
+    # Was: the deliveries of the requests in flight were used up within a second; they ended
+    # refresh.failed (retryable) and waited for the next check, an hour later. Now each retry is a
+    # scheduled copy, 0.7 s, 1.4 s, 2.8 s later: a 3-second outage is ridden out.
+    for n in range(3):
+        seed_connection(cosmos_container, f"c-{n}")
+    manager.container, manager.token_lifetime = cosmos_container, timedelta(hours=3)
+    env = fault_env | {"TOKEN_REFRESH_MAX_DELIVERY_COUNT": "4", "TOKEN_REFRESH_RETRY_DELAY_MS": "700"}
+    manager.refuse_connections()
+    threading.Timer(3.0, manager.accept_connections).start()
+    started = time.monotonic()
+    result = run_cli(env, "run", "--once", "--queue-prefix", env["FAULT_QUEUE_PREFIX"])
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "Cycle finished: found 3, refreshed 3, failed 0, dead-lettered 0" in result.stdout, result.stdout
+    assert result.stderr.count("OAuth token refresh will be retried in") >= 3
+    outcomes = [e for e in tap.everything() if e.routing_key in (REFRESHED, REFRESH_FAILED)]
+    assert sorted(e.body["data"]["connectionId"] for e in outcomes) == ["c-0", "c-1", "c-2"]
+    assert {e.routing_key for e in outcomes} == {REFRESHED}
+    assert all(call.received_at - started >= 3.0 for call in manager.calls)  # refused ones never arrived
