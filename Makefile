@@ -27,7 +27,7 @@ worker-test: setup
 azure-cli:
 	bash scripts/install-azure-cli.sh
 
-# Deploy to Azure (README "Deploy"); `make deploy ARGS=--dry-run` prints the az commands instead.
+# Deploy to Azure (docs/deploy.md); `make deploy ARGS=--dry-run` prints the az commands instead.
 deploy:
 	bash scripts/deploy.sh $(ARGS)
 
@@ -39,7 +39,7 @@ lint: setup
 	$(PYTHON) -m ruff check .
 	$(PYTHON) -m ruff format --check .
 
-# Long-running local services for `python -m shared.cli ...` (see README "Run it locally"): starts
+# Long-running local services for `python -m shared.cli ...` (see docs/running-locally.md): starts
 # them, writes local.settings.json if there is none, creates the container and seeds sample connections.
 services-up: setup
 	$(PYTHON) -m tools.local_services start --state-dir .local/services

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Create or update everything the token-refresh function app needs in Azure, then publish the code.
 # Idempotent: run it again to apply changed settings or to deploy a new version. See usage() and the
-# README section "Deploy".
+# docs/deploy.md.
 set -euo pipefail
 
 repo_root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -343,7 +343,7 @@ guid_of() {
 }
 
 if ((!dry_run)); then
-    command -v "$az_bin" >/dev/null 2>&1 || die "the Azure CLI ($az_bin) is not on PATH; see the README section Deploy"
+    command -v "$az_bin" >/dev/null 2>&1 || die "the Azure CLI ($az_bin) is not on PATH; see docs/deploy.md"
 fi
 
 # Values read from Azure by az_value (placeholders in a dry run).
@@ -594,7 +594,7 @@ step "alert: messages in a dead-letter queue of $SERVICEBUS_NAMESPACE"
 alert_args=(monitor metrics alert create --name "$APP_NAME-dead-letters" --resource-group "$RESOURCE_GROUP"
     --scopes "$servicebus_id" --condition "max DeadletteredMessages > 0 where EntityName includes *"
     --window-size 15m --evaluation-frequency 5m --severity 2 --auto-mitigate true
-    --description "A message of $APP_NAME was dead-lettered: see the README runbook (A message was dead-lettered)")
+    --description "A message of $APP_NAME was dead-lettered: see docs/operations.md (A message was dead-lettered)")
 if [[ -n "$ALERT_EMAIL" ]]; then
     short_name="$(printf '%s' "$app_alnum" | cut -c1-12)"
     az_run monitor action-group create --name "$APP_NAME-alerts" --resource-group "$RESOURCE_GROUP" \
@@ -620,5 +620,5 @@ if ((dry_run)); then
     note "dry run: nothing was changed"
 else
     note "deployed $APP_NAME; the host restarts and its first timer tick runs a check." \
-        "Logs: Application Insights $APP_INSIGHTS (README: Runbook)"
+        "Logs: Application Insights $APP_INSIGHTS (docs/operations.md: Runbook)"
 fi

@@ -1,1 +1,1 @@
-"""Shared logic of the token-refresh function app: one module per job (see README "Code map")."""
+"""Shared logic of the token-refresh function app: one module per job (see the README's code map)."""

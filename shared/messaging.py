@@ -379,7 +379,7 @@ def service_bus_message(event: CloudEvent) -> Any:
 
 def session_id(event: CloudEvent) -> str | None:
     """Refresh requests of one connection share a Service Bus session, so the session-enabled
-    refresh queue hands them to one invocation at a time (README "Failure handling")."""
+    refresh queue hands them to one invocation at a time (docs/failure-handling.md)."""
     if event.type != REFRESH_REQUESTED:
         return None
     data = event.data

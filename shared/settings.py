@@ -30,7 +30,7 @@ class SettingsError(ValueError):
 
 
 def _expected_form(setting: str) -> str:
-    return _EXPECTED_FORMS.get(setting, "see the README settings table")
+    return _EXPECTED_FORMS.get(setting, "see docs/settings.md")
 
 
 _EXPECTED_FORMS = {
@@ -110,10 +110,10 @@ class Settings(BaseSettings):
     )
     # How long integration-manager may go on working on a call the app stopped waiting for (a read
     # timeout, a connection dropped after sending, a gateway's 502/504): no new call for that request
-    # starts before it has passed (README "Failure handling").
+    # starts before it has passed (docs/failure-handling.md).
     integration_manager_in_flight_ms: int = Field(60_000, alias="INTEGRATION_MANAGER_IN_FLIGHT_MS", ge=0, le=600_000)
 
-    # Failure handling (README "Failure handling")
+    # Failure handling (docs/failure-handling.md)
     max_delivery_count: int = Field(10, alias="TOKEN_REFRESH_MAX_DELIVERY_COUNT", ge=1, le=100)
     # A transient failure is retried by a scheduled copy of the request, this long after the first
     # failed delivery, doubling per retry up to RETRY_DELAY_MAX_MS: a short outage cannot use up the

@@ -7,7 +7,7 @@ The platform's connection documents are never written.
   publish failed.
 - Failure records, one per connection: a connection whose refresh failed permanently is not
   requested again until its document changes (Cosmos `_ts`) or TOKEN_REFRESH_FAILURE_COOLDOWN_MS
-  has passed (README "Failure handling").
+  has passed (docs/failure-handling.md).
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """Refresh and notification steps: on `integration.token.refresh-requested`, ask integration-manager
 to refresh the connection, then publish `integration.token.refreshed` or `.refresh.failed`.
 
-Per request (README "Failure handling"):
+Per request (docs/failure-handling.md):
 1. re-read the connection: gone, no longer refreshable, or already refreshed → nothing to do;
 2. claim the request in the state store: one invocation at a time, never again once it ended;
 3. call integration-manager, retrying transient failures (network, timeouts, 408, 429, 5xx) with

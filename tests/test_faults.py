@@ -2,7 +2,7 @@
 
 Each scenario breaks one dependency in the middle of a cycle (RabbitMQ restarted, integration-manager
 refusing connections, hanging, rate limiting or failing in bursts, the Cosmos-compatible server
-stopped mid-scan, the local host SIGKILLed) and then checks the README's promise:
+stopped mid-scan, the local host SIGKILLed) and then checks the promise of docs/failure-handling.md:
 
 - no event is lost: events are captured on a durable queue (it outlives a broker restart), every
   refresh request of a cycle ends with a `refreshed` or `refresh.failed` event, and the CLI's
@@ -494,7 +494,7 @@ def test_a_refresh_that_completes_after_the_read_timeout_is_not_done_again(fault
     events = tap.drain()
     assert_no_event_lost(events, cycle)
     # The timed-out call did refresh the token; calling again would refresh the same token twice
-    # (README: one successful call per connection and expiresAt).
+    # (docs/failure-handling.md: one successful call per connection and expiresAt).
     assert_nothing_refreshed_twice(manager.calls)
     assert_all_refreshed(cosmos_container, fleet, events, manager.calls)
 
