@@ -430,8 +430,7 @@ class _RefreshJob:
             if self._retry_later(claim, outcome, attempts):
                 return None  # a scheduled copy comes back later; this delivery is complete
         elif not outcome.succeeded and outcome.retryable and self.delivery < settings.max_delivery_count:
-            not_before = now_ms() + int((outcome.retry_after_s or 0) * 1000)
-            in_flight_until = now_ms() + settings.integration_manager_in_flight_ms if outcome.may_be_in_flight else 0
+            not_before, in_flight_until = self._no_call_before(outcome, now_ms())
             self.states.finish_claim(
                 claim, RETRY_PENDING, attempts, now_ms(), not_before_ms=not_before, in_flight_until_ms=in_flight_until
             )
@@ -446,6 +445,13 @@ class _RefreshJob:
             )
             raise RefreshRetryLater(f"transient failure {outcome.error_code} after {attempts} attempt(s)")
         return self._report(claim, outcome, attempts, current)
+
+    def _no_call_before(self, outcome: RefreshOutcome, now: int) -> tuple[int, int]:
+        """After a failed call: when the callee's Retry-After ends, and until when the call may still
+        be running at integration-manager (0: it cannot be)."""
+        not_before = now + int((outcome.retry_after_s or 0) * 1000)
+        in_flight = self.settings.integration_manager_in_flight_ms if outcome.may_be_in_flight else None
+        return not_before, 0 if in_flight is None else now + in_flight
 
     def _schedules_retries(self) -> bool:
         """Transient failures come back as scheduled copies (else the queue redelivers at once)."""
@@ -462,8 +468,7 @@ class _RefreshJob:
             return False  # deliveries used up: report it
         now = now_ms()
         delay_ms = min(settings.retry_delay_ms * 2**retries, RETRY_DELAY_MAX_MS)
-        in_flight_until = now + settings.integration_manager_in_flight_ms if outcome.may_be_in_flight else 0
-        not_before = now + int((outcome.retry_after_s or 0) * 1000)
+        not_before, in_flight_until = self._no_call_before(outcome, now)
         at_ms = max(now + delay_ms, in_flight_until, not_before)
         self.states.finish_claim(
             claim,

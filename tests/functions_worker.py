@@ -168,6 +168,21 @@ class ServiceBusDelivery:
     lock_token: str = field(default_factory=lambda: str(uuid.uuid4()))
     body_kind: str = "string"  # how the host passes the body: TypedData string, json or bytes
 
+    @classmethod
+    def of_event(cls, event: Any) -> ServiceBusDelivery:
+        """The first delivery of the message the app's Service Bus transport sends for `event`
+        (`shared.messaging.service_bus_message`)."""
+        from shared.messaging import service_bus_message
+
+        message = service_bus_message(event)
+        return cls(
+            body=b"".join(message.body),
+            message_id=message.message_id,
+            content_type=message.content_type,
+            session_id=message.session_id,
+            application_properties={str(k): v for k, v in (message.application_properties or {}).items()},
+        )
+
     def input_data(self) -> Any:
         protos = worker_protos()
         if self.body_kind == "bytes":
@@ -444,23 +459,12 @@ class ServiceBusQueues:
     def send(self, body: bytes, event_type: str) -> None:
         """Enqueue one published event (its JSON body) on the queue named after its type."""
         from shared.events import parse_event
-        from shared.messaging import service_bus_message
 
         if event_type not in self.functions_by_queue:
             self.ignored.append(event_type)
             return
         event, _ = parse_event(body, event_type)
-        message = service_bus_message(event)
-        self.send_message(
-            event_type,
-            ServiceBusDelivery(
-                body=b"".join(message.body),
-                message_id=message.message_id,
-                content_type=message.content_type,
-                session_id=message.session_id,
-                application_properties={str(k): v for k, v in (message.application_properties or {}).items()},
-            ),
-        )
+        self.send_message(event_type, ServiceBusDelivery.of_event(event))
 
     def send_message(self, queue: str, delivery: ServiceBusDelivery) -> None:
         """Enqueue a message as it is (e.g. one no app would send) on `queue`."""

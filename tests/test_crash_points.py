@@ -19,7 +19,6 @@ from __future__ import annotations
 import itertools
 import os
 import signal
-import subprocess
 import sys
 import time
 from collections.abc import Callable
@@ -31,8 +30,8 @@ import pika
 import pytest
 
 from shared.events import REFRESH_FAILED, REFRESHED
-from tests.helpers import APP_ROOT, CLI, iso
-from tests.test_faults import fault_args, fault_env  # noqa: F401 - fixture
+from tests.helpers import APP_ROOT, iso
+from tests.test_faults import Host, fault_env  # noqa: F401 - fixture
 from tools.stand_in_manager import Answer, Call
 
 pytestmark = pytest.mark.timeout(90)
@@ -66,19 +65,21 @@ class Scenario:
         return f"{self.step} / {self.fault}".replace(" ", "-")
 
 
-def cosmos(path: str, partition_key: str, method: str = "POST", **rule) -> Callable[[Run], None]:
+def cosmos(
+    path: str, partition_key: str, method: str = "POST", kill: str | None = None, **rule
+) -> Callable[[Run], None]:
     """A fault on the Cosmos server for requests to `path` (formatted with the run's container
     names) whose partition key header matches `partition_key`. `kill="before"|"after"` kills the host."""
 
     def arm(run: Run) -> None:
-        kill = rule.pop("kill", None)
-        target = path.format(connections=run.connections, states=run.states)
-        if kill:
-            run.cosmos.inject_fault(
-                method=method, path=target, partition_key=partition_key, kill_pid=run.pid, when=kill, **rule
-            )
-        else:
-            run.cosmos.inject_fault(method=method, path=target, partition_key=partition_key, **rule)
+        run.cosmos.inject_fault(
+            method=method,
+            path=path.format(connections=run.connections, states=run.states),
+            partition_key=partition_key,
+            kill_pid=run.pid if kill else None,
+            when=kill or "before",
+            **rule,
+        )
 
     return arm
 
@@ -201,25 +202,16 @@ def run_until_settled(env: dict, run: Run, scenario: Scenario, log_dir: Path) ->
     """`run --once` with the fault armed; after a SIGKILL, again (redeliveries), without faults."""
     outcome = Outcome()
     for attempt in range(3):
-        log = log_dir / f"host-{attempt}.log"
-        with log.open("w") as handle:
-            process = subprocess.Popen(
-                [*CLI, "run", "--once", *fault_args(env)],
-                cwd=APP_ROOT,
-                env=env,
-                stdout=handle,
-                stderr=subprocess.STDOUT,
-            )
-        run.pid = process.pid
+        host = Host(env, log_dir, "--once")
+        run.pid = host.process.pid
         if attempt == 0:
             scenario.arm(run)
         try:
-            code = process.wait(timeout=60)
+            code = host.process.wait(timeout=60)
         finally:
-            if process.poll() is None:
-                process.kill()
+            host.kill()
         outcome.runs.append(code)
-        outcome.output += log.read_text(errors="replace")
+        outcome.output += host.output()
         if attempt == 0:
             outcome.unfired = [rule for rule in run.cosmos.faults() if not rule.get("hits")]
         run.cosmos.clear_faults()

@@ -86,15 +86,10 @@ def main(argv: list[str]) -> int:
 
     worker = FunctionsWorker(APP_ROOT).start()
     errors = worker.load_all()
-    body = Path(body_file).read_bytes()
-    event = json.loads(body)
-    delivery = ServiceBusDelivery(
-        body=body,
-        message_id=event["id"],
-        content_type="application/cloudevents+json",
-        session_id="/".join(event["data"][key] for key in ("tenantId", "integrationId", "connectionId")),
-        application_properties={"type": event["type"]},
-    )
+    from shared.events import REFRESH_REQUESTED, parse_event
+
+    event, _ = parse_event(Path(body_file).read_bytes(), REFRESH_REQUESTED)
+    delivery = ServiceBusDelivery.of_event(event)
     result = worker.invoke_service_bus("sync_refresh_handler", delivery, trace_parent=trace_parent)
 
     from opentelemetry._logs import get_logger_provider
