@@ -16,8 +16,9 @@ Creates or updates, in RESOURCE_GROUP: a storage account, a Service Bus namespac
 app's four queues, Log Analytics + Application Insights, a user-assigned managed identity and its role
 assignments, a Key Vault, a Flex Consumption function app (Python 3.13) with identity-based
 connections and no keys in its settings, the Cosmos DB state container in the existing COSMOS_ACCOUNT,
-and an alert on dead-lettered messages; then publishes the code (zip of the app root, honouring
-.funcignore, remote build). Needs `az login` and rights to create role assignments.
+and an alert on dead-lettered messages; then publishes the code (a zip of host.json, requirements.txt,
+the function folders and shared/: the files git tracks; remote build). Needs `az login` and rights to
+create role assignments.
 
 Options:
   --dry-run         print every az command (one per line, shell-quoted) instead of running it; values
@@ -170,92 +171,67 @@ az_exists() {
 }
 
 # --- the deployment zip ---------------------------------------------------------------------------
-# The app root minus what .funcignore names (gitignore-style patterns), virtualenvs, caches and local
-# settings. Entries are sorted and dated 1980-01-01, so the same commit always gives the same zip.
+# Built from an allowlist, not from .funcignore: host.json, requirements.txt and the Python sources
+# and function.json files that git tracks in the function folders and shared/. Caches, stray zips,
+# local settings and untracked files can never slip in. Entries are sorted and dated 1980-01-01, so
+# the same commit always gives the same zip.
 build_package() {
     local zip_path="$1" python="${PYTHON:-python3}"
     command -v "$python" >/dev/null 2>&1 || die "building the zip needs python3 (or PYTHON=...)"
+    command -v git >/dev/null 2>&1 || die "building the zip needs git (it packs the files git tracks)"
     mkdir -p "$(dirname "$zip_path")"
     "$python" - "$repo_root" "$zip_path" <<'PY'
-import fnmatch
 import os
+import subprocess
 import sys
 import zipfile
 
 root, zip_path = sys.argv[1], os.path.abspath(sys.argv[2])
-ALWAYS_EXCLUDED = {".git", "__pycache__", ".python_packages", "local.settings.json", ".local"}
+FILES = ("host.json", "requirements.txt")
+FUNCTIONS = ("check_expiring_timer", "manager_check_handler", "sync_refresh_handler")
+FOLDERS = (*FUNCTIONS, "shared")
 
 
-def load_patterns():
-    patterns = []
-    try:
-        with open(os.path.join(root, ".funcignore"), encoding="utf-8") as handle:
-            lines = handle.read().splitlines()
-    except FileNotFoundError:
-        return patterns
-    for line in lines:
-        line = line.strip()
-        if not line or line.startswith("#"):
-            continue
-        negated = line.startswith("!")
-        line = line[1:] if negated else line
-        dir_only = line.endswith("/")
-        line = line.strip("/") if dir_only else line
-        anchored = "/" in line.lstrip("/") or line.startswith("/")
-        patterns.append((line.lstrip("/"), negated, dir_only, anchored))
-    return patterns
+def allowed(name):
+    folder, _, rest = name.partition("/")
+    if not rest:
+        return name in FILES
+    return folder in FOLDERS and "__pycache__" not in rest.split("/") and (
+        rest.endswith(".py") or rest.rsplit("/", 1)[-1] == "function.json"
+    )
 
 
-PATTERNS = load_patterns()
+def git_files(*options):
+    result = subprocess.run(
+        ["git", "-C", root, "ls-files", "-z", *options, "--", *FILES, *FOLDERS], capture_output=True, check=False
+    )
+    if result.returncode != 0:
+        sys.exit("deploy: error: the zip is built from the files git tracks, and `git ls-files` failed in "
+                 f"{root}: {result.stderr.decode(errors='replace').strip()}")
+    return sorted(name for name in result.stdout.decode().split("\0") if name and allowed(name))
 
 
-def ignored(rel, is_dir):
-    name = rel.rsplit("/", 1)[-1]
-    if name in ALWAYS_EXCLUDED or name.endswith(".pyc"):
-        return True
-    result = False
-    for pattern, negated, dir_only, anchored in PATTERNS:
-        if dir_only and not is_dir:
-            continue
-        if fnmatch.fnmatchcase(rel if anchored else name, pattern):
-            result = not negated
-    return result
-
-
-entries = []
-for current, dirs, files in os.walk(root):
-    rel_dir = os.path.relpath(current, root).replace(os.sep, "/")
-    rel_dir = "" if rel_dir == "." else rel_dir + "/"
-    kept = []
-    for d in sorted(dirs):
-        full = os.path.join(current, d)
-        if ignored(rel_dir + d, True) or os.path.exists(os.path.join(full, "pyvenv.cfg")) or os.path.islink(full):
-            continue
-        kept.append(d)
-    dirs[:] = kept
-    for f in sorted(files):
-        full = os.path.join(current, f)
-        if os.path.abspath(full) == zip_path or ignored(rel_dir + f, False):
-            continue
-        entries.append((rel_dir + f, full))
-
-names = {name for name, _ in entries}
-missing = [n for n in ("host.json", "requirements.txt") if n not in names]
-functions = sorted(n for n in names if n.count("/") == 1 and n.endswith("/function.json"))
-if missing or not functions:
-    sys.exit(f"deploy: error: the zip would lack {missing or 'any function.json'}; check .funcignore")
+# A tracked file deleted in the working tree is not packed (the deletion is pending).
+entries = [name for name in git_files() if os.path.isfile(os.path.join(root, name))]
+untracked = git_files("--others", "--exclude-standard")
+if untracked:
+    print("deploy: warning: not tracked by git, so not in the zip (git add what the app needs): "
+          + ", ".join(untracked), file=sys.stderr)
+required = [*FILES, *(f"{name}/function.json" for name in FUNCTIONS), *(f"{name}/__init__.py" for name in FOLDERS)]
+missing = [name for name in required if name not in entries]
+if missing:
+    sys.exit(f"deploy: error: the zip would lack {', '.join(missing)} (only files git tracks are packed)")
 
 tmp_path = zip_path + ".tmp"
 with zipfile.ZipFile(tmp_path, "w", zipfile.ZIP_DEFLATED) as archive:
-    for name, full in sorted(entries):
+    for name in entries:
         info = zipfile.ZipInfo(name, date_time=(1980, 1, 1, 0, 0, 0))
         info.external_attr = 0o644 << 16
         info.compress_type = zipfile.ZIP_DEFLATED
-        with open(full, "rb") as handle:
+        with open(os.path.join(root, name), "rb") as handle:
             archive.writestr(info, handle.read())
 os.replace(tmp_path, zip_path)
-print(f"deploy: built {zip_path}: {len(entries)} files, functions: "
-      + ", ".join(f.split("/")[0] for f in functions), file=sys.stderr)
+print(f"deploy: built {zip_path}: {len(entries)} files, functions: {', '.join(FUNCTIONS)}", file=sys.stderr)
 PY
 }
 
@@ -399,7 +375,7 @@ az_run servicebus queue create --resource-group "$RESOURCE_GROUP" --namespace-na
     --duplicate-detection-history-time-window "$DUPLICATE_DETECTION_WINDOW" \
     --max-delivery-count "$TOKEN_REFRESH_MAX_DELIVERY_COUNT" --lock-duration PT5M \
     --enable-dead-lettering-on-message-expiration true --output none
-for queue in integration.token.refreshed integration.token.refresh.failed; do
+for queue in integration.token.refreshed integration.token.refresh.failed integration.token.refresh.systemic-failure; do
     az_run servicebus queue create --resource-group "$RESOURCE_GROUP" --namespace-name "$SERVICEBUS_NAMESPACE" \
         --name "$queue" --output none
 done
@@ -609,7 +585,8 @@ az_run "${alert_args[@]}" --output none
 # --- 13. code -------------------------------------------------------------------------------------
 step "publish the code (remote build installs requirements.txt)"
 if ((dry_run)); then
-    note "build $(quote "$DEPLOY_ZIP") from the app root, honouring .funcignore (scripts/deploy.sh --package FILE)"
+    note "build $(quote "$DEPLOY_ZIP") from the allowlist: host.json, requirements.txt and the git-tracked" \
+        "*.py and function.json files of the function folders and shared/ (scripts/deploy.sh --package FILE)"
 else
     build_package "$DEPLOY_ZIP"
 fi

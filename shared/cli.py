@@ -18,8 +18,10 @@ import sys
 from datetime import timedelta
 from pathlib import Path
 
+from shared import runtime
 from shared.runtime import QUIET_LOGGERS
-from shared.settings import Settings, SettingsError, load_settings, warn_about_risky_threshold
+from shared.settings import Settings, SettingsError
+from shared.third_party_logs import demote_third_party_logs
 
 APP_ROOT = Path(__file__).resolve().parent.parent
 
@@ -46,16 +48,21 @@ def _command_check(settings: Settings, args: argparse.Namespace) -> int:
     from shared.expiring_check import find_expiring_connections
 
     threshold = utc_now() + timedelta(milliseconds=settings.expiration_threshold_ms)
+    # Read everything before printing: a failure (Cosmos unreachable, a setting missing) must not
+    # leave a table header on stdout that looks like an empty result.
+    connections = list(
+        find_expiring_connections(runtime.connection_store(), runtime.state_store(), threshold, settings)
+    )
     print(f"Connections whose token expires by {format_time(threshold)} (dry run: nothing is published):")
     print(f"{'connectionId':<36} {'integrationId':<20} {'tenantId':<20} {'status':<10} expiresAt")
-    count = 0
-    for connection in find_expiring_connections(runtime.connection_store(), runtime.state_store(), threshold, settings):
-        count += 1
+    for connection in connections:
+        # No expiresAt: a token without expiry, due by TOKEN_REFRESH_MAX_AGE_MS.
+        expires_at = "no expiry" if connection.expires_at is None else format_time(connection.expires_at)
         print(
             f"{connection.connection_id!s:<36} {connection.integration_id!s:<20} {connection.tenant_id!s:<20} "
-            f"{connection.status or '-':<10} {format_time(connection.expires_at)}"
+            f"{connection.status or '-':<10} {expires_at}"
         )
-    print(f"{count} connection(s) would be refreshed.")
+    print(f"{len(connections)} connection(s) would be refreshed.")
     return 0
 
 
@@ -94,27 +101,37 @@ def _command_run(settings: Settings, args: argparse.Namespace) -> int:
 
 def _command_trigger(settings: Settings, args: argparse.Namespace) -> int:
     from shared import runtime
-    from shared.operator_commands import trigger_check
+    from shared.operator_commands import operator_publisher, trigger_check
 
+    publisher = None
     try:
-        return trigger_check(settings, runtime.publisher(), force=args.force)
+        publisher = operator_publisher(settings)
+        return trigger_check(settings, publisher, force=args.force)
     finally:
+        if publisher is not None:
+            publisher.close()
         runtime.reset()
 
 
 def _command_refresh(settings: Settings, args: argparse.Namespace) -> int:
     from shared import runtime
-    from shared.operator_commands import request_refresh
+    from shared.operator_commands import operator_publisher, request_refresh
 
     def connections_container():
         database = runtime.cosmos_client().get_database_client(settings.cosmos_database)
         return database.get_container_client(settings.cosmos_connections_container)
 
+    publishers = []
+
+    def publisher():
+        publishers.append(operator_publisher(settings))
+        return publishers[-1]
+
     try:
         return request_refresh(
             settings,
             connections_container,
-            runtime.publisher,
+            publisher,
             integration_id=args.integration_id,
             connection_id=args.connection_id,
             tenant_id=args.tenant,
@@ -122,6 +139,8 @@ def _command_refresh(settings: Settings, args: argparse.Namespace) -> int:
             state_store=runtime.state_store,
         )
     finally:
+        for built in publishers:
+            built.close()
         runtime.reset()
 
 
@@ -256,17 +275,20 @@ def main(argv: list[str] | None = None) -> int:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         stream=sys.stderr,
     )
-    for noisy in QUIET_LOGGERS:
-        logging.getLogger(noisy).setLevel(logging.WARNING)
+    # pika's, the SDKs' and urllib3's own records at DEBUG: shown with -v only; a failure is
+    # reported once, by the command's `error:` line.
+    demote_third_party_logs(QUIET_LOGGERS)
     if getattr(args, "max_deliveries", None):
         os.environ["TOKEN_REFRESH_MAX_DELIVERY_COUNT"] = str(args.max_deliveries)
     try:
         load_local_settings()
-        settings = load_settings()
+        # The commands use these same settings through shared.runtime: loaded (and the threshold
+        # warned about) once. Reset first: an earlier main() in this process (tests) read other values.
+        runtime.reset()
+        settings = runtime.settings()
     except SettingsError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
-    warn_about_risky_threshold(settings)
     from shared.operator_commands import OperatorError, UsageProblem
 
     try:

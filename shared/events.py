@@ -24,6 +24,7 @@ CHECK_EXPIRING = "integration.token.check-expiring"
 REFRESH_REQUESTED = "integration.token.refresh-requested"
 REFRESHED = "integration.token.refreshed"
 REFRESH_FAILED = "integration.token.refresh.failed"
+SYSTEMIC_FAILURE = "integration.token.refresh.systemic-failure"
 
 # Messages bigger than this are not events of ours: refuse them before parsing.
 MAX_EVENT_BYTES = 64 * 1024
@@ -114,8 +115,22 @@ class RefreshFailedData(ConnectionRef):
     attempts: int = Field(ge=1)
 
 
+class SystemicFailureData(_Payload):
+    """Many connections failed the same way within a window: a problem of ours or integration-manager's
+    (e.g. a stale INTEGRATION_MANAGER_TOKEN), not of the connections. One per kind of failure and window."""
+
+    event_type: ClassVar[str] = SYSTEMIC_FAILURE
+    detected_at: datetime
+    window_started_at: datetime
+    code: str
+    http_status: int | None = None
+    connections: int = Field(ge=1)  # different connections that failed this way in the window so far
+    check: str  # what to check, e.g. "INTEGRATION_MANAGER_TOKEN: integration-manager does not accept it"
+
+
 PAYLOAD_TYPES: dict[str, type[_Payload]] = {
-    model.event_type: model for model in (CheckExpiringData, RefreshRequestedData, RefreshedData, RefreshFailedData)
+    model.event_type: model
+    for model in (CheckExpiringData, RefreshRequestedData, RefreshedData, RefreshFailedData, SystemicFailureData)
 }
 
 

@@ -8,10 +8,11 @@ page is read, so memory does not grow with the number of expiring connections.
 from __future__ import annotations
 
 import logging
+import statistics
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import datetime, timedelta
 
 from shared import runtime
 from shared.connection_store import ConnectionStore, ExpiringConnection
@@ -27,7 +28,7 @@ from shared.events import (
     utc_now,
 )
 from shared.messaging import EventPublisher
-from shared.settings import Settings
+from shared.settings import SAFETY_MARGIN_MS, Settings
 from shared.state_store import StateStore, connection_key
 
 logger = logging.getLogger(__name__)
@@ -39,6 +40,7 @@ class CheckSummary:
     published: int = 0
     invalid: int = 0
     suppressed: int = 0
+    deferred: int = 0  # refreshed by us lately and still valid past the next check (no refresh loop)
     pages: int = 0
     duration_ms: int = 0
     continued: bool = False
@@ -61,28 +63,89 @@ def find_expiring_connections(
 ) -> Iterator[ExpiringConnection]:
     """Every connection a check would request a refresh for now (used by `check --dry-run`)."""
     for page in store.expiring_connection_pages(threshold, settings.skip_statuses):
-        yield from without_recent_permanent_failures(page.connections, states, settings.failure_cooldown_ms)[0]
+        yield from select_for_refresh(page.connections, states, settings).requested
 
 
-def without_recent_permanent_failures(
-    connections: list[ExpiringConnection], states: StateStore, cooldown_ms: int
-) -> tuple[list[ExpiringConnection], int]:
-    """Drop connections whose refresh failed permanently for this same document version within the
-    cooldown: requesting them again would fail again (no refresh storm)."""
+@dataclass
+class Selection:
+    requested: list[ExpiringConnection]
+    suppressed: int  # failed permanently, document unchanged since (no refresh storm)
+    deferred_lifetimes_ms: list[int]  # refreshed by us lately and still valid past the next check
+
+
+def select_for_refresh(connections: list[ExpiringConnection], states: StateStore, settings: Settings) -> Selection:
+    """Of a page of expiring connections, those to request now. Not requested:
+    - a connection whose refresh failed permanently for this same document version within the
+      cooldown: it would fail again;
+    - a refresh loop: a connection this app refreshed within the last threshold whose token is still
+      valid at the next check plus the safety margin. A token issued for less than the threshold is
+      due again the moment it is refreshed (1-hour tokens, a 65-minute threshold: every check would
+      refresh it again); it is left for the check that finds it about to expire."""
+    now = int(time.time() * 1000)
     keys = {connection_key(c.tenant_id, c.integration_id, c.connection_id): c for c in connections}
-    suppressed = states.suppressed_keys(
-        {key: c.document_ts for key, c in keys.items()}, int(time.time() * 1000), cooldown_ms
+    history = states.connection_history(
+        {key: c.document_ts for key, c in keys.items()},
+        now,
+        settings.failure_cooldown_ms,
+        refreshed_since_ms=now - settings.expiration_threshold_ms,
     )
-    for key, record in suppressed.items():
-        connection = keys[key]
-        logger.info(
-            "Not requesting refresh for connection %r (%s): it failed permanently (%s) and its document "
-            "has not changed since",
-            connection.connection_id,
-            connection.integration_id,
-            record.get("code"),
-        )
-    return [c for key, c in keys.items() if key not in suppressed], len(suppressed)
+    selection = Selection([], len(history.suppressed), [])
+    for key, connection in keys.items():
+        record = history.suppressed.get(key)
+        if record is not None:
+            logger.info(
+                "Not requesting refresh for connection %r (%s): it failed permanently (%s) and its document "
+                "has not changed since",
+                connection.connection_id,
+                connection.integration_id,
+                record.get("code"),
+            )
+            continue
+        refreshed_at = history.refreshed_at.get(key)
+        expires = int(connection.expires_at.timestamp() * 1000) if connection.expires_at else None
+        if refreshed_at and expires and expires > now + settings.interval_ms + SAFETY_MARGIN_MS:
+            selection.deferred_lifetimes_ms.append(expires - refreshed_at)
+            continue
+        selection.requested.append(connection)
+    return selection
+
+
+# A check-expiring event's thresholdTime may exceed its timestamp + the threshold by this much (clock
+# skew between the timer and the handler); anything later is capped (see capped_threshold).
+THRESHOLD_SLACK = timedelta(minutes=1)
+
+
+def capped_threshold(check: CheckExpiringData, settings: Settings, now: datetime) -> datetime:
+    """The event's thresholdTime, but never later than the settings allow: its timestamp (or now, when
+    the timestamp lies in the future) + TOKEN_REFRESH_EXPIRATION_THRESHOLD_MS + THRESHOLD_SLACK. An
+    event with thresholdTime in the year 2999 must not refresh every token of the fleet."""
+    allowed = min(check.timestamp, now) + timedelta(milliseconds=settings.expiration_threshold_ms) + THRESHOLD_SLACK
+    if check.threshold_time <= allowed:
+        return check.threshold_time
+    logger.warning(
+        "The check-expiring event's thresholdTime %s is later than the settings allow (timestamp + "
+        "TOKEN_REFRESH_EXPIRATION_THRESHOLD_MS = %s); using %s",
+        format_time(check.threshold_time),
+        format_time(allowed),
+        format_time(allowed),
+    )
+    return allowed
+
+
+def warn_about_short_token_lifetimes(deferred_lifetimes_ms: list[int], settings: Settings) -> None:
+    """One line per check when tokens refreshed by this app live shorter than the threshold: the
+    settings invite a refresh loop (which select_for_refresh breaks)."""
+    if not deferred_lifetimes_ms:
+        return
+    logger.warning(
+        "TOKEN_REFRESH_EXPIRATION_THRESHOLD_MS (%d) is longer than the lifetime of %d token(s) this app refreshed "
+        "lately (median %d ms): they would be refreshed again at every check. Each is left for a later check until "
+        "it expires within TOKEN_REFRESH_INTERVAL_MS + %d ms. Set the threshold below the typical token lifetime.",
+        settings.expiration_threshold_ms,
+        len(deferred_lifetimes_ms),
+        int(statistics.median(deferred_lifetimes_ms)),
+        SAFETY_MARGIN_MS,
+    )
 
 
 def request_refresh_for_expiring_connections(
@@ -95,29 +158,33 @@ def request_refresh_for_expiring_connections(
 ) -> CheckSummary:
     started = time.monotonic()
     summary = CheckSummary()
+    threshold = capped_threshold(check, settings, utc_now())
     pages = store.expiring_connection_pages(
-        check.threshold_time, settings.skip_statuses, continuation=check.continuation, now=check.timestamp
+        threshold, settings.skip_statuses, continuation=check.continuation, now=check.timestamp
     )
+    deferred_lifetimes: list[int] = []
     for page in pages:
         summary.pages += 1
         summary.invalid += page.invalid
-        connections, suppressed = without_recent_permanent_failures(
-            page.connections, states, settings.failure_cooldown_ms
-        )
-        summary.suppressed += suppressed
-        if not connections:
-            continue
-        summary.found += len(connections)
-        logger.info(
-            "Found OAuth connections with expiring tokens (count=%d page=%d thresholdTime=%s)",
-            len(connections),
-            summary.pages,
-            format_time(check.threshold_time),
-        )
-        requested_at = utc_now()
-        summary.published += publisher.publish(
-            refresh_requested_event(connection, requested_at) for connection in connections
-        )
+        selection = select_for_refresh(page.connections, states, settings)
+        connections = selection.requested
+        summary.suppressed += selection.suppressed
+        summary.deferred += len(selection.deferred_lifetimes_ms)
+        deferred_lifetimes.extend(selection.deferred_lifetimes_ms)
+        if connections:
+            summary.found += len(connections)
+            logger.info(
+                "Found OAuth connections with expiring tokens (count=%d page=%d thresholdTime=%s)",
+                len(connections),
+                summary.pages,
+                format_time(threshold),
+            )
+            requested_at = utc_now()
+            summary.published += publisher.publish(
+                refresh_requested_event(connection, requested_at) for connection in connections
+            )
+        # After every page, also one with nothing to publish: a long run of suppressed or invalid
+        # pages must hand off too, before the function times out.
         if page.continuation and (time.monotonic() - started) * 1000 >= settings.check_time_budget_ms:
             # Hand the rest of the scan to a follow-up invocation before the function times out.
             follow_up = make_event(check.model_copy(update={"continuation": page.continuation}))
@@ -132,14 +199,16 @@ def request_refresh_for_expiring_connections(
             break
     if summary.found == 0 and not summary.continued:
         logger.info("Found OAuth connections with expiring tokens (count=0)")
+    warn_about_short_token_lifetimes(deferred_lifetimes, settings)
     summary.duration_ms = int((time.monotonic() - started) * 1000)
     logger.info(
-        "Check-expiring run finished (found=%d published=%d invalid=%d suppressed=%d pages=%d durationMs=%d "
-        "continued=%s)",
+        "Check-expiring run finished (found=%d published=%d invalid=%d suppressed=%d deferred=%d pages=%d "
+        "durationMs=%d continued=%s)",
         summary.found,
         summary.published,
         summary.invalid,
         summary.suppressed,
+        summary.deferred,
         summary.pages,
         summary.duration_ms,
         summary.continued,

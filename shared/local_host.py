@@ -23,7 +23,7 @@ import math
 import threading
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -36,6 +36,7 @@ from azure.functions.timer import TimerRequest
 from shared import runtime
 from shared.events import CHECK_EXPIRING, CONTENT_TYPE, REFRESH_FAILED, REFRESHED, CloudEvent
 from shared.messaging import PublishError
+from shared.secrets import Scrubber, scrub_logs
 from shared.settings import Settings
 
 logger = logging.getLogger(__name__)
@@ -69,8 +70,8 @@ class BrokerUnavailable(SystemExit):
     one-line message and exits 1, without a traceback."""
 
 
-def describe_connection_error(error: BaseException) -> str:
-    text = str(error).strip()
+def describe_connection_error(error: BaseException, scrub: Scrubber | None = None) -> str:
+    text = (scrub.scrub(error) if scrub else str(error)).strip()
     return f"{error.__class__.__name__}: {text}"[:300] if text else error.__class__.__name__
 
 
@@ -287,18 +288,19 @@ class LocalHost:
         self._channel: Any = None
         self._stop = threading.Event()
         self.retries = DelayQueueRetries(settings, {f.event_type: f.queue for f in self.functions})
+        # No form of a secret in any log line or in what is dead-lettered (the reason is an exception text).
+        self._scrub = scrub_logs(settings)
 
     # Topology -----------------------------------------------------------------------------------
 
     def connect(self) -> Any:
         parameters = connection_parameters(self.settings)
         try:
-            with _pika_errors_muted():  # a failure is reported once, by the caller, in one line
-                self._connection = pika.BlockingConnection(parameters)
+            self._connection = pika.BlockingConnection(parameters)
         except _FATAL_CONNECTION_ERRORS as error:
+            reason = describe_connection_error(error, self._scrub)
             raise BrokerUnavailable(
-                f"error: RabbitMQ refused the local host's connection ({describe_connection_error(error)}); "
-                "check RABBITMQ_URL"
+                f"error: RabbitMQ refused the local host's connection ({reason}); check RABBITMQ_URL"
             ) from None
         self._channel = self._connection.channel()
         self._channel.basic_qos(prefetch_count=1)
@@ -323,13 +325,13 @@ class LocalHost:
         self.close()
         delay = RECONNECT_INITIAL_S
         lost_at = time.monotonic()
-        # Each failed attempt is one line of ours (connect() mutes pika's own stack traces).
-        logger.warning("RabbitMQ %s (%s); reconnecting", what, describe_connection_error(error))
+        # Each failed attempt is one line of ours (pika's own records are at DEBUG: shared.third_party_logs).
+        logger.warning("RabbitMQ %s (%s); reconnecting", what, describe_connection_error(error, self._scrub))
         while not self._stop.is_set():
             if deadline is not None and time.monotonic() + delay > deadline:
                 raise BrokerUnavailable(
                     f"error: RabbitMQ connection lost during the cycle and not back within "
-                    f"{self.reconnect_timeout_s:g} s ({describe_connection_error(error)}); "
+                    f"{self.reconnect_timeout_s:g} s ({describe_connection_error(error, self._scrub)}); "
                     "unfinished messages stay queued for the next run"
                 )
             if self._stop.wait(delay):
@@ -340,7 +342,7 @@ class LocalHost:
                 self.close()
                 error = again
                 delay = min(delay * 2, RECONNECT_MAX_S)
-                logger.info("RabbitMQ still unavailable (%s)", describe_connection_error(again))
+                logger.info("RabbitMQ still unavailable (%s)", describe_connection_error(again, self._scrub))
                 continue
             logger.warning("Connected to RabbitMQ again after %.1f s", time.monotonic() - lost_at)
             return True
@@ -359,7 +361,8 @@ class LocalHost:
             function.main(message, context=LocalInvocationContext(function.name))
         except Exception as error:
             last = message.delivery_count >= self.max_deliveries
-            reason = f"{error.__class__.__name__}: {error}"[:1000]
+            # Scrubbed before it is cut: a secret cut in two would no longer be recognised.
+            reason = self._scrub.scrub(f"{error.__class__.__name__}: {error}")[:1000]
             logger.error(
                 "Function %s failed on message %s (delivery %d of %d): %s%s",
                 function.name,
@@ -422,13 +425,15 @@ class LocalHost:
             dead_letters_before = self._dead_letter_count()
         except BROKER_CONNECTION_ERRORS as error:
             raise BrokerUnavailable(
-                f"error: cannot use RabbitMQ ({describe_connection_error(error)}); is it running and is "
+                f"error: cannot use RabbitMQ ({describe_connection_error(error, self._scrub)}); is it running and is "
                 "RABBITMQ_URL right?"
             ) from None
         try:
             self.tick_timer()
         except PublishError as error:
-            raise BrokerUnavailable(f"error: could not publish the check-expiring event ({error})") from None
+            raise BrokerUnavailable(
+                f"error: could not publish the check-expiring event ({self._scrub.scrub(error)})"
+            ) from None
 
         summary = CycleSummary()
         counted: set[str] = set()
@@ -581,8 +586,7 @@ class LocalHost:
         delay = RECONNECT_INITIAL_S
         while not self._stop.is_set():
             try:
-                with _pika_errors_muted():
-                    connection = pika.BlockingConnection(connection_parameters(self.settings))
+                connection = pika.BlockingConnection(connection_parameters(self.settings))
                 try:
                     channel = connection.channel()
                     channel.basic_qos(prefetch_count=1)
@@ -612,7 +616,7 @@ class LocalHost:
         try:
             self.tick_timer()
         except Exception as error:
-            logger.error("Timer function failed: %s", f"{error.__class__.__name__}: {error}"[:1000])
+            logger.error("Timer function failed: %s", self._scrub.scrub(f"{error.__class__.__name__}: {error}")[:1000])
             logger.debug("timer failure", exc_info=True)
 
     def stop(self) -> None:
@@ -622,17 +626,6 @@ class LocalHost:
         return sum(
             self._channel.queue_declare(f.dead_letter_queue, passive=True).method.message_count for f in self.functions
         )
-
-
-@contextlib.contextmanager
-def _pika_errors_muted() -> Iterator[None]:
-    pika_logger = logging.getLogger("pika")
-    level = pika_logger.level
-    pika_logger.setLevel(logging.CRITICAL)
-    try:
-        yield
-    finally:
-        pika_logger.setLevel(level)
 
 
 def _first_time(seen: set[str], kind: str, message_id: str | None) -> bool:

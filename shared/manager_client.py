@@ -22,6 +22,7 @@ from urllib.parse import quote, urlsplit
 
 import requests
 
+from shared.failure_classes import FailureKind, classify
 from shared.http_pool import pooled_session
 from shared.settings import Settings, SettingsError
 
@@ -32,6 +33,7 @@ MAX_RESPONSE_BYTES = 256 * 1024
 # mixed case) could be a token echoed back by a provider, so it never reaches an event or a log line.
 _SAFE_ERROR_CODE = re.compile(r"^[a-z][a-z_]{0,39}$")
 _PRINTABLE_ASCII = re.compile(r"^[\x20-\x7e]+$")
+_DELTA_SECONDS = re.compile(r"^[0-9]+$", re.ASCII)
 
 
 class InvalidConnectionId(ValueError):
@@ -44,12 +46,50 @@ class RefreshOutcome:
     http_status: int | None = None
     error_code: str | None = None
     error_message: str | None = None
-    retryable: bool = False
+    kind: FailureKind | None = None  # a failure's row in the classification table (shared.failure_classes)
     expires_at: datetime | None = None
     retry_after_s: float | None = None  # the callee's Retry-After, when it sent one
     # The app stopped waiting, but the call may have reached integration-manager, which may still be
     # working on it: a read timeout, a connection dropped after sending, a gateway's 502/504.
     may_be_in_flight: bool = False
+    check: str | None = None  # what an operator should check (from the table), never a value
+
+    @property
+    def transient(self) -> bool:
+        """Worth calling again soon: retried in the invocation, then by scheduled copies."""
+        return self.kind is FailureKind.TRANSIENT
+
+    @property
+    def retryable(self) -> bool:
+        """The event's `retryable`: a later attempt may succeed (everything but the connection's own failure)."""
+        return not self.succeeded and self.kind is not FailureKind.CONNECTION
+
+    @property
+    def about_connection(self) -> bool:
+        """Recorded against the connection (it is not requested again until its document changes)."""
+        return self.kind is FailureKind.CONNECTION
+
+
+def failed(
+    error_code: str,
+    error_message: str,
+    http_status: int | None = None,
+    *,
+    may_be_in_flight: bool = False,
+    retry_after_s: float | None = None,
+) -> RefreshOutcome:
+    """A failed call, classified by the table."""
+    failure = classify(http_status, error_code)
+    return RefreshOutcome(
+        False,
+        http_status=http_status,
+        error_code=error_code,
+        error_message=error_message,
+        kind=failure.kind,
+        may_be_in_flight=may_be_in_flight,
+        retry_after_s=retry_after_s,
+        check=failure.check,
+    )
 
 
 def path_segment(value: str, name: str) -> str:
@@ -113,41 +153,46 @@ class IntegrationManagerClient:
         try:
             path = self._base_path + refresh_path(integration_id, connection_id)
         except InvalidConnectionId as error:
-            return RefreshOutcome(False, error_code="invalid_connection_id", error_message=str(error))
+            return failed("invalid_connection_id", str(error))
         headers = {"X-Tenant-Id": tenant_id} if _PRINTABLE_ASCII.match(tenant_id) else {}
         if idempotency_key is not None:
             headers["Idempotency-Key"] = idempotency_key
         request = requests.Request(
             "POST", self._base_url.removesuffix(self._base_path) + path, json={"tenantId": tenant_id}, headers=headers
         )
-        prepared = self._session.prepare_request(request)
+        unbuildable = None
+        try:
+            prepared = self._session.prepare_request(request)
+        except ValueError as error:  # requests' InvalidHeader, InvalidURL
+            # Their texts quote the value (all of "Bearer <token>"): keep only the class name, and raise
+            # outside this block so that the original is not even the new error's __context__.
+            unbuildable = error.__class__.__name__
+        if unbuildable is not None:
+            raise RuntimeError(
+                f"could not build the refresh request ({unbuildable}); check INTEGRATION_MANAGER_TOKEN "
+                "and the request's tenantId"
+            )
         if urlsplit(prepared.url).path != path:
             # Defence in depth: nothing an id contains may change which endpoint is called.
-            return RefreshOutcome(
-                False, error_code="invalid_connection_id", error_message="ids would change the endpoint path"
-            )
+            return failed("invalid_connection_id", "ids would change the endpoint path")
         try:
             response = self._session.send(prepared, timeout=self._timeout, allow_redirects=False, stream=True)
         except requests.Timeout as error:
-            return RefreshOutcome(
-                False,
-                error_code="timeout",
-                error_message="integration-manager did not answer in time",
-                retryable=True,
+            return failed(
+                "timeout",
+                "integration-manager did not answer in time",
                 may_be_in_flight=not isinstance(error, requests.ConnectTimeout),
             )
         except requests.RequestException as error:
-            return RefreshOutcome(
-                False,
-                error_code="network_error",
-                error_message=f"could not reach integration-manager ({error.__class__.__name__})",
-                retryable=True,
+            return failed(
+                "network_error",
+                f"could not reach integration-manager ({error.__class__.__name__})",
                 may_be_in_flight=not _never_connected(error),
             )
         with response:
             body = _read_json(response)
         outcome = _outcome(response.status_code, body)
-        if not outcome.succeeded and outcome.retryable:
+        if outcome.transient:
             outcome = replace(
                 outcome,
                 retry_after_s=parse_retry_after(response.headers.get("Retry-After")),
@@ -176,7 +221,7 @@ def parse_retry_after(value: str | None, now: datetime | None = None) -> float |
     if not value:
         return None
     value = value.strip()
-    if value.isdigit():
+    if _DELTA_SECONDS.match(value):  # ASCII digits only: str.isdigit() also accepts "²", which float() refuses
         return min(float(value), 3600.0)
     try:
         moment = parsedate_to_datetime(value)
@@ -204,18 +249,15 @@ def _outcome(status: int, body: Any) -> RefreshOutcome:
     if 200 <= status < 300:
         return RefreshOutcome(True, http_status=status, expires_at=_new_expiry(body))
     code = _error_code(body)
-    if 300 <= status < 400:
-        default_code, retryable = "redirect_refused", False
-    elif status in (408, 429) or status >= 500:
-        default_code, retryable = (
-            ("rate_limited" if status == 429 else "timeout" if status == 408 else "server_error"),
-            True,
-        )
-    else:
-        default_code, retryable = "refresh_rejected", False
+    failure = classify(status, code)
     message = f"integration-manager answered HTTP {status}" + (f" ({code})" if code else "")
     return RefreshOutcome(
-        False, http_status=status, error_code=code or default_code, error_message=message, retryable=retryable
+        False,
+        http_status=status,
+        error_code=code or failure.default_code,
+        error_message=message,
+        kind=failure.kind,
+        check=failure.check,
     )
 
 

@@ -15,7 +15,7 @@ import logging
 import threading
 from collections import deque
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any, Protocol
 
@@ -32,11 +32,28 @@ SERVICE_BUS_QUEUES = {
     REFRESH_REQUESTED: REFRESH_REQUESTED,
     "integration.token.refreshed": "integration.token.refreshed",
     "integration.token.refresh.failed": "integration.token.refresh.failed",
+    "integration.token.refresh.systemic-failure": "integration.token.refresh.systemic-failure",
 }
 
 
 class PublishError(RuntimeError):
-    """At least one transport could not take the events. The message gives no secrets."""
+    """At least one transport could not take the events. The message says which, where (host:port,
+    namespace) and what to check; it gives no secrets. `errors`: each failed transport's error;
+    `details`: one line per failed transport."""
+
+    def __init__(self, message: str, errors: dict[str, BaseException] | None = None, details: str = ""):
+        super().__init__(message)
+        self.errors = errors or {}
+        self.details = details or message
+
+
+class UnroutableEvents(PublishError):
+    """RabbitMQ returned events published as mandatory: no queue is bound for their routing key."""
+
+    def __init__(self, message: str, exchange: str, routing_keys: Sequence[str]):
+        super().__init__(message)
+        self.exchange = exchange
+        self.routing_keys = list(routing_keys)
 
 
 class EventTransport(Protocol):
@@ -73,19 +90,20 @@ class EventPublisher:
         batch = list(events)
         if not batch:
             return 0
-        failures = []
+        failures, errors = [], {}
         for transport in self.transports:
             try:
                 transport.send(batch)
             except Exception as error:
-                # One line; the traceback only at debug level (the caller's failure is logged too).
-                logger.error(
-                    "Publishing %d event(s) to %s failed: %s", len(batch), transport.name, error.__class__.__name__
-                )
-                logger.debug("publish failure", exc_info=True)
-                failures.append(f"{transport.name}: {error.__class__.__name__}")
+                # Not logged here: whoever handles the PublishError reports it once, and its text
+                # names every failed transport. The traceback only at debug level.
+                logger.debug("Publishing %d event(s) to %s failed", len(batch), transport.name, exc_info=True)
+                errors[transport.name] = error
+                describe = getattr(transport, "describe_error", None)
+                failures.append(f"{transport.name}: {describe(error) if describe else error.__class__.__name__}")
         if failures:
-            raise PublishError(f"could not publish {len(batch)} event(s) ({', '.join(failures)})")
+            details = "; ".join(failures)
+            raise PublishError(f"could not publish {len(batch)} event(s) ({details})", errors, details)
         return len(batch)
 
     def close(self) -> None:
@@ -103,6 +121,7 @@ class _Batch:
     events: Sequence[CloudEvent]
     unconfirmed: int = 0
     nacked: int = 0
+    returned: list[str] = field(default_factory=list)  # routing keys of events returned unroutable
     attempts: int = 0
     done: bool = False
     error: BaseException | None = None
@@ -125,12 +144,24 @@ class RabbitMqTransport:
 
     name = "rabbitmq"
 
-    def __init__(self, url: str, exchange: str, confirm_window: int = 200, confirm_timeout_s: float = 30.0):
+    def __init__(
+        self,
+        url: str,
+        exchange: str,
+        confirm_window: int = 200,
+        confirm_timeout_s: float = 30.0,
+        *,
+        mandatory: bool = False,
+    ):
         import pika  # imported here so a Service-Bus-only worker never loads it
 
         self._pika = pika
         self._exchange = exchange
+        # mandatory: an event no queue is bound for is returned and `send` raises UnroutableEvents.
+        # Off for the app: the platform exchange may have no consumer of an event type, which is fine.
+        self._mandatory = mandatory
         self._parameters = pika.URLParameters(url)
+        self._password = getattr(self._parameters.credentials, "password", None)  # kept out of error texts
         # A broker under a memory alarm blocks publishers; fail the invocation instead of hanging.
         self._parameters.blocked_connection_timeout = 30
         self._parameters.socket_timeout = 10
@@ -156,11 +187,64 @@ class RabbitMqTransport:
             raise batch.error
         if batch.nacked:
             raise PublishError(f"RabbitMQ refused {batch.nacked} of {len(batch.events)} event(s) (basic.nack)")
+        if batch.returned:
+            keys = sorted(set(batch.returned))
+            raise UnroutableEvents(
+                f"{len(batch.returned)} of {len(batch.events)} event(s) returned unroutable: no queue is bound to "
+                f"exchange '{self._exchange}' for routing key {', '.join(keys)}",
+                self._exchange,
+                keys,
+            )
+
+    @property
+    def where(self) -> str:
+        return f"{self._parameters.host}:{self._parameters.port}"
+
+    def describe_error(self, error: BaseException) -> str:
+        """One line for a failed send: what failed, where (host:port, never the URL) and what to check."""
+        errors = self._pika.exceptions
+        if isinstance(error, UnroutableEvents):
+            return f"UnroutableEvents at {self.where}: {error}"
+        if isinstance(error, PublishError):
+            return f"PublishError at {self.where}: {error}"
+        reason = self._reason(error)
+        detail = f"{error.__class__.__name__} at {self.where}" + (f" ({reason})" if reason else "")
+        if isinstance(error, errors.ProbableAuthenticationError | errors.ProbableAccessDeniedError) or (
+            "ACCESS_REFUSED" in reason
+        ):
+            return f"{detail}; check the user, password and vhost in RABBITMQ_URL"
+        if isinstance(error, errors.AMQPChannelError):
+            return f"{detail}; check RABBITMQ_EXCHANGE '{self._exchange}' and the user's permissions on it"
+        if isinstance(error, errors.AMQPConnectionError | errors.StreamLostError | OSError):
+            return f"{detail}; check that RabbitMQ is running there and that RABBITMQ_URL is right"
+        return detail
+
+    def _reason(self, error: BaseException) -> str:
+        """The innermost cause: pika wraps the socket's error in connector errors (in `args` or
+        `.exception`) whose str() is often empty."""
+        for _ in range(5):
+            wrapped = getattr(error, "exception", None)
+            inner = wrapped if isinstance(wrapped, BaseException) else None
+            inner = inner or next((arg for arg in error.args if isinstance(arg, BaseException)), None)
+            if inner is None:
+                break
+            error = inner
+        if isinstance(error, OSError) and error.strerror:
+            text = error.strerror
+        elif getattr(error, "reply_text", None):
+            text = f"{getattr(error, 'reply_code', '')} {error.reply_text}".strip()
+        else:
+            lines = str(error).strip().splitlines()
+            text = lines[0] if lines else ""
+        if self._password and len(self._password) >= 4:
+            text = text.replace(self._password, "***")
+        return text[:200]
 
     def _drive(self, mine: _Batch) -> None:
         """Publish what is queued and wait for confirms until `mine` is settled; after a lost
         connection, queue the unconfirmed batches again (once each: one reconnect per send)."""
         errors = self._pika.exceptions
+        had_connection = self._connection is not None
         try:
             self._publish_queued()
             self._await_confirms(lambda: mine.done)
@@ -173,9 +257,17 @@ class RabbitMqTransport:
                     batch.error, batch.done = error, True  # its sender raises; it is not published later
                 elif batch not in self._queued:
                     batch.unconfirmed = batch.nacked = 0
+                    batch.returned = []
                     self._queued.appendleft(batch)
             if not mine.done:
-                logger.warning("RabbitMQ connection lost (%s); reconnecting", error.__class__.__name__)
+                # A connection that could not be made is tried once more in silence: if that fails
+                # too, the PublishError says so (one line, not two).
+                logger.log(
+                    logging.WARNING if had_connection else logging.DEBUG,
+                    "RabbitMQ connection %s (%s); reconnecting",
+                    "lost" if had_connection else "could not be made",
+                    error.__class__.__name__,
+                )
 
     def _publish_queued(self) -> None:
         channel = self._ensure_channel()
@@ -188,6 +280,7 @@ class RabbitMqTransport:
                 channel.basic_publish(
                     exchange=self._exchange,
                     routing_key=event.type,
+                    mandatory=self._mandatory,
                     body=event.to_json(),
                     properties=self._pika.BasicProperties(
                         content_type=CONTENT_TYPE,
@@ -234,6 +327,13 @@ class RabbitMqTransport:
             batch.unconfirmed -= 1
             batch.done = batch.unconfirmed == 0
 
+    def _on_return(self, _channel: Any, method: Any, properties: Any, _body: bytes) -> None:
+        # The broker sends basic.return before the message's confirm: the batch is still in flight.
+        for batch in self._in_flight.values():
+            if any(event.id == properties.message_id for event in batch.events):
+                batch.returned.append(method.routing_key)
+                return
+
     def _ensure_channel(self) -> Any:
         if self._channel is None or not self._channel.is_open:
             if self._connection is None or not self._connection.is_open:
@@ -241,6 +341,8 @@ class RabbitMqTransport:
                 self.connections_opened += 1
             blocking = self._connection.channel()
             blocking.exchange_declare(self._exchange, exchange_type="topic", durable=True)
+            if self._mandatory:
+                blocking._impl.add_on_return_callback(self._on_return)
             selected: list[Any] = []
             blocking._impl.confirm_delivery(ack_nack_callback=self._on_confirm, callback=selected.append)
             self._connection._flush_output(lambda: bool(selected))
@@ -294,6 +396,15 @@ class ServiceBusTransport:
 
             client = ServiceBusClient(settings.service_bus_namespace, DefaultAzureCredential())
         return cls(client)
+
+    def describe_error(self, error: BaseException) -> str:
+        # The class name only: SDK error texts are long and may quote the connection's details.
+        namespace = getattr(self._client, "fully_qualified_namespace", None)
+        where = f" at {namespace}" if isinstance(namespace, str) else ""
+        return (
+            f"{error.__class__.__name__}{where}; check the ServiceBusConnection settings and the "
+            "Azure Service Bus Data Sender role of the identity"
+        )
 
     def send(self, events: Sequence[CloudEvent]) -> None:
         by_queue: dict[str, list[CloudEvent]] = {}
@@ -386,10 +497,16 @@ def session_id(event: CloudEvent) -> str | None:
     return connection_key(str(data["tenantId"]), str(data["integrationId"]), str(data["connectionId"]))
 
 
-def publisher_from_settings(settings: Settings) -> EventPublisher:
+def publisher_from_settings(settings: Settings, *, rabbitmq_mandatory: bool = False) -> EventPublisher:
+    """The app's publisher. `rabbitmq_mandatory` (operator commands): an event no RabbitMQ queue is
+    bound for fails the publish instead of being dropped by the broker."""
     transports: list[EventTransport] = []
     if settings.service_bus_configured:
         transports.append(ServiceBusTransport.from_settings(settings))
     if settings.rabbitmq_url is not None:
-        transports.append(RabbitMqTransport(settings.rabbitmq_url.get_secret_value(), settings.rabbitmq_exchange))
+        transports.append(
+            RabbitMqTransport(
+                settings.rabbitmq_url.get_secret_value(), settings.rabbitmq_exchange, mandatory=rabbitmq_mandatory
+            )
+        )
     return EventPublisher(transports)

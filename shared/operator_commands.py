@@ -18,7 +18,6 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
-from urllib.parse import unquote, urlsplit
 
 from pydantic import ValidationError
 
@@ -34,7 +33,8 @@ from shared.events import (
     parse_time,
     utc_now,
 )
-from shared.messaging import SERVICE_BUS_QUEUES, EventPublisher, PublishError, session_id
+from shared.messaging import SERVICE_BUS_QUEUES, EventPublisher, PublishError, UnroutableEvents, session_id
+from shared.secrets import Scrubber
 from shared.settings import Settings, SettingsError
 
 logger = logging.getLogger(__name__)
@@ -77,45 +77,6 @@ class UsageProblem(ValueError):
 # Output hygiene ----------------------------------------------------------------------------------
 
 
-class Scrubber:
-    """Removes the values of secret settings from texts that came from outside (exceptions, messages)."""
-
-    def __init__(self, settings: Settings):
-        secrets: set[str] = set()
-        for secret in (
-            settings.rabbitmq_url,
-            settings.service_bus_connection_string,
-            settings.cosmos_key,
-            settings.integration_manager_token,
-        ):
-            if secret is not None:
-                secrets.add(secret.get_secret_value())
-        if settings.rabbitmq_url is not None:
-            password = urlsplit(settings.rabbitmq_url.get_secret_value()).password
-            if password:
-                secrets.update({password, unquote(password)})
-        if settings.service_bus_connection_string is not None:
-            for part in settings.service_bus_connection_string.get_secret_value().split(";"):
-                name, _, value = part.partition("=")
-                if name.strip().lower() in ("sharedaccesskey", "sharedaccesssignature") and value:
-                    secrets.add(value)
-        # Longest first, so a secret that contains another is removed whole; very short values are
-        # skipped (replacing "a" everywhere would mangle the text and protect nothing).
-        self._secrets = sorted((s for s in secrets if len(s) >= 4), key=len, reverse=True)
-
-    def __call__(self, text: Any, limit: int = 300) -> str:
-        value = str(text)
-        for secret in self._secrets:
-            value = value.replace(secret, "***")
-        return printable(value, limit)
-
-
-def printable(text: str, limit: int = 300) -> str:
-    """One line, no control characters (a message could carry terminal escapes), at most `limit` chars."""
-    cleaned = "".join(ch if ch.isprintable() else repr(ch)[1:-1] for ch in text)
-    return cleaned if len(cleaned) <= limit else cleaned[: limit - 1] + "…"
-
-
 def describe_error(error: BaseException, scrub: Scrubber) -> str:
     text = str(error).strip().splitlines()[0] if str(error).strip() else ""
     return f"{error.__class__.__name__}: {scrub(text, 300)}" if text else error.__class__.__name__
@@ -131,11 +92,26 @@ def destinations(settings: Settings, event_type: str) -> str:
     return "; ".join(where) or "no transport"
 
 
+def operator_publisher(settings: Settings) -> EventPublisher:
+    """The publisher of `trigger` and `refresh`. Without Service Bus, RabbitMQ drives the functions
+    (the local host): an event no queue is bound for would reach no function, so it must fail
+    (mandatory). With Service Bus, RabbitMQ is only the bridge to the platform, which may not listen."""
+    from shared.messaging import publisher_from_settings
+
+    return publisher_from_settings(settings, rabbitmq_mandatory=not settings.service_bus_configured)
+
+
 def _publish(publisher: EventPublisher, event: CloudEvent, scrub: Scrubber) -> None:
     try:
         publisher.publish([event])
     except PublishError as error:
-        raise OperatorError(f"could not publish {event.type} {event.id}: {scrub(error)}") from None
+        message = f"could not publish {event.type} (eventId {event.id}): {scrub(error.details, 600)}"
+        if any(isinstance(cause, UnroutableEvents) for cause in error.errors.values()):
+            message += (
+                ". Nothing would receive it: start the local host first (`python -m shared.cli run`), which "
+                "declares its queues and binds them to the exchange (same RABBITMQ_URL and RABBITMQ_EXCHANGE)"
+            )
+        raise OperatorError(message) from None
 
 
 # trigger -------------------------------------------------------------------------------------------
@@ -449,9 +425,8 @@ class RabbitMqDeadLetters:
     def __enter__(self) -> RabbitMqDeadLetters:
         import pika
 
-        pika_logger = logging.getLogger("pika")
-        level = pika_logger.level
-        pika_logger.setLevel(logging.CRITICAL)  # a failure is reported once, below, in one line
+        # pika's own records are at DEBUG (shared.third_party_logs, set up by the CLI): a failure is
+        # reported once, below. Not by setting pika's level and back: that races with other threads.
         try:
             self._connection = pika.BlockingConnection(pika.URLParameters(self._url))
         except pika.exceptions.AMQPError as error:
@@ -459,8 +434,6 @@ class RabbitMqDeadLetters:
                 f"cannot connect to RabbitMQ ({describe_error(error, self._scrub)}); "
                 "is it running and is RABBITMQ_URL right?"
             ) from None
-        finally:
-            pika_logger.setLevel(level)
         return self
 
     def __exit__(self, *exc: object) -> None:

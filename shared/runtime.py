@@ -4,12 +4,13 @@ Python worker may run several invocations on threads at once."""
 
 from __future__ import annotations
 
-import logging
 import threading
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, TypeVar
 
+from shared.secrets import scrub_logs
 from shared.settings import Settings, load_settings, warn_about_risky_threshold
+from shared.third_party_logs import demote_third_party_logs
 
 if TYPE_CHECKING:
     from shared.connection_store import ConnectionStore
@@ -32,15 +33,16 @@ def _once(name: str, build: Callable[[], T]) -> T:
     return instance
 
 
-# SDK loggers log every HTTP request at INFO; in Application Insights that drowns the app's own lines.
+# Libraries whose own records go to DEBUG (shared.third_party_logs): an SDK logs every HTTP request,
+# pika ~20 ERROR lines per refused connection; the app reports a failure once, in its own line.
 QUIET_LOGGERS = ("azure", "pika", "urllib3")
 
 
 def settings() -> Settings:
     def build() -> Settings:
-        for name in QUIET_LOGGERS:
-            logging.getLogger(name).setLevel(logging.WARNING)
+        demote_third_party_logs(QUIET_LOGGERS)
         loaded = load_settings()
+        scrub_logs(loaded)  # every form of every secret setting is masked in what the root handlers emit
         warn_about_risky_threshold(loaded)
         return loaded
 

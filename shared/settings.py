@@ -14,6 +14,8 @@ from urllib.parse import urlsplit
 from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
+from shared.secrets import unsafe_character
+
 logger = logging.getLogger(__name__)
 
 # Time a refresh needs between being selected and the token expiring: queueing, the refresh call,
@@ -50,6 +52,8 @@ _EXPECTED_FORMS = {
     "RABBITMQ_URL": "an amqp:// or amqps:// URL",
     "RABBITMQ_EXCHANGE": "a non-empty exchange name",
     "INTEGRATION_MANAGER_URL": "an http:// or https:// base URL without query, fragment or credentials",
+    "INTEGRATION_MANAGER_TOKEN": "the bearer token integration-manager accepts, on one line, without spaces",
+    "COSMOS_KEY": "the account's primary or secondary key (base64), without spaces; or unset for managed identity",
     "INTEGRATION_MANAGER_CONNECT_TIMEOUT_MS": "a whole number of milliseconds between 100 and 60000",
     "INTEGRATION_MANAGER_TIMEOUT_MS": "a whole number of milliseconds between 100 and 600000",
     "INTEGRATION_MANAGER_MAX_ATTEMPTS": "a whole number of calls per delivery between 1 and 10",
@@ -61,6 +65,8 @@ _EXPECTED_FORMS = {
     "TOKEN_REFRESH_FAILURE_COOLDOWN_MS": "a whole number of milliseconds from 0 (off) to 31536000000 (365 days)",
     "TOKEN_REFRESH_CLAIM_LEASE_MS": "a whole number of milliseconds from 1000 to 86400000 (1 day)",
     "TOKEN_REFRESH_MAX_AGE_MS": "a whole number of milliseconds from 0 (off) to 315360000000 (10 years)",
+    "TOKEN_REFRESH_SYSTEMIC_FAILURE_THRESHOLD": "a whole number of connections between 1 and 200",
+    "TOKEN_REFRESH_SYSTEMIC_FAILURE_WINDOW_MS": "a whole number of milliseconds from 60000 to 86400000 (1 day)",
     "COSMOS_STATE_CONTAINER": "a non-empty container name",
     "COSMOS_EMULATOR": "true or false",
 }
@@ -122,6 +128,12 @@ class Settings(BaseSettings):
     failure_cooldown_ms: int = Field(DAY_MS, alias="TOKEN_REFRESH_FAILURE_COOLDOWN_MS", ge=0, le=365 * DAY_MS)
     claim_lease_ms: int = Field(600_000, alias="TOKEN_REFRESH_CLAIM_LEASE_MS", ge=1000, le=DAY_MS)
     max_age_ms: int = Field(0, alias="TOKEN_REFRESH_MAX_AGE_MS", ge=0, le=3650 * DAY_MS)
+    # Systemic failures (docs/failure-handling.md): this many different connections failing the same way
+    # (not about themselves) within the window raise one alarm.
+    systemic_failure_threshold: int = Field(5, alias="TOKEN_REFRESH_SYSTEMIC_FAILURE_THRESHOLD", ge=1, le=200)
+    systemic_failure_window_ms: int = Field(
+        900_000, alias="TOKEN_REFRESH_SYSTEMIC_FAILURE_WINDOW_MS", ge=60_000, le=DAY_MS
+    )
     cosmos_state_container: str = Field("token_refresh_state", alias="COSMOS_STATE_CONTAINER", min_length=1)
     cosmos_emulator: bool = Field(False, alias="COSMOS_EMULATOR")
 
@@ -140,6 +152,16 @@ class Settings(BaseSettings):
         if isinstance(value, str):
             return tuple(part.strip().lower() for part in value.split(",") if part.strip())
         return tuple(str(v).lower() for v in value)
+
+    # Before the checks of each secret's form (urlsplit silently drops tabs and line breaks).
+    @field_validator("integration_manager_token", "cosmos_key", "rabbitmq_url", "service_bus_connection_string")
+    @classmethod
+    def _check_secret_characters(cls, value: SecretStr | None) -> SecretStr | None:
+        # A line break or space pasted inside a secret breaks it later, in texts that quote it (requests'
+        # InvalidHeader quotes the whole Authorization header): refuse it now, saying where, not what.
+        if value is not None and (problem := unsafe_character(value.get_secret_value())):
+            raise ValueError(problem)
+        return value
 
     @field_validator("cosmos_endpoint")
     @classmethod

@@ -202,25 +202,110 @@ class StateStore:
             record["ttl"] = max(1, ttl_ms // 1000)
         self._container.upsert_item(record)
 
-    def suppressed_keys(
-        self, candidates: dict[str, int | None], now_ms: int, cooldown_ms: int
-    ) -> dict[str, dict[str, Any]]:
-        """Of `candidates` (connection key -> document _ts), those with a permanent failure recorded for
-        the same document version within the cooldown: they are not requested again."""
-        if cooldown_ms <= 0 or not candidates:
-            return {}
+    def connection_history(
+        self, candidates: dict[str, int | None], now_ms: int, cooldown_ms: int, refreshed_since_ms: int
+    ) -> ConnectionHistory:
+        """What this app did lately to `candidates` (connection key -> document _ts), in one query:
+        a permanent failure recorded for the same document version within the cooldown (not requested
+        again), and the latest refresh since `refreshed_since_ms` (a claim that ended refreshed)."""
+        if not candidates:
+            return ConnectionHistory({}, {})
         rows = self._container.query_items(
-            "SELECT c.connectionKey, c.documentTs, c.lastFailureAt, c.code, c.failures FROM c "
-            "WHERE ARRAY_CONTAINS(@ids, c.id)",
-            parameters=[{"name": "@ids", "value": [f"failure-{key}" for key in candidates]}],
+            "SELECT c.kind, c.connectionKey, c.documentTs, c.lastFailureAt, c.code, c.failures, c.updatedAt "
+            "FROM c WHERE ARRAY_CONTAINS(@ids, c.id) OR (c.kind = 'claim' AND c.state = @refreshed "
+            "AND c.updatedAt >= @since AND ARRAY_CONTAINS(@keys, c.connectionKey))",
+            parameters=[
+                {"name": "@ids", "value": [f"failure-{key}" for key in candidates] if cooldown_ms > 0 else []},
+                {"name": "@refreshed", "value": REFRESHED},
+                {"name": "@since", "value": refreshed_since_ms},
+                {"name": "@keys", "value": list(candidates)},
+            ],
             enable_cross_partition_query=True,
         )
-        return {
-            row["connectionKey"]: row
-            for row in rows
-            if row.get("documentTs") == candidates.get(row["connectionKey"])
-            and now_ms - row.get("lastFailureAt", 0) < cooldown_ms
-        }
+        history = ConnectionHistory({}, {})
+        for row in rows:
+            key = row.get("connectionKey")
+            if key not in candidates:
+                continue
+            if row.get("kind") == "claim":
+                history.refreshed_at[key] = max(history.refreshed_at.get(key, 0), row.get("updatedAt", 0))
+            elif row.get("documentTs") == candidates[key] and now_ms - row.get("lastFailureAt", 0) < cooldown_ms:
+                history.suppressed[key] = row
+        return history
+
+    # Failure waves ---------------------------------------------------------------------------------
+
+    def note_failure_wave(
+        self, signature: str, key: str, now_ms: int, window_ms: int, threshold: int
+    ) -> FailureWave | None:
+        """Count `key` (a connection) among those that failed with `signature` within the current
+        window (a window starts with its first failure and lasts `window_ms`). Exactly one caller per
+        window sees `raised_now` (etag-guarded), when the distinct count reaches `threshold`. Best
+        effort: None when the store kept refusing (contention), so a refresh never fails for it."""
+        from azure.core import MatchConditions
+        from azure.cosmos.exceptions import CosmosAccessConditionFailedError, CosmosResourceExistsError
+
+        item_id = "wave-" + uuid.uuid5(_KEY_NAMESPACE, signature).hex
+        for _ in range(8):
+            existing = self._get(item_id)
+            if existing is None or now_ms - existing.get("windowStart", 0) >= window_ms:
+                wave = {"windowStart": now_ms, "keys": [], "failures": 0, "alarmedAt": None}
+            else:
+                wave = {k: existing[k] for k in ("windowStart", "keys", "failures", "alarmedAt")}
+            keys = list(wave["keys"])
+            if key not in keys and len(keys) < WAVE_KEYS_KEPT:
+                keys.append(key)
+            raised_now = wave["alarmedAt"] is None and len(keys) >= threshold
+            item = {
+                "id": item_id,
+                "kind": "wave",
+                "signature": signature,
+                "windowStart": wave["windowStart"],
+                "keys": keys,
+                "failures": wave["failures"] + 1,
+                "alarmedAt": now_ms if raised_now else wave["alarmedAt"],
+                "ttl": max(60, 2 * window_ms // 1000),
+            }
+            try:
+                if existing is None:
+                    self._container.create_item(item)
+                else:
+                    self._container.replace_item(
+                        item_id, item, etag=existing["_etag"], match_condition=MatchConditions.IfNotModified
+                    )
+            except (CosmosAccessConditionFailedError, CosmosResourceExistsError):
+                continue  # another invocation counted meanwhile: count again on top of it
+            return FailureWave(
+                connections=len(keys),
+                failures=item["failures"],
+                window_start_ms=item["windowStart"],
+                alarmed=item["alarmedAt"] is not None,
+                raised_now=raised_now,
+            )
+        logger.debug("Could not count a failure of wave %s (contention)", signature)
+        return None
+
+
+@dataclass(frozen=True)
+class ConnectionHistory:
+    suppressed: dict[str, dict[str, Any]]  # key -> its permanent failure record, still in force
+    refreshed_at: dict[str, int]  # key -> when this app last refreshed it (epoch ms)
+
+
+@dataclass(frozen=True)
+class FailureWave:
+    """Failures of one kind across connections within a window (StateStore.note_failure_wave)."""
+
+    connections: int  # distinct connections seen (kept up to WAVE_KEYS_KEPT)
+    failures: int
+    window_start_ms: int
+    alarmed: bool  # the alarm of this window was raised (by this caller or an earlier one)
+    raised_now: bool  # ... by this caller: it logs the one ERROR and publishes the one event
+
+
+# A wave document keeps this many connection keys at most: the highest threshold allowed
+# (TOKEN_REFRESH_SYSTEMIC_FAILURE_THRESHOLD), small enough for a cheap document.
+WAVE_KEYS_KEPT = 200
 
 
 def superseded(claim: dict[str, Any], requested_at_ms: int | None) -> bool:

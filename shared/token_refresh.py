@@ -4,12 +4,16 @@ to refresh the connection, then publish `integration.token.refreshed` or `.refre
 Per request (docs/failure-handling.md):
 1. re-read the connection: gone, no longer refreshable, or already refreshed → nothing to do;
 2. claim the request in the state store: one invocation at a time, never again once it ended;
-3. call integration-manager, retrying transient failures (network, timeouts, 408, 429, 5xx) with
-   exponential back-off and jitter, honouring Retry-After, within INTEGRATION_MANAGER_RETRY_BUDGET_MS;
-4. still failing transiently and not the last delivery → raise, so the queue redelivers it; on the
-   last delivery (TOKEN_REFRESH_MAX_DELIVERY_COUNT) → a `refresh.failed` event with retryable=true;
-5. a permanent failure (other 4xx) is not retried: `refresh.failed` with retryable=false, and the
-   connection is not requested again until its document changes or the cooldown has passed.
+3. call integration-manager, retrying transient failures (network, timeouts, 408, 409, 429, 5xx)
+   with exponential back-off and jitter, honouring Retry-After, within INTEGRATION_MANAGER_RETRY_BUDGET_MS;
+4. still failing transiently → a scheduled copy (or a redelivery) tries again later; once the
+   deliveries are used up (TOKEN_REFRESH_MAX_DELIVERY_COUNT) → `refresh.failed` with retryable=true;
+5. a failure of the connection itself (e.g. invalid_grant) is not retried: `refresh.failed` with
+   retryable=false, and the connection is not requested again until its document changes or the
+   cooldown has passed;
+6. a failure about us or integration-manager (401/403, an unknown path, a redirect; see
+   shared.failure_classes) is not retried either, but never held against the connection:
+   `refresh.failed` with retryable=true, and many of them raise one alarm (shared.failure_waves).
 """
 
 from __future__ import annotations
@@ -45,6 +49,7 @@ from shared.events import (
     parse_trigger_message,
     utc_now,
 )
+from shared.failure_waves import count_failure
 from shared.manager_client import IntegrationManagerClient, RefreshOutcome
 from shared.messaging import EventPublisher, RetryScheduler
 from shared.settings import Settings
@@ -119,7 +124,7 @@ def call_with_retries(
         return max(backoff(state), last.retry_after_s or 0.0, in_flight_s if last.may_be_in_flight else 0.0)
 
     retrying = Retrying(
-        retry=retry_if_result(lambda outcome: not outcome.succeeded and outcome.retryable),
+        retry=retry_if_result(lambda outcome: outcome.transient),
         wait=wait,
         stop=stop_after_attempt(max_attempts) | stop_before_delay(budget_s),
         sleep=sleep,
@@ -426,10 +431,10 @@ class _RefreshJob:
             moved_to = expiry_moved_forward(self.request, self._current())
             if moved_to is not None:
                 outcome = RefreshOutcome(True, expires_at=moved_to)
-        if not outcome.succeeded and outcome.retryable and self._schedules_retries():
+        if outcome.transient and self._schedules_retries():
             if self._retry_later(claim, outcome, attempts):
                 return None  # a scheduled copy comes back later; this delivery is complete
-        elif not outcome.succeeded and outcome.retryable and self.delivery < settings.max_delivery_count:
+        elif outcome.transient and self.delivery < settings.max_delivery_count:
             not_before, in_flight_until = self._no_call_before(outcome, now_ms())
             self.states.finish_claim(
                 claim, RETRY_PENDING, attempts, now_ms(), not_before_ms=not_before, in_flight_until_ms=in_flight_until
@@ -524,7 +529,7 @@ class _RefreshJob:
         event = outcome_event(self.request, outcome, attempts, self.event.id, claim.get("round", 0))
         state = REFRESHED if outcome.succeeded else FAILED
         stored = event.model_dump(mode="json")
-        if not outcome.succeeded and not outcome.retryable:
+        if outcome.about_connection:
             self._record_permanent_failure(outcome, current)
         try:
             self.context.publisher.publish([event])
@@ -534,15 +539,22 @@ class _RefreshJob:
         self.states.finish_claim(claim, state, attempts, now_ms(), outcome=stored, published=True)
         if outcome.succeeded:
             logger.info("OAuth tokens refreshed successfully (%s attempts=%d)", self.ids, attempts)
-        else:
-            logger.warning(
-                "OAuth token refresh failed (%s code=%s httpStatus=%s retryable=%s attempts=%d)",
-                self.ids,
-                outcome.error_code,
-                outcome.http_status,
-                outcome.retryable,
-                attempts,
-            )
+            return event
+        quiet = False
+        if not outcome.about_connection:
+            # Not this connection's fault: counted towards one alarm for all of them (shared.failure_waves).
+            wave = count_failure(outcome, self.key, self.states, self.context.publisher, self.settings)
+            quiet = wave.already_alarmed
+        logger.log(
+            logging.INFO if quiet else logging.WARNING,
+            "OAuth token refresh failed (%s code=%s httpStatus=%s retryable=%s attempts=%d); check %s",
+            self.ids,
+            outcome.error_code,
+            outcome.http_status,
+            outcome.retryable,
+            attempts,
+            outcome.check or "integration-manager",
+        )
         return event
 
 

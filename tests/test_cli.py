@@ -1,10 +1,19 @@
-"""The CLI's settings loading (as `func start` does it) and its usage errors."""
+"""The CLI's settings loading (as `func start` does it), its usage errors, and `check --dry-run`."""
 
+import contextlib
 import json
+import logging
+import time
+import uuid
+from collections.abc import Iterator
 
 import pytest
 
 from shared.cli import build_parser, load_local_settings, main
+from shared.runtime import QUIET_LOGGERS
+from shared.third_party_logs import demote_third_party_logs
+from tests.test_failure_handling import seed_without_expiry
+from tests.test_operator_commands import operator_env, seed  # noqa: F401 - a pytest fixture
 
 
 def write_local_settings(folder, values):
@@ -44,7 +53,7 @@ def test_bad_setting_exits_2_naming_it(tmp_path, monkeypatch, capsys):
     assert "TOKEN_REFRESH_INTERVAL_MS" in capsys.readouterr().err
 
 
-def test_check_without_cosmos_endpoint_explains_what_is_missing(tmp_path, monkeypatch, capsys):
+def test_check_without_cosmos_endpoint_explains_what_is_missing_and_prints_no_table(tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
     monkeypatch.delenv("COSMOS_ENDPOINT", raising=False)
     monkeypatch.setattr("shared.cli.APP_ROOT", tmp_path)
@@ -52,8 +61,31 @@ def test_check_without_cosmos_endpoint_explains_what_is_missing(tmp_path, monkey
 
     runtime.reset()
     assert main(["check", "--dry-run"]) == 2
-    assert "COSMOS_ENDPOINT is not set" in capsys.readouterr().err
+    captured = capsys.readouterr()
+    assert "COSMOS_ENDPOINT is not set" in captured.err
+    assert captured.out == ""  # no table header that reads as "nothing is due"
     runtime.reset()
+
+
+def test_check_lists_a_token_without_expiry_selected_by_max_age(operator_env, cosmos_container, monkeypatch, capsys):  # noqa: F811
+    monkeypatch.setenv("TOKEN_REFRESH_MAX_AGE_MS", "1000")
+    seed(cosmos_container, "conn-due", expires_in_h=0.5)
+    seed_without_expiry(cosmos_container, "conn-no-expiry")
+    time.sleep(2.1)  # older than the max age (Cosmos _ts has whole seconds)
+    assert main(["check", "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    [row] = [line for line in out.splitlines() if line.startswith("conn-no-expiry")]
+    assert row.split()[-2:] == ["no", "expiry"]
+    assert "2 connection(s) would be refreshed." in out
+
+
+@pytest.mark.parametrize("argv", [["check", "--dry-run"], ["trigger"]])
+def test_the_risky_threshold_warning_is_logged_once_per_command(operator_env, event_tap, monkeypatch, caplog, argv):  # noqa: F811
+    monkeypatch.setenv("TOKEN_REFRESH_EXPIRATION_THRESHOLD_MS", "60000")  # shorter than the 1-hour interval
+    with caplog.at_level(logging.WARNING):
+        assert main(argv) == 0
+    warnings = [r for r in caplog.records if "is shorter than TOKEN_REFRESH_INTERVAL_MS" in r.getMessage()]
+    assert len(warnings) == 1
 
 
 @pytest.mark.parametrize(
@@ -63,3 +95,49 @@ def test_usage_errors_exit_2(argv):
     with pytest.raises(SystemExit) as raised:
         build_parser().parse_args(argv)
     assert raised.value.code == 2
+
+
+@contextlib.contextmanager
+def root_handler_records(level: int) -> Iterator[list[logging.LogRecord]]:
+    """What the root logger's handlers get at this root level (caplog is no help here: pytest also
+    attaches it to non-propagating loggers, so it sees a library's records before they are demoted)."""
+    records: list[logging.LogRecord] = []
+    handler = logging.Handler()
+    handler.emit = records.append
+    root = logging.getLogger()
+    level_before = root.level
+    root.addHandler(handler)
+    root.setLevel(level)
+    try:
+        yield records
+    finally:
+        root.removeHandler(handler)
+        root.setLevel(level_before)
+
+
+def test_library_records_are_demoted_to_debug_and_shown_only_when_the_root_logs_debug():
+    library = f"lib{uuid.uuid4().hex[:8]}"
+    demote_third_party_logs((library,))
+    demote_third_party_logs((library,))  # idempotent: one handler
+    assert len(logging.getLogger(library).handlers) == 1
+    child = logging.getLogger(f"{library}.adapters.connection")  # its records bypass the top logger's filters
+    with root_handler_records(logging.INFO) as records:
+        child.error("Socket failed to connect")
+    assert records == []
+    with root_handler_records(logging.DEBUG) as records:  # -v
+        demote_third_party_logs((library,))  # the library's level follows the root's
+        child.error("Socket failed to connect")
+        child.debug("connecting")
+    assert [(r.name, r.levelname, r.levelno, r.getMessage()) for r in records] == [
+        (child.name, "DEBUG", logging.DEBUG, "Socket failed to connect"),
+        (child.name, "DEBUG", logging.DEBUG, "connecting"),
+    ]
+
+
+def test_the_functions_workers_own_records_keep_their_level():
+    with root_handler_records(logging.INFO) as records:
+        demote_third_party_logs(QUIET_LOGGERS)
+        logging.getLogger("azure.functions").error("Native invocation failed")
+        logging.getLogger("azure.core.pipeline").error("an SDK's own error")
+        logging.getLogger("pika.adapters.blocking_connection").error("Connection workflow failed")
+    assert [(r.name, r.levelname) for r in records] == [("azure.functions", "ERROR")]

@@ -15,6 +15,7 @@ import json
 import os
 import re
 import shlex
+import shutil
 import subprocess
 import sys
 import time
@@ -50,11 +51,11 @@ KEY_MARKERS = ("AccountKey=", "SharedAccessKey=", "SharedAccessKeyName=", "COSMO
 LOGIN_REQUIRED = "Please run 'az login'"
 
 
-def run_deploy(env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:
+def run_deploy(env: dict[str, str], *args: str, script: Path = SCRIPT) -> subprocess.CompletedProcess[str]:
     # Only what is given: a developer's own RESOURCE_GROUP etc. must not leak into the test.
     clean = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "HOME": str(Path.home()), **env}
     return subprocess.run(
-        ["bash", str(SCRIPT), *args], env=clean, capture_output=True, text=True, timeout=60, check=False
+        ["bash", str(script), *args], env=clean, capture_output=True, text=True, timeout=60, check=False
     )
 
 
@@ -164,7 +165,7 @@ def test_dry_run_prints_only_az_commands_and_comments(full_run, full):
     assert len(full) >= 35
     assert all(argv[0] == "az" for argv in full)
     # The zip is built by the script itself: shown as a comment, not as a command.
-    assert any(line.startswith("# build ") and ".funcignore" in line for line in lines)
+    assert any(line.startswith("# build ") and "allowlist" in line for line in lines)
 
 
 def test_service_bus_namespace_and_queues(full):
@@ -188,6 +189,13 @@ def test_service_bus_namespace_and_queues(full):
 
     queue_command(full, "integration.token.refreshed")
     queue_command(full, "integration.token.refresh.failed")
+
+
+def test_every_queue_the_app_sends_to_is_created(full):
+    from shared.messaging import SERVICE_BUS_QUEUES
+
+    created = {option(argv, "--name") for argv in commands(full, "servicebus", "queue", "create")}
+    assert set(SERVICE_BUS_QUEUES.values()) <= created
 
 
 def test_queue_names_match_the_function_bindings(full):
@@ -341,33 +349,72 @@ WORKER_VERSION_TESTED = (
 )
 
 
-def test_package_honours_funcignore(tmp_path):
-    zip_path = tmp_path / "app.zip"
-    result = run_deploy({}, "--package", str(zip_path))
-    assert result.returncode == 0, result.stderr
-    names = set(zipfile.ZipFile(zip_path).namelist())
-    for required in (
-        "host.json",
-        "requirements.txt",
-        "check_expiring_timer/function.json",
-        "manager_check_handler/function.json",
-        "sync_refresh_handler/function.json",
-        "shared/settings.py",
+# What the zip holds: these paths' git-tracked files, only Python sources and function.json in folders.
+PACKAGE_PATHS = (
+    "host.json",
+    "requirements.txt",
+    "check_expiring_timer",
+    "manager_check_handler",
+    "sync_refresh_handler",
+    "shared",
+)
+
+
+def tracked_files(root: Path, *paths: str) -> list[str]:
+    listed = subprocess.run(["git", "-C", str(root), "ls-files", "-z", "--", *paths], capture_output=True, check=True)
+    return sorted(name for name in listed.stdout.decode().split("\0") if name and (root / name).is_file())
+
+
+def expected_package() -> list[str]:
+    return [
+        name
+        for name in tracked_files(REPO, *PACKAGE_PATHS)
+        if "/" not in name or name.endswith(".py") or name.endswith("/function.json")
+    ]
+
+
+@pytest.fixture
+def app_checkout(tmp_path: Path) -> Path:
+    """A git checkout of the app's tracked files (this working tree's versions), with the decoys a
+    developer's tree has: caches, stray zips, bytecode, local settings, an untracked module, and a
+    tracked file that is not source."""
+    copy = tmp_path / "app"
+    for name in tracked_files(REPO):
+        (copy / name).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(REPO / name, copy / name)
+    (copy / "shared" / "NOTES.md").write_text("not source\n")
+    subprocess.run(["git", "init", "-q", str(copy)], check=True)
+    subprocess.run(["git", "-C", str(copy), "add", "-A"], check=True)
+    for decoy in (
+        ".pytest_cache/v/cache/lastfailed",
+        ".ruff_cache/0.1/cache",
+        "stray.zip",
+        "shared/stray.zip",
+        "shared/__pycache__/settings.cpython-313.pyc",
+        "check_expiring_timer/__pycache__/__init__.cpython-313.pyc",
+        "local.settings.json",
+        "shared/scratch.py",
     ):
-        assert required in names
-    for name in names:
-        top = name.split("/")[0]
-        assert top not in ("tests", "tools", "scripts", "node_modules", ".git", ".local", "bench", "docs"), name
-        assert not top.startswith(".venv"), name
-        assert "__pycache__" not in name
-        assert name != "local.settings.json"
+        (copy / decoy).parent.mkdir(parents=True, exist_ok=True)
+        (copy / decoy).write_text("decoy\n")
+    return copy
+
+
+def test_package_is_the_allowlist_of_tracked_sources(app_checkout, tmp_path):
+    zip_path = tmp_path / "app.zip"
+    result = run_deploy({}, "--package", str(zip_path), script=app_checkout / "scripts" / "deploy.sh")
+    assert result.returncode == 0, result.stderr
+    names = zipfile.ZipFile(zip_path).namelist()
+    assert names == expected_package()
+    assert {"host.json", "shared/settings.py", "sync_refresh_handler/function.json"} <= set(names)
+    assert "shared/scratch.py" in result.stderr  # untracked: left out, and said so
     # On Python 3.13 the deployed app runs exactly the worker the real-worker tests run.
     requirements = zipfile.ZipFile(zip_path).read("requirements.txt").decode()
     assert worker_pin(requirements) == ("==", WORKER_VERSION_TESTED, 'python_version >= "3.13"')
     assert "azure-monitor-opentelemetry" in requirements
     # Same tree, same bytes: a deployment can be rebuilt from a commit.
     again = tmp_path / "again.zip"
-    assert run_deploy({}, "--package", str(again)).returncode == 0
+    assert run_deploy({}, "--package", str(again), script=app_checkout / "scripts" / "deploy.sh").returncode == 0
     assert again.read_bytes() == zip_path.read_bytes()
 
 

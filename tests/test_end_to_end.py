@@ -19,6 +19,7 @@ from shared.events import (
     REFRESH_FAILED,
     REFRESH_REQUESTED,
     REFRESHED,
+    SYSTEMIC_FAILURE,
     parse_event,
 )
 from tests.conftest import MANAGER_TOKEN
@@ -31,6 +32,7 @@ EXPECTED_DATA_KEYS = {
     REFRESHED: {"connectionId", "integrationId", "tenantId", "refreshedAt", "expiresAt"},
     REFRESH_FAILED: {"connectionId", "integrationId", "tenantId", "failedAt", "error", "retryable", "attempts"},
     CHECK_EXPIRING: {"timestamp", "thresholdTime"},
+    SYSTEMIC_FAILURE: {"detectedAt", "windowStartedAt", "code", "httpStatus", "connections", "check"},
 }
 
 
@@ -156,6 +158,11 @@ def test_full_cycle_over_a_mixed_fleet(cli_env, cosmos_container, manager, event
         else:
             assert (data["error"]["code"], data["retryable"]) == ("invalid_connection_id", False)
     assert f"found {len(due | dots)}, refreshed {len(refreshed)}, failed {len(failed)}" in result.stdout
+    # The flaky connections all failed the same way, with integration-manager's 503: one alarm, once.
+    [alarm] = by_type[SYSTEMIC_FAILURE]
+    data = alarm["data"]
+    assert (data["code"], data["httpStatus"], data["connections"]) == ("server_error", 503, 5)
+    assert result.stderr.count("Systemic refresh failure") == 1
 
     # No token value anywhere: events, logs, CLI output.
     everything = json.dumps([e.body for e in events]) + result.stdout + result.stderr

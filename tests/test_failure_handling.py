@@ -18,6 +18,7 @@ from shared.events import (
     make_event,
     utc_now,
 )
+from shared.failure_classes import FailureKind
 from shared.manager_client import RefreshOutcome, parse_retry_after
 from shared.messaging import session_id
 from shared.state_store import connection_key
@@ -54,9 +55,8 @@ def check_event(threshold=timedelta(hours=1)):
 def outcome(status=None, retry_after=None):
     if status is None:
         return RefreshOutcome(True, http_status=200)
-    return RefreshOutcome(
-        False, http_status=status, error_code="x", retryable=status >= 500 or status == 429, retry_after_s=retry_after
-    )
+    kind = FailureKind.TRANSIENT if status >= 500 or status == 429 else FailureKind.CONNECTION
+    return RefreshOutcome(False, http_status=status, error_code="x", kind=kind, retry_after_s=retry_after)
 
 
 def test_transient_failures_are_retried_with_growing_jittered_waits():
@@ -90,7 +90,17 @@ def test_permanent_failures_are_not_retried():
 
 @pytest.mark.parametrize(
     ("header", "seconds"),
-    [("3", 3.0), ("0", 0.0), ("999999", 3600.0), ("soon", None), ("", None), (None, None), ("-5", None)],
+    [
+        ("3", 3.0),
+        ("0", 0.0),
+        ("999999", 3600.0),
+        ("soon", None),
+        ("", None),
+        (None, None),
+        ("-5", None),
+        ("²", None),  # str.isdigit() accepts it; float() does not
+        ("١٢", None),  # Arabic-Indic digits: not HTTP's delta-seconds
+    ],
 )
 def test_retry_after_parsing(header, seconds):
     assert parse_retry_after(header) == seconds

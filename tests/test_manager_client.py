@@ -88,9 +88,9 @@ def test_success_reports_new_expiry_when_the_api_returns_one(manager):
     ("status", "body", "code", "retryable"),
     [
         (400, {"error": "invalid_grant", "error_description": "Token has been revoked"}, "invalid_grant", False),
-        (401, {"message": "unauthorized"}, "refresh_rejected", False),
-        (404, None, "refresh_rejected", False),
-        (409, {"error": {"code": "refresh_in_progress"}}, "refresh_in_progress", False),
+        (401, {"message": "unauthorized"}, "unauthorized", True),  # about us (the token), not the connection
+        (404, None, "endpoint_not_found", True),  # a wrong base path, not a missing connection
+        (409, {"error": {"code": "refresh_in_progress"}}, "refresh_in_progress", True),
         (408, None, "timeout", True),
         (429, {"error": "rate_limited"}, "rate_limited", True),
         (500, "<html>oops</html>", "server_error", True),
@@ -117,7 +117,8 @@ def test_redirects_are_not_followed(manager):
         manager.script = lambda call: Answer(307, None, {"Location": elsewhere.url + "/steal"})
         outcome = client_for(manager).refresh_connection("i", "c", "t")
         assert elsewhere.calls == []
-    assert (outcome.succeeded, outcome.error_code, outcome.retryable) == (False, "redirect_refused", False)
+    assert (outcome.succeeded, outcome.error_code, outcome.retryable) == (False, "redirect_refused", True)
+    assert not outcome.about_connection and not outcome.transient  # a wrong URL: not retried, not held against it
 
 
 def test_unreachable_manager_is_a_retryable_network_error():

@@ -8,6 +8,7 @@ decoded from the AMQP bytes a broker would deliver, and the receiver/sender are 
 import json
 import os
 import re
+import socket
 import uuid
 from datetime import UTC, datetime, timedelta
 
@@ -28,6 +29,7 @@ from shared.events import (
     CONTENT_TYPE,
     REFRESH_REQUESTED,
     CheckExpiringData,
+    RefreshedData,
     RefreshRequestedData,
     make_event,
     parse_event,
@@ -35,11 +37,12 @@ from shared.events import (
     utc_now,
 )
 from shared.expiring_check import refresh_requested_event, request_refresh_for_expiring_connections
-from shared.messaging import ServiceBusTransport
+from shared.local_host import LocalHost
+from shared.messaging import ServiceBusTransport, publisher_from_settings
 from shared.operator_commands import Scrubber
 from shared.settings import load_settings
 from tests.conftest import MANAGER_TOKEN
-from tests.helpers import iso
+from tests.helpers import cli_environment, iso
 from tests.test_end_to_end import APP_ROOT, run_cli
 from tests.test_messaging_servicebus import CONNECTION_STRING, RecordingClient
 from tools.stand_in_manager import Answer
@@ -122,26 +125,110 @@ def test_trigger_refuses_when_switched_off_unless_forced(operator_env, monkeypat
     assert [event.routing_key for event in event_tap.drain()] == [CHECK_EXPIRING]
 
 
+def test_trigger_and_refresh_fail_loudly_when_no_queue_would_receive_the_event(
+    operator_env, cosmos_container, rabbitmq, capsys
+):
+    """Without Service Bus, RabbitMQ drives the functions. Before the local host declared its queues,
+    nothing would receive the event and the broker would drop it: the commands publish it mandatory."""
+    exchange = operator_env["RABBITMQ_EXCHANGE"]
+    seed(cosmos_container, "conn-1")
+    commands = {CHECK_EXPIRING: ["trigger"], REFRESH_REQUESTED: ["refresh", "salesforce", "conn-1"]}
+    for event_type, argv in commands.items():
+        assert main(argv) == 1
+        out, err = outputs(capsys)
+        assert out == ""
+        assert f"no queue is bound to exchange '{exchange}' for routing key {event_type}" in err
+        assert "start the local host first (`python -m shared.cli run`)" in err
+
+    # The app's own publishes are not mandatory: the platform may have no consumer of an outcome.
+    publisher = publisher_from_settings(load_settings())
+    now = utc_now()
+    outcome = RefreshedData(connection_id="conn-1", integration_id="salesforce", tenant_id="t-1", refreshed_at=now)
+    try:
+        assert publisher.publish([make_event(outcome)]) == 1
+    finally:
+        publisher.close()
+
+    # Once the local host has declared its queues, the same commands publish to them.
+    host = LocalHost(load_settings(), queue_prefix=f"ops-{uuid.uuid4().hex[:8]}.")
+    channel = host.connect()
+    try:
+        for event_type, argv in commands.items():
+            assert main(argv) == 0
+            assert f"{event_type} eventId=" in outputs(capsys)[0]
+            [queue] = [f.queue for f in host.functions if f.event_type == event_type]
+            method, properties, _ = channel.basic_get(queue, auto_ack=True)
+            assert method is not None and properties.type == event_type
+    finally:
+        host.close()
+
+
+def test_trigger_with_service_bus_does_not_need_a_rabbitmq_consumer(operator_env, monkeypatch, capsys):
+    """With Service Bus, the functions are triggered by its queues and RabbitMQ is only the bridge to
+    the platform, which may not listen for a check: the RabbitMQ publish is not mandatory then."""
+    client = RecordingClient()
+    monkeypatch.setenv("ServiceBusConnection", CONNECTION_STRING)
+    monkeypatch.setattr(ServiceBusTransport, "from_settings", classmethod(lambda cls, settings: cls(client)))
+    assert main(["trigger"]) == 0
+    assert "RabbitMQ exchange" in outputs(capsys)[0]
+    assert len(client.senders[CHECK_EXPIRING].sent_batches) == 1
+
+
 def test_trigger_without_any_transport_is_a_settings_error(operator_env, monkeypatch, capsys):
     monkeypatch.delenv("RABBITMQ_URL")
     assert main(["trigger"]) == 2
     assert "No event transport is configured" in outputs(capsys)[1]
 
 
-def test_trigger_with_the_broker_unreachable_fails_in_one_line_without_secrets(operator_env, monkeypatch, capsys):
-    monkeypatch.setenv("RABBITMQ_URL", "amqp://ops:s3cret-pass@127.0.0.1:1/")
-    assert main(["trigger"]) == 1
-    out, err = outputs(capsys)
-    assert "error: could not publish integration.token.check-expiring" in err
-    assert "rabbitmq: AMQPConnectionError" in err
-    assert "s3cret-pass" not in out + err
+def closed_port() -> int:
+    """A loopback port nothing listens on."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+@pytest.mark.parametrize("verbose", [False, True])
+def test_trigger_with_the_broker_unreachable_prints_one_error_line_without_secrets(verbose):
+    port = closed_port()
+    env = cli_environment(
+        {
+            "RABBITMQ_URL": f"amqp://ops:s3cret-pass@127.0.0.1:{port}/",
+            "RABBITMQ_EXCHANGE": "unreachable.events",
+            "TOKEN_REFRESH_INTERVAL_MS": "3600000",
+            "TOKEN_REFRESH_EXPIRATION_THRESHOLD_MS": "3900000",
+        }
+    )
+    result = run_cli(env, *(["-v"] if verbose else []), "trigger", timeout=60)
+    assert result.returncode == 1
+    assert result.stdout == ""
+    assert "s3cret-pass" not in result.stdout + result.stderr
+    # What failed, where (host:port, not the URL) and what to check.
+    error = (
+        re.escape("error: could not publish integration.token.check-expiring (eventId ")
+        + "[0-9a-f-]{36}"
+        + re.escape(
+            f"): rabbitmq: AMQPConnectionError at 127.0.0.1:{port} (Connection refused); "
+            "check that RabbitMQ is running there and that RABBITMQ_URL is right"
+        )
+    )
+    lines = result.stderr.splitlines()
+    if not verbose:
+        # pika's own ~20 ERROR lines and tracebacks are DEBUG records: not shown.
+        assert len(lines) == 1, result.stderr
+        assert re.fullmatch(error, lines[0]), lines[0]
+        return
+    # -v: the same records, as DEBUG; the command's error line is still the one error.
+    assert re.fullmatch(error, lines[-1]), lines[-1]
+    assert any(" DEBUG pika." in line and "Connection refused" in line for line in lines)
+    assert not re.search(r" (ERROR|WARNING|CRITICAL) (pika|azure|urllib3)", result.stderr)
+    assert [line for line in lines if line.startswith("error:")] == [lines[-1]]
 
 
 # refresh ---------------------------------------------------------------------------------------------
 
 
 def test_refresh_publishes_the_checks_own_request_for_the_connection(operator_env, cosmos_container, event_tap, capsys):
-    document = seed(cosmos_container, "conn-1")
+    document = seed(cosmos_container, "conn-1", expires_in_h=0.5)  # due: the check below requests it too
     seed(cosmos_container, "conn-1", tenant="t-2", integration="google")  # same id, another integration
 
     assert main(["refresh", "salesforce", "conn-1"]) == 0
@@ -169,7 +256,7 @@ def test_refresh_publishes_the_checks_own_request_for_the_connection(operator_en
     # The check publishes the very same request (same deterministic id) when the connection is due.
     now = utc_now()
     request_refresh_for_expiring_connections(
-        CheckExpiringData(timestamp=now, threshold_time=now + timedelta(days=3)),
+        CheckExpiringData(timestamp=now, threshold_time=now + timedelta(hours=1)),
         store=runtime.connection_store(),
         states=runtime.state_store(),
         publisher=runtime.publisher(),

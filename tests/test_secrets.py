@@ -21,7 +21,9 @@ import subprocess
 import traceback
 import uuid
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 from typing import Any
+from urllib.parse import quote, quote_plus
 
 import pika
 import pytest
@@ -45,6 +47,7 @@ from shared.events import (
 from shared.local_host import LocalHost
 from shared.manager_client import IntegrationManagerClient
 from shared.messaging import publisher_from_settings
+from shared.secrets import Scrubber
 from shared.settings import SettingsError, load_settings
 from shared.token_refresh import RefreshRetryLater
 from tests.helpers import cli_environment, invoke, iso, raw_event, refresh_request, run_cli
@@ -70,7 +73,8 @@ SDK_LOGGERS = ("azure", "pika", "urllib3", "requests", "shared", "tools")
 class Exposure:
     """Everything the app let out, by where it was seen."""
 
-    def __init__(self) -> None:
+    def __init__(self, secrets: tuple[str, ...] = SECRETS) -> None:
+        self.secrets = secrets
         self.texts: list[tuple[str, str]] = []
 
     def add(self, where: str, value: Any) -> None:
@@ -90,7 +94,7 @@ class Exposure:
     def assert_clean(self) -> None:
         leaks = []
         for where, text in self.texts:
-            for secret in SECRETS:
+            for secret in self.secrets:
                 if secret in text:
                     at = text.index(secret)
                     leaks.append(f"{where}: ...{text[max(0, at - 120) : at + 60]!r}...")
@@ -331,7 +335,8 @@ def test_an_error_code_that_echoes_a_token_is_not_copied_into_events_or_logs(
     manager.script = lambda call: Answer(400, {"error": ACCESS_TOKEN, "code": REFRESH_TOKEN})
     invoke(sync_refresh_handler, trigger(refresh_requested(cosmos_container, "echo-code")))
     [event] = event_tap.of_type(REFRESH_FAILED)
-    assert event["data"]["retryable"] is False
+    # No usable code: a 400 without a connection error code is not held against the connection.
+    assert (event["data"]["error"]["code"], event["data"]["retryable"]) == ("refresh_rejected", True)
     exposure.add("refresh.failed event", json.dumps(event))
     exposure.add_logs("refresh", debug_logs)
     exposure.assert_clean()
@@ -365,6 +370,14 @@ SECRET_IN_BAD_SETTINGS = [
     pytest.param({"TOKEN_REFRESH_ENABLED": BROKER_PASSWORD}, id="password-pasted-into-enabled"),
     pytest.param({"INTEGRATION_MANAGER_TIMEOUT_MS": SERVICE_BUS_KEY}, id="key-pasted-into-timeout"),
     pytest.param({"COSMOS_EMULATOR": COSMOS_KEY}, id="cosmos-key-pasted-into-emulator-flag"),
+    # Accepted before, then quoted whole by requests' InvalidHeader in every delivery's error (issue 11).
+    pytest.param({"INTEGRATION_MANAGER_TOKEN": f"{MANAGER_TOKEN[:20]}\n{MANAGER_TOKEN[20:]}"},
+                 id="manager-token-with-a-line-break"),
+    pytest.param({"COSMOS_KEY": f"{COSMOS_KEY[:10]} {COSMOS_KEY[10:]}"}, id="cosmos-key-with-a-space"),
+    pytest.param({"RABBITMQ_URL": f"amqp://{BROKER_USER}:{BROKER_PASSWORD[:8]}\t{BROKER_PASSWORD[8:]}@127.0.0.1/"},
+                 id="rabbitmq-password-with-a-tab"),
+    pytest.param({"ServiceBusConnection": SERVICE_BUS_CONNECTION.replace("sb-", "sb-\x1b")},
+                 id="service-bus-key-with-an-escape"),
 ]  # fmt: skip
 
 
@@ -460,6 +473,209 @@ def test_cli_dry_run_and_run_once_never_print_a_secret(secret_env, cosmos_contai
     for captured_properties, body in raw_messages(event_tap.channel, event_tap.queue):
         exposure.add("exchange", captured_properties)
         exposure.add("exchange", body.decode("utf-8", "replace"))
+    exposure.assert_clean()
+
+
+# Every form of a secret (issue 11) ----------------------------------------------------------------
+
+# Characters that repr(), percent-encoding and JSON each write differently, around the canary.
+ODD_MANAGER_TOKEN = f"im-{CANARY}\\'\"/+=&%:@"
+ODD_COSMOS_KEY = base64.b64encode(b"\xfb\xff" + f"ck-{CANARY}".encode()).decode()  # "+/...==": base64's odd ones
+ODD_SERVICE_BUS_KEY = f"sb+/{CANARY}="
+ODD_BROKER_PASSWORD = f"pw/{CANARY}@:%'\"\\"
+
+
+def every_form(secret: str) -> dict[str, str]:
+    """The forms a secret takes in texts: raw, repr-escaped (once; twice, in the repr of an exception
+    that quotes it), percent-encoded, JSON-escaped, in a repr'd Authorization header."""
+    return {
+        "raw": secret,
+        "repr": repr(secret)[1:-1],
+        "repr of a repr": repr(repr(secret))[1:-1],
+        "ascii": ascii(secret)[1:-1],
+        "bytes repr": repr(secret.encode())[2:-1],
+        "url-encoded": quote(secret, safe=""),
+        "url-encoded, lower-case hex": quote(secret, safe="").lower(),
+        "url-encoded path": quote(secret),
+        "form-encoded": quote_plus(secret),
+        "json": json.dumps(secret)[1:-1],
+        "json in json": json.dumps(json.dumps(secret))[1:-1],
+        "bearer header repr": repr(f"Bearer {secret}"),
+    }
+
+
+def leak(secrets: list[str]) -> str:
+    """A text carrying each secret raw, repr-escaped and URL-encoded (what a careless error message does)."""
+    return " | ".join(f"{s} {s!r} {quote(s, safe='')} {json.dumps(s)}" for s in secrets)
+
+
+def odd_secrets_exposure() -> Exposure:
+    forms = {form for secret in (ODD_MANAGER_TOKEN, ODD_COSMOS_KEY) for form in every_form(secret).values()}
+    return Exposure((*SECRETS, ODD_COSMOS_KEY[:16], *sorted(forms)))
+
+
+@pytest.mark.parametrize(
+    ("setting", "value", "secret"),
+    [
+        ("INTEGRATION_MANAGER_TOKEN", ODD_MANAGER_TOKEN, ODD_MANAGER_TOKEN),
+        ("COSMOS_KEY", ODD_COSMOS_KEY, ODD_COSMOS_KEY),
+        ("RABBITMQ_URL", f"amqp://app:{quote(ODD_BROKER_PASSWORD, safe='')}@rabbit:5672/", ODD_BROKER_PASSWORD),
+        (
+            "ServiceBusConnection",
+            f"Endpoint=sb://ns.servicebus.windows.net/;SharedAccessKeyName=send;SharedAccessKey={ODD_SERVICE_BUS_KEY}",
+            ODD_SERVICE_BUS_KEY,
+        ),
+    ],
+)
+@pytest.mark.parametrize("form", list(every_form("x")))
+def test_the_scrubber_masks_every_form_of_every_secret_setting(setting, value, secret, form):
+    scrub = Scrubber(load_settings({setting: value}))
+    leaked = every_form(secret)[form]
+    scrubbed = scrub(f"before {leaked} after", 10_000)
+    assert "***" in scrubbed
+    assert scrubbed.startswith("before ") and scrubbed.endswith(" after")
+    assert CANARY not in scrubbed and leaked not in scrubbed and (form != "raw" or scrubbed == "before *** after")
+
+
+def test_a_header_value_requests_refuses_never_carries_the_token_into_the_error(manager):
+    """Behind the settings check: requests' InvalidHeader quotes the whole `Bearer <token>` header, and
+    came out of refresh_connection into every delivery's error line and dead-letter reason."""
+    exposure = Exposure()
+    client = IntegrationManagerClient(manager.url, f"{MANAGER_TOKEN[:20]}\n{MANAGER_TOKEN[20:]}")
+    with pytest.raises(Exception) as raised:
+        client.refresh_connection("slack", "c-1", "t-secret", idempotency_key="k-1")
+    exposure.add_error("refresh_connection", raised.value)
+    exposure.assert_clean()
+    assert "could not build the refresh request (InvalidHeader)" in str(raised.value)
+    assert raised.value.__context__ is None and raised.value.__cause__ is None
+    assert manager.calls == []
+
+
+def test_log_lines_are_scrubbed_once_the_app_has_read_its_settings(secret_env, monkeypatch, debug_logs):
+    """As in Azure: runtime.settings() puts the scrubbing filter on the root logger's handlers, which
+    see every record, a child logger's and a library's included."""
+    monkeypatch.setenv("INTEGRATION_MANAGER_TOKEN", ODD_MANAGER_TOKEN)
+    monkeypatch.setenv("COSMOS_KEY", ODD_COSMOS_KEY)
+    runtime.reset()
+    runtime.settings()
+    secrets = [ODD_MANAGER_TOKEN, ODD_COSMOS_KEY, BROKER_PASSWORD]
+    for name in ("shared.token_refresh", "azure.core.pipeline", "pika.adapters"):
+        logging.getLogger(name).error("leaked: %s %r", leak(secrets), secrets)
+    try:
+        raise ValueError(leak(secrets))
+    except ValueError:
+        logging.getLogger("shared.local_host").exception("with a traceback")
+    # Every record arrived (a library's possibly twice: pytest's capture may also sit on its logger).
+    assert all(f"{name}:" in debug_logs.text for name in ("token_refresh", "azure.core.pipeline", "pika.adapters"))
+    assert debug_logs.text.count("leaked: ") >= 3 and "ValueError: " in debug_logs.text
+    exposure = odd_secrets_exposure()
+    exposure.add_logs("app", debug_logs)
+    exposure.assert_clean()
+
+
+LEAKY_FUNCTION = """
+import json
+import logging
+from urllib.parse import quote, urlsplit
+
+from shared import runtime
+
+
+def main(message, context):
+    settings = runtime.settings()
+    secrets = [
+        settings.integration_manager_token.get_secret_value(),
+        settings.cosmos_key.get_secret_value(),
+        urlsplit(settings.rabbitmq_url.get_secret_value()).password,
+    ]
+    forms = " | ".join(f"{s} {s!r} {quote(s, safe='')} {json.dumps(s)}" for s in secrets)
+    try:
+        raise ValueError(f"inner: {forms}")
+    except ValueError:
+        logging.getLogger("leaky.child").exception("raw, repr-escaped and URL-encoded: %s %r", forms, secrets)
+    raise RuntimeError(f"failed with {forms} {secrets!r}")
+"""
+
+
+def leaky_app(root: Path) -> str:
+    """A function app whose refresh-requested function logs and raises with every secret in every
+    form; returns the function's name."""
+    suffix = uuid.uuid4().hex[:8]
+    timer, leaky = root / f"idle_timer_{suffix}", root / f"leaky_refresh_{suffix}"
+    timer.mkdir()
+    (timer / "function.json").write_text(
+        json.dumps(
+            {"bindings": [{"name": "timer", "type": "timerTrigger", "direction": "in", "schedule": "0 0 * * * *"}]}
+        )
+    )
+    (timer / "__init__.py").write_text("def main(timer, context):\n    pass\n")
+    leaky.mkdir()
+    (leaky / "function.json").write_text(
+        json.dumps({"bindings": [{"name": "message", "type": "serviceBusTrigger", "direction": "in",
+                                  "queueName": REFRESH_REQUESTED, "connection": "ServiceBusConnection"}]})
+    )  # fmt: skip
+    (leaky / "__init__.py").write_text(LEAKY_FUNCTION)
+    return leaky.name
+
+
+def test_no_form_of_a_secret_survives_in_the_local_hosts_logs_dead_letters_or_the_dead_letters_command(
+    secret_env, monkeypatch, rabbitmq, tmp_path, debug_logs
+):
+    """A function fails with every secret in its error, raw, repr-escaped and URL-encoded: the local host
+    logs that error and dead-letters the message with it as the reason; an older dead letter carries the
+    same forms. Nothing of them may reach the captured logs, the dead-letter headers read back from
+    RabbitMQ, or `dead-letters` output."""
+    monkeypatch.setenv("INTEGRATION_MANAGER_TOKEN", ODD_MANAGER_TOKEN)
+    monkeypatch.setenv("COSMOS_KEY", ODD_COSMOS_KEY)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    runtime.reset()
+    function_name = leaky_app(tmp_path)
+    prefix = f"secret-forms-{uuid.uuid4().hex[:8]}."
+    host = LocalHost(load_settings(), queue_prefix=prefix, app_root=tmp_path)
+    channel = host.connect()
+    [function] = host.functions
+    channel.confirm_delivery()
+    channel.basic_publish(
+        secret_env["RABBITMQ_EXCHANGE"],
+        REFRESH_REQUESTED,
+        json.dumps(raw_event(REFRESH_REQUESTED, {"connectionId": "c-1"})).encode(),
+        pika.BasicProperties(message_id="leaky-1"),
+    )
+    summary = host.run_once()
+    assert summary.dead_lettered == 1
+    secrets = [ODD_MANAGER_TOKEN, ODD_COSMOS_KEY, BROKER_PASSWORD]
+    channel.basic_publish(  # as an older host wrote it: the reason unscrubbed
+        "",
+        function.dead_letter_queue,
+        b"{}",
+        pika.BasicProperties(
+            message_id="planted-1",
+            headers={
+                "x-dead-letter-reason": "MaxDeliveryCountExceeded",
+                "x-dead-letter-error-description": leak(secrets),
+            },
+        ),
+    )
+
+    env = cli_environment(secret_env | {"INTEGRATION_MANAGER_TOKEN": ODD_MANAGER_TOKEN, "COSMOS_KEY": ODD_COSMOS_KEY})
+    listed = run_cli(env, "dead-letters", "--transport", "rabbitmq", "--queue", "refresh-requested",
+                     "--queue-prefix", prefix, timeout=60)  # fmt: skip
+    dead_letters = raw_messages(channel, function.dead_letter_queue)
+    host.close()
+
+    assert listed.returncode == 0, listed.stderr[-2000:]
+    assert "leaky-1" in listed.stdout and "planted-1" in listed.stdout
+    assert f"Function {function_name} failed on message leaky-1 (delivery 3 of 3)" in debug_logs.text
+    assert "raw, repr-escaped and URL-encoded" in debug_logs.text
+    exposure = odd_secrets_exposure()
+    exposure.add_logs("local host", debug_logs)
+    assert sorted(p.message_id for p, _ in dead_letters) == ["leaky-1", "planted-1"]
+    for dead_properties, _ in dead_letters:
+        if dead_properties.message_id == "leaky-1":
+            assert "RuntimeError: failed with ***" in dead_properties.headers["x-dead-letter-error-description"]
+            exposure.add("dead-letter headers", dead_properties.headers)
+    exposure.add("dead-letters stdout", listed.stdout)
+    exposure.add("dead-letters stderr", listed.stderr)
     exposure.assert_clean()
 
 

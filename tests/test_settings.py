@@ -78,6 +78,45 @@ def test_errors_never_echo_secret_values(setting, value):
     assert SECRET not in repr(raised.value)
 
 
+SECRET_SETTINGS = [  # each secret setting, with {} where the secret goes in its value
+    ("INTEGRATION_MANAGER_TOKEN", "{}"),
+    ("COSMOS_KEY", "{}"),
+    ("RABBITMQ_URL", "amqp://app:{}@rabbit.example.com:5672/"),
+    ("ServiceBusConnection", "Endpoint=sb://ns.servicebus.windows.net/;SharedAccessKeyName=send;SharedAccessKey={}"),
+]
+UNSAFE_CHARACTERS = [
+    ("\n", "a line break (U+000A)"),
+    ("\r", "a line break (U+000D)"),
+    (" ", "a space (U+0020)"),
+    ("\t", "a tab (U+0009)"),
+    ("\x00", "a control character (U+0000)"),
+    ("\x1b", "a control character (U+001B)"),
+    ("\u00a0", "a whitespace character (U+00A0)"),
+    ("\u200b", "an invisible character (U+200B)"),
+]
+
+
+@pytest.mark.parametrize(("setting", "template"), SECRET_SETTINGS)
+@pytest.mark.parametrize(("char", "described"), UNSAFE_CHARACTERS)
+def test_whitespace_or_a_control_character_inside_a_secret_is_refused_saying_where_not_what(
+    setting, template, char, described
+):
+    head, tail = SECRET[:10], SECRET[10:]
+    with pytest.raises(SettingsError) as raised:
+        load_settings({setting: template.format(head + char + tail)})
+    message = str(raised.value)
+    position = template.index("{}") + len(head) + 1
+    assert f"{setting}: contains {described} at character {position}" in message
+    for text in (message, repr(raised.value)):
+        assert head not in text and tail not in text
+
+
+@pytest.mark.parametrize(("setting", "template"), SECRET_SETTINGS)
+def test_whitespace_around_a_secret_is_trimmed(setting, template):
+    value = template.format(SECRET)
+    assert load_settings({setting: f" \t{value}\n "}) == load_settings({setting: value})
+
+
 def test_service_bus_connection_string_and_namespace_together_are_explained():
     with pytest.raises(SettingsError, match="Set only one"):
         load_settings(

@@ -1,0 +1,100 @@
+"""Systemic-failure detection: many connections failing the same way is one problem, not N.
+
+Every failed refresh that is not about the connection itself (shared.failure_classes: systemic, or
+transient after all retries) is counted in the state store under its signature (HTTP status and
+error code). When TOKEN_REFRESH_SYSTEMIC_FAILURE_THRESHOLD different connections have failed so within
+TOKEN_REFRESH_SYSTEMIC_FAILURE_WINDOW_MS, exactly one invocation logs one ERROR (what, how many, what
+to check) and publishes one `integration.token.refresh.systemic-failure` event; the per-connection
+lines that follow drop to INFO. Nothing is recorded against the connections, so recovery needs no
+one: once the cause is fixed, the next check asks again and the refreshes succeed.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+import uuid
+from dataclasses import dataclass
+from datetime import UTC, datetime
+
+from shared.events import SystemicFailureData, format_time, make_event
+from shared.manager_client import RefreshOutcome
+from shared.messaging import EventPublisher
+from shared.settings import Settings
+from shared.state_store import FailureWave, StateStore
+
+logger = logging.getLogger(__name__)
+
+ALARM = "systemic_failure"  # customDimensions.alarm in Application Insights (docs/operations.md)
+_ALARM_NAMESPACE = uuid.UUID("7d3e9b1a-2c4f-4e6a-8b5d-9f0a1c2e3d4b")
+
+
+@dataclass(frozen=True)
+class WaveReport:
+    wave: FailureWave | None
+
+    @property
+    def already_alarmed(self) -> bool:
+        """The alarm of this wave was raised before: per-connection lines need not shout."""
+        return self.wave is not None and self.wave.alarmed and not self.wave.raised_now
+
+
+def signature(outcome: RefreshOutcome) -> str:
+    return f"{outcome.http_status if outcome.http_status is not None else '-'}:{outcome.error_code}"
+
+
+def count_failure(
+    outcome: RefreshOutcome, key: str, states: StateStore, publisher: EventPublisher, settings: Settings
+) -> WaveReport:
+    """Count one connection's failure in its wave; raise the alarm when this one crosses the threshold.
+    Best effort: a store or broker problem here never costs the connection's outcome event."""
+    now = int(time.time() * 1000)
+    try:
+        wave = states.note_failure_wave(
+            signature(outcome),
+            key,
+            now,
+            settings.systemic_failure_window_ms,
+            settings.systemic_failure_threshold,
+        )
+    except Exception as error:  # noqa: BLE001 - the alarm is an extra; the outcome is already out
+        logger.warning("Could not count a refresh failure towards systemic-failure detection: %s", type(error).__name__)
+        return WaveReport(None)
+    if wave is not None and wave.raised_now:
+        raise_alarm(outcome, wave, publisher, settings)
+    return WaveReport(wave)
+
+
+def raise_alarm(outcome: RefreshOutcome, wave: FailureWave, publisher: EventPublisher, settings: Settings) -> None:
+    window_min = settings.systemic_failure_window_ms / 60_000
+    answered = (
+        f"integration-manager answered HTTP {outcome.http_status}"
+        if outcome.http_status is not None
+        else "integration-manager could not be reached"
+    )
+    logger.error(
+        "Systemic refresh failure: %d different connections failed the same way within %g min (%s, code=%s). "
+        "This is not about the connections: none is recorded against them and the next check asks again. "
+        "Check %s.",
+        wave.connections,
+        window_min,
+        answered,
+        outcome.error_code,
+        outcome.check or "integration-manager",
+        extra={"alarm": ALARM, "code": outcome.error_code, "httpStatus": outcome.http_status},
+    )
+    data = SystemicFailureData(
+        detected_at=datetime.now(UTC),
+        window_started_at=datetime.fromtimestamp(wave.window_start_ms / 1000, UTC),
+        code=outcome.error_code or "refresh_failed",
+        http_status=outcome.http_status,
+        connections=wave.connections,
+        check=outcome.check or "integration-manager",
+    )
+    # One id per signature and window: a re-published alarm is recognised as the same one.
+    event_id = str(uuid.uuid5(_ALARM_NAMESPACE, f"{signature(outcome)}\x1f{format_time(data.window_started_at)}"))
+    try:
+        publisher.publish([make_event(data, event_id=event_id)])
+    except Exception as error:  # noqa: BLE001 - the ERROR line above is the alarm of record
+        # A PublishError names the transport, host:port and what to check, never a secret.
+        logger.warning("Could not publish the systemic-failure event: %s", error)
