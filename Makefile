@@ -1,5 +1,6 @@
 # The two commands of the README: `make demo` (the pipeline once, on real local services) and
-# `make test` (lint + the whole test suite). Both install what they need first (scripts/setup.sh).
+# `make test` (lint + the whole test suite, every layer). Both install what they need first
+# (scripts/setup.sh). `make unit` runs the unit layer alone on a machine with only Python.
 VENV ?= .venv
 PYTHON := $(VENV)/bin/python
 PYTHON_VERSION ?= 3.13
@@ -8,22 +9,30 @@ export VENV
 AZCLI_VENV ?= .venv-azcli
 export AZCLI_VENV
 
-.PHONY: setup demo test worker-test bench lint run stand-in-manager services-up services-down clean azure-cli deploy
+.PHONY: setup setup-python demo test unit worker-test bench lint run stand-in-manager services-up services-down clean azure-cli deploy
 
 setup:
 	bash scripts/setup.sh
 
+# The venv and its packages only: no apt (RabbitMQ), no npm (Azurite, the Cosmos-compatible server).
+setup-python:
+	SETUP_SERVICES=0 bash scripts/setup.sh
+
 demo: setup
-	$(PYTHON) -m tools.demo
+	$(PYTHON) -m localdev.demo
 
 test: setup azure-cli lint
 	$(PYTHON) -m pytest
 
+# The unit layer (tests/unit, docs/development.md): no services, no npm, no Azure CLI; runs in seconds.
+unit: setup-python
+	$(PYTHON) -m pytest tests/unit
+
 # The app in the real Functions Python worker only (docs/functions-worker.md); Python 3.13 venv.
 worker-test: setup
-	$(PYTHON) -m pytest tests/test_real_worker.py
+	$(PYTHON) -m pytest tests/integration/test_real_worker.py
 
-# The Azure CLI in its own venv: tests/test_deploy.py parses every deploy command with it.
+# The Azure CLI in its own venv: tests/deploy/test_deploy.py parses every deploy command with it.
 azure-cli:
 	bash scripts/install-azure-cli.sh
 
@@ -35,25 +44,25 @@ deploy:
 bench: setup
 	$(PYTHON) bench/run.py
 
-lint: setup
+lint: setup-python
 	$(PYTHON) -m ruff check .
 	$(PYTHON) -m ruff format --check .
 
-# Long-running local services for `python -m shared.cli ...` (see docs/running-locally.md): starts
+# Long-running local services for `python -m localdev ...` (see docs/running-locally.md): starts
 # them, writes local.settings.json if there is none, creates the container and seeds sample connections.
 services-up: setup
-	$(PYTHON) -m tools.local_services start --state-dir .local/services
-	$(PYTHON) -m tools.local_settings .local/services/services.json
-	$(PYTHON) -m tools.sample_data
+	$(PYTHON) -m localdev.local_services start --state-dir .local/services
+	$(PYTHON) -m localdev.local_settings .local/services/services.json
+	$(PYTHON) -m localdev.sample_data
 
 services-down:
-	$(PYTHON) -m tools.local_services stop --state-dir .local/services
+	$(PYTHON) -m localdev.local_services stop --state-dir .local/services
 
 run: setup
-	$(PYTHON) -m shared.cli run
+	$(PYTHON) -m localdev run
 
 stand-in-manager: setup
-	$(PYTHON) -m tools.stand_in_manager
+	$(PYTHON) -m localdev.stand_in_manager
 
 clean:
 	rm -rf .venv .venv-py311 .venv-py312 .venv-azcli node_modules .local .pytest_cache .ruff_cache

@@ -40,13 +40,14 @@ import pika
 from azure.cosmos import CosmosClient, PartitionKey
 from urllib3.exceptions import InsecureRequestWarning
 
+from localdev.local_services import CosmosServer, RabbitMQ
 from shared.connection_store import EXPIRING_CONNECTIONS_QUERY, ConnectionStore
-from shared.events import CheckExpiringData, format_time, make_event, utc_now
+from shared.events import CheckExpiringData, make_event
 from shared.expiring_check import request_refresh_for_expiring_connections
 from shared.messaging import EventPublisher, RabbitMqTransport
 from shared.settings import load_settings
 from shared.state_store import StateStore
-from tools.local_services import CosmosServer, RabbitMQ
+from shared.times import format_time, utc_now
 
 warnings.filterwarnings("ignore", category=InsecureRequestWarning)  # local emulator only
 
@@ -233,7 +234,8 @@ from azure.cosmos import CosmosClient
 from urllib3.exceptions import InsecureRequestWarning
 warnings.filterwarnings("ignore", category=InsecureRequestWarning)
 from shared.connection_store import ConnectionStore
-from shared.events import CheckExpiringData, utc_now
+from shared.events import CheckExpiringData
+from shared.times import utc_now
 from shared.expiring_check import request_refresh_for_expiring_connections
 from shared.messaging import EventPublisher, RabbitMqTransport
 from shared.settings import load_settings
@@ -301,7 +303,7 @@ def bench_rss(database: Any, cosmos: CosmosServer, states_name: str, rabbitmq: R
 
 
 def slow_manager(latency_s: float) -> Any:
-    from tools.stand_in_manager import Answer, StandInManager
+    from localdev.stand_in_manager import Answer, StandInManager
 
     return StandInManager(script=lambda call: Answer(200, {}, delay_s=latency_s)).start()
 
@@ -343,8 +345,8 @@ warnings.filterwarnings("ignore", category=InsecureRequestWarning)
 from shared import runtime
 from shared.connection_store import ConnectionStore
 from shared.expiring_check import refresh_requested_event
-from shared.events import utc_now
-from shared.local_host import LocalHost
+from shared.times import utc_now
+from localdev.local_host import LocalHost
 from shared.settings import load_settings
 from datetime import timedelta
 settings = load_settings()
@@ -431,14 +433,14 @@ def bench_refresh(database: Any, cosmos: CosmosServer, rabbitmq: RabbitMQ) -> di
 
 
 def bench_connections(database: Any, cosmos: CosmosServer, rabbitmq: RabbitMQ) -> dict[str, Any]:
-    from tests.test_scale import established_connections_to
+    from tests.support.network import established_connections_to
 
     # Seed through a client of its own and close it: only the app's connections remain to be counted.
     with CosmosClient(cosmos.endpoint, credential=cosmos.key) as seeding:
         container = new_container(seeding.get_database_client(database.id), "conns")
         seed(container, INVOCATIONS)
     time.sleep(6)  # idle keep-alive connections of the earlier stages are closed by the server after 5 s
-    from tools.stand_in_manager import Answer, StandInManager
+    from localdev.stand_in_manager import Answer, StandInManager
 
     manager = StandInManager(script=lambda call: Answer(200, {})).start()
     values = app_settings(cosmos, rabbitmq, container.id, manager.url, "conns")
@@ -447,8 +449,8 @@ def bench_connections(database: Any, cosmos: CosmosServer, rabbitmq: RabbitMQ) -
 
     import manager_check_handler
     import sync_refresh_handler
+    from localdev.local_host import LocalInvocationContext
     from shared import runtime
-    from shared.local_host import LocalInvocationContext
 
     runtime.reset()
     keeper, queue = bound_queue(rabbitmq.url, values["RABBITMQ_EXCHANGE"])

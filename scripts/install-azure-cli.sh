@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Install the Azure CLI (PyPI `azure-cli`, pinned) into its own virtualenv, for tests/test_deploy.py,
+# Install the Azure CLI (PyPI `azure-cli`, pinned) into its own virtualenv, for tests/deploy/test_deploy.py,
 # which runs every command that `scripts/deploy.sh --dry-run` prints through the real CLI parser.
 # Idempotent: does nothing when the venv already has the pinned version (~45 s and ~730 MB otherwise).
 #

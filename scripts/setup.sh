@@ -9,6 +9,9 @@
 #      requirements-dev.txt, re-installed only when a requirements file changed. VENV=dir and
 #      PYTHON_VERSION=3.11|3.12|3.13 choose another venv / Python (CI tests all three); SETUP_PYTHON=path
 #      names an interpreter directly. Interpreters are looked up on PATH, then in pyenv's versions.
+#
+# SETUP_SERVICES=0 does step 3 only (no apt, no npm, no Node.js needed): enough for the unit layer and
+# lint (`make unit`, `make lint`).
 set -euo pipefail
 
 repo_root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -23,38 +26,45 @@ if command -v flock >/dev/null 2>&1; then
     flock 9
 fi
 
-# --- 1. RabbitMQ ----------------------------------------------------------------------------------
-rabbitmq_server=/usr/lib/rabbitmq/bin/rabbitmq-server
-if [[ -x "$rabbitmq_server" ]]; then
-    log "rabbitmq-server present"
-else
-    command -v apt-get >/dev/null 2>&1 || die "rabbitmq-server is missing and apt-get is not available"
-    sudo=()
-    if [[ "$(id -u)" -ne 0 ]]; then
-        command -v sudo >/dev/null 2>&1 || die "rabbitmq-server is missing; installing it needs root or sudo"
-        sudo=(sudo)
+setup_services="${SETUP_SERVICES:-1}"
+[[ "$setup_services" =~ ^[01]$ ]] || die "SETUP_SERVICES must be 1 (default: everything) or 0 (the venv only), got '$setup_services'"
+
+if [[ "$setup_services" == 1 ]]; then
+    # --- 1. RabbitMQ ------------------------------------------------------------------------------
+    rabbitmq_server=/usr/lib/rabbitmq/bin/rabbitmq-server
+    if [[ -x "$rabbitmq_server" ]]; then
+        log "rabbitmq-server present"
+    else
+        command -v apt-get >/dev/null 2>&1 || die "rabbitmq-server is missing and apt-get is not available"
+        sudo=()
+        if [[ "$(id -u)" -ne 0 ]]; then
+            command -v sudo >/dev/null 2>&1 || die "rabbitmq-server is missing; installing it needs root or sudo"
+            sudo=(sudo)
+        fi
+        log "installing rabbitmq-server (apt-get)"
+        "${sudo[@]}" apt-get update -qq
+        # The package does not start a broker (there is no init system); localdev/local_services.py starts
+        # an isolated node per test session / demo.
+        "${sudo[@]}" env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq rabbitmq-server >/dev/null
+        [[ -x "$rabbitmq_server" ]] || die "apt-get install rabbitmq-server did not provide $rabbitmq_server"
     fi
-    log "installing rabbitmq-server (apt-get)"
-    "${sudo[@]}" apt-get update -qq
-    # The package does not start a broker (there is no init system); tools/local_services.py starts
-    # an isolated node per test session / demo.
-    "${sudo[@]}" env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq rabbitmq-server >/dev/null
-    [[ -x "$rabbitmq_server" ]] || die "apt-get install rabbitmq-server did not provide $rabbitmq_server"
-fi
 
-# --- 2. npm packages ------------------------------------------------------------------------------
-command -v node >/dev/null 2>&1 || die "node is not on PATH (Node.js 20+ is needed for Azurite and the Cosmos server)"
-command -v npm >/dev/null 2>&1 || die "npm is not on PATH"
-node_major="$(node -p 'process.versions.node.split(".")[0]')"
-(( node_major >= 20 )) || die "Node.js 20+ is needed, found $(node --version)"
+    # --- 2. npm packages --------------------------------------------------------------------------
+    command -v node >/dev/null 2>&1 || die "node is not on PATH (Node.js 20+ is needed for Azurite and the Cosmos server)"
+    command -v npm >/dev/null 2>&1 || die "npm is not on PATH"
+    node_major="$(node -p 'process.versions.node.split(".")[0]')"
+    (( node_major >= 20 )) || die "Node.js 20+ is needed, found $(node --version)"
 
-# npm writes node_modules/.package-lock.json on every install: it is the marker of the last install.
-if [[ ! -f node_modules/.package-lock.json || package-lock.json -nt node_modules/.package-lock.json \
-      || package.json -nt node_modules/.package-lock.json ]]; then
-    log "installing npm packages (npm ci)"
-    npm ci --no-audit --no-fund --loglevel=error
+    # npm writes node_modules/.package-lock.json on every install: it is the marker of the last install.
+    if [[ ! -f node_modules/.package-lock.json || package-lock.json -nt node_modules/.package-lock.json \
+          || package.json -nt node_modules/.package-lock.json ]]; then
+        log "installing npm packages (npm ci)"
+        npm ci --no-audit --no-fund --loglevel=error
+    else
+        log "node_modules up to date"
+    fi
 else
-    log "node_modules up to date"
+    log "SETUP_SERVICES=0: skipping rabbitmq-server and the npm packages"
 fi
 
 # --- 3. Python virtualenv -------------------------------------------------------------------------

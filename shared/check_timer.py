@@ -13,8 +13,9 @@ import threading
 from datetime import datetime, timedelta
 
 from shared import runtime
-from shared.events import CheckExpiringData, CloudEvent, make_event, utc_now
+from shared.events import CheckExpiringData, CloudEvent, make_event
 from shared.settings import Settings
+from shared.times import utc_now
 
 logger = logging.getLogger(__name__)
 
@@ -49,9 +50,11 @@ class CheckCadence:
 
     @property
     def last_run(self) -> datetime | None:
+        """When this process last ran a check; None before its first."""
         return self._last_run
 
     def announce_once(self) -> bool:
+        """True for the first caller in this process only (it logs the started or disabled line)."""
         with self._lock:
             first, self._announced = not self._announced, True
             return first
@@ -61,6 +64,9 @@ cadence = CheckCadence()
 
 
 def build_check_expiring_event(settings: Settings, now: datetime) -> CloudEvent:
+    """The check-expiring event of a run at `now` (aware UTC): thresholdTime = now +
+    TOKEN_REFRESH_EXPIRATION_THRESHOLD_MS. Not published here: the timer and the operator's `trigger` publish
+    it."""
     threshold = now + timedelta(milliseconds=settings.expiration_threshold_ms)
     return make_event(CheckExpiringData(timestamp=now, threshold_time=threshold), time=now)
 

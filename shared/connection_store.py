@@ -16,8 +16,9 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from shared.events import format_time, parse_time
-from shared.settings import LOOPBACK_HOSTS, Settings, SettingsError
+from shared.errors import InvalidConnectionDocumentError, SettingsError
+from shared.settings import LOOPBACK_HOSTS, Settings
+from shared.times import format_time, parse_expires_at
 
 logger = logging.getLogger(__name__)
 
@@ -41,6 +42,10 @@ _NOT_SKIPPED = "(NOT IS_DEFINED(c.status) OR NOT ARRAY_CONTAINS(@skipStatuses, c
 
 
 def expiring_connections_query(with_max_age: bool) -> str:
+    """The scan's Cosmos SQL: rows whose `oauth.expiresAt` (ISO string or epoch ms) is due and whose status is not
+    skipped, projecting ids, status, expiresAt and `_ts` only (never a token value). `with_max_age` also admits
+    tokens without expiry that have a refresh token and a document older than @maxAgeCutoffTs (epoch s).
+    Parameters: @thresholdTextBound, @thresholdEpochMs, @skipStatuses and, with `with_max_age`, @maxAgeCutoffTs."""
     due = _DUE_BY_EXPIRY + (_DUE_BY_AGE if with_max_age else "")
     return f"{_PROJECTION} WHERE ({due}) AND {_NOT_SKIPPED}"
 
@@ -74,17 +79,6 @@ class ExpiringConnection(BaseModel):
         return str(value) if isinstance(value, int) and not isinstance(value, bool) else value
 
 
-def parse_expires_at(value: Any) -> datetime:
-    """`oauth.expiresAt` as stored: an ISO-8601 string or epoch milliseconds (int or float)."""
-    if isinstance(value, bool):
-        raise ValueError("a boolean is not a time")
-    if isinstance(value, int | float):
-        return datetime.fromtimestamp(value / 1000, tz=UTC)
-    if isinstance(value, str):
-        return parse_time(value)
-    raise ValueError(f"unsupported type {type(value).__name__}")
-
-
 @dataclass
 class ScanPage:
     """One page of query results: the connections due for refresh, the rows that could not be used
@@ -104,8 +98,30 @@ class ConnectionState:
     document_ts: int | None
 
 
-class InvalidConnectionDocument(ValueError):
-    """A matching document lacks what a refresh needs (ids, a readable expiresAt)."""
+def connection_from_row(row: dict[str, Any]) -> ExpiringConnection:
+    """The one place a row of the connection projection becomes a connection (the check, and the
+    operator's `refresh`). Raises InvalidConnectionDocumentError, naming the document's field."""
+    raw_expiry = row.get("expiresAt")
+    try:
+        expires_at = None if raw_expiry is None else parse_expires_at(raw_expiry)
+    except (ValueError, TypeError, OverflowError, OSError) as error:
+        raise InvalidConnectionDocumentError(
+            f"oauth.expiresAt is not an ISO-8601 time or epoch milliseconds ({error.__class__.__name__})"
+        ) from None
+    try:
+        return ExpiringConnection(
+            connection_id=row.get("id"),
+            integration_id=row.get("integrationId"),
+            tenant_id=row.get("tenantId"),
+            status=row.get("status"),
+            expires_at=expires_at,
+            document_ts=row.get("_ts") if isinstance(row.get("_ts"), int) else None,
+        )
+    except ValidationError as error:
+        fields = ", ".join(
+            _DOCUMENT_FIELDS.get(str(item["loc"][0]), str(item["loc"][0])) for item in error.errors(include_input=False)
+        )
+        raise InvalidConnectionDocumentError(f"missing or invalid {fields}") from None
 
 
 def to_expiring_connection(
@@ -115,45 +131,28 @@ def to_expiring_connection(
     max_age_cutoff_ts: int | None = None,
 ) -> ExpiringConnection | None:
     """Validate one query row: the connection when it is due, None when it is not (skipped status,
-    or admitted only by the widened text bound). Raises InvalidConnectionDocument for unusable rows."""
+    or admitted only by the widened text bound). Raises InvalidConnectionDocumentError for unusable rows."""
     status = row.get("status")
     if isinstance(status, str) and status.strip().lower() in skip_statuses:
         return None
-    raw_expiry = row.get("expiresAt")
-    document_ts = row.get("_ts") if isinstance(row.get("_ts"), int) else None
-    if raw_expiry is None:
+    if row.get("expiresAt") is None:
+        document_ts = row.get("_ts") if isinstance(row.get("_ts"), int) else None
         if max_age_cutoff_ts is None or document_ts is None or document_ts > max_age_cutoff_ts:
             return None
-        expires_at = None
-    else:
-        try:
-            expires_at = parse_expires_at(raw_expiry)
-        except (ValueError, TypeError, OverflowError, OSError) as error:
-            raise InvalidConnectionDocument(
-                f"oauth.expiresAt is not an ISO-8601 time or epoch milliseconds ({error.__class__.__name__})"
-            ) from None
-        if expires_at > threshold:
-            return None  # admitted only by the query's widened text bound
-    try:
-        return ExpiringConnection(
-            connection_id=row.get("id"),
-            integration_id=row.get("integrationId"),
-            tenant_id=row.get("tenantId"),
-            status=status,
-            expires_at=expires_at,
-            document_ts=document_ts,
-        )
-    except ValidationError as error:
-        fields = ", ".join(
-            _DOCUMENT_FIELDS.get(str(item["loc"][0]), str(item["loc"][0])) for item in error.errors(include_input=False)
-        )
-        raise InvalidConnectionDocument(f"missing or invalid {fields}") from None
+    connection = connection_from_row(row)
+    if connection.expires_at is not None and connection.expires_at > threshold:
+        return None  # admitted only by the query's widened text bound
+    return connection
 
 
 _DOCUMENT_FIELDS = {"connection_id": "id", "integration_id": "integrationId", "tenant_id": "tenantId"}
 
 
 def cosmos_client_from_settings(settings: Settings) -> Any:
+    """The CosmosClient both stores use (shared.runtime builds it once per process): COSMOS_KEY when set, else
+    DefaultAzureCredential; an HTTP pool sized for concurrent invocations, no urllib3 retries. Raises
+    SettingsError when COSMOS_ENDPOINT is not set. With COSMOS_EMULATOR (loopback endpoints only) TLS is not
+    verified."""
     from azure.cosmos import CosmosClient
 
     if not settings.cosmos_endpoint:
@@ -182,6 +181,11 @@ def cosmos_client_from_settings(settings: Settings) -> Any:
 
 
 class ConnectionStore:
+    """Read-only queries over the platform's connection container (COSMOS_CONNECTIONS_CONTAINER); it never writes a
+    connection. Holds nothing but the container client, so one instance serves every invocation thread of the
+    process (shared.runtime). `page_size`: rows per Cosmos page (TOKEN_REFRESH_PAGE_SIZE); `max_age_ms` > 0 also
+    selects tokens without expiry whose document is older than that (TOKEN_REFRESH_MAX_AGE_MS)."""
+
     def __init__(self, container: Any, page_size: int = 200, max_age_ms: int = 0):
         self._container = container
         self._page_size = page_size
@@ -189,6 +193,8 @@ class ConnectionStore:
 
     @classmethod
     def from_settings(cls, settings: Settings, cosmos_client: Any) -> ConnectionStore:
+        """The store over COSMOS_DATABASE / COSMOS_CONNECTIONS_CONTAINER of `cosmos_client`. Does not check that
+        the container exists: the first query fails if it does not."""
         container = cosmos_client.get_database_client(settings.cosmos_database).get_container_client(
             settings.cosmos_connections_container
         )
@@ -201,7 +207,11 @@ class ConnectionStore:
         continuation: str | None = None,
         now: datetime | None = None,
     ) -> Iterator[ScanPage]:
-        """Yield pages of connections due by `threshold`, across all partitions."""
+        """Yield one ScanPage per Cosmos page of the connections due by `threshold` (aware), across all partitions.
+        Lazy: a page is queried only when the previous one has been consumed. Rows with a status in
+        `skip_statuses` (case-insensitive) are left out; invalid documents are counted in `ScanPage.invalid` and
+        logged by id, never raised. `continuation` resumes a scan after the page that returned it; `now` is the
+        reference time for TOKEN_REFRESH_MAX_AGE_MS (default: the current time). Cosmos errors propagate."""
         parameters = [
             {"name": "@thresholdTextBound", "value": format_time(threshold + _MAX_UTC_OFFSET)},
             {"name": "@thresholdEpochMs", "value": int(threshold.timestamp() * 1000)},
@@ -223,7 +233,7 @@ class ConnectionStore:
             for row in page:
                 try:
                     connection = to_expiring_connection(row, threshold, skip_statuses, max_age_cutoff_ts)
-                except InvalidConnectionDocument as error:
+                except InvalidConnectionDocumentError as error:
                     invalid += 1
                     logger.warning("Skipping connection %r: %s", row.get("id"), error)
                     continue

@@ -15,6 +15,10 @@ from typing import Any, ClassVar, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_serializer, field_validator
 from pydantic.alias_generators import to_camel
 
+from shared.errors import InvalidEventError
+from shared.ids import refresh_request_id
+from shared.times import format_time, utc_now
+
 logger = logging.getLogger(__name__)
 
 SOURCE = "integration-token-refresh"
@@ -28,31 +32,6 @@ SYSTEMIC_FAILURE = "integration.token.refresh.systemic-failure"
 
 # Messages bigger than this are not events of ours: refuse them before parsing.
 MAX_EVENT_BYTES = 64 * 1024
-
-# Fixed namespace so refresh-requested ids are stable across processes, hosts and deployments.
-_REFRESH_REQUEST_NAMESPACE = uuid.UUID("5b0f7c1e-8d1e-4b7a-9a55-3f6a2a0e6c11")
-_OUTCOME_NAMESPACE = uuid.UUID("a3c1f0d2-6e4b-4f7a-8c9d-1b2e3f4a5c6d")
-
-
-class InvalidEventError(ValueError):
-    """A message is not a valid event of the expected type. Retrying it cannot help."""
-
-
-def utc_now() -> datetime:
-    return datetime.now(UTC)
-
-
-def format_time(moment: datetime) -> str:
-    """ISO-8601 UTC with millisecond precision and a Z suffix, e.g. 2026-11-26T14:00:00.000Z."""
-    return moment.astimezone(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
-
-
-def parse_time(text: str) -> datetime:
-    """Parse an ISO-8601 timestamp; a value without an offset is taken as UTC."""
-    moment = datetime.fromisoformat(text.strip().replace("z", "Z"))
-    if moment.tzinfo is None:
-        moment = moment.replace(tzinfo=UTC)
-    return moment.astimezone(UTC)
 
 
 class _Payload(BaseModel):
@@ -74,6 +53,9 @@ class _Payload(BaseModel):
 
 
 class CheckExpiringData(_Payload):
+    """Payload of `integration.token.check-expiring`: when the run started and the expiry bound (UTC).
+    `continuation` is set only on a follow-up check that resumes a scan which ran out of its time budget."""
+
     event_type: ClassVar[str] = CHECK_EXPIRING
     timestamp: datetime
     threshold_time: datetime
@@ -90,24 +72,38 @@ class ConnectionRef(_Payload):
 
 
 class RefreshRequestedData(ConnectionRef):
+    """Payload of `integration.token.refresh-requested`: one connection to refresh. `expires_at` is the expiry the
+    check saw, None for a token without expiry (TOKEN_REFRESH_MAX_AGE_MS). With an expiry, the event id is
+    derived from it (shared.ids.refresh_request_id) and parsing rejects an id that does not match; without, from
+    the document's `_ts`, which the claim checks instead."""
+
     event_type: ClassVar[str] = REFRESH_REQUESTED
     expires_at: datetime | None = None  # absent for tokens without expiry (TOKEN_REFRESH_MAX_AGE_MS)
     requested_at: datetime
 
 
 class RefreshedData(ConnectionRef):
+    """Payload of `integration.token.refreshed`. `expires_at`: the new expiry when known (integration-manager's
+    answer, or the connection document when the token had been refreshed already)."""
+
     event_type: ClassVar[str] = REFRESHED
     refreshed_at: datetime
     expires_at: datetime | None = None
 
 
 class RefreshError(_Payload):
+    """The `error` of refresh.failed: a short machine code (never text from integration-manager's body), a message
+    of ours, and the HTTP status when there was an answer."""
+
     code: str
     message: str
     http_status: int | None = None
 
 
 class RefreshFailedData(ConnectionRef):
+    """Payload of `integration.token.refresh.failed`. `retryable` is false only for a failure of the connection
+    itself (shared.failure_classes); `attempts` counts the calls made for the request, over all its deliveries."""
+
     event_type: ClassVar[str] = REFRESH_FAILED
     failed_at: datetime
     error: RefreshError
@@ -148,11 +144,15 @@ class CloudEvent(BaseModel):
     data: dict[str, Any]
 
     def to_json(self) -> bytes:
+        """The event as sent on both transports: compact UTF-8 JSON (structured mode), `time` in milliseconds with
+        a Z."""
         body = self.model_dump(mode="json")
         body["time"] = format_time(self.time)
         return json.dumps(body, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
 
     def payload(self) -> _Payload:
+        """`data` validated as its type's payload model. Raises InvalidEventError for a type the app does not know,
+        pydantic's ValidationError for data that does not fit."""
         try:
             return PAYLOAD_TYPES[self.type].model_validate(self.data)
         except KeyError:
@@ -171,21 +171,6 @@ def make_event(data: _Payload, event_id: str | None = None, time: datetime | Non
         time=time or utc_now(),
         data=data.model_dump(mode="json", by_alias=True, exclude_none=True),
     )
-
-
-def refresh_request_id(connection: ConnectionRef, expires_at: datetime | None, document_ts: int | None = None) -> str:
-    """Deterministic id: the same connection with the same expiresAt always gives the same id.
-    A token without expiry is identified by its document version (`_ts`) instead."""
-    version = format_time(expires_at) if expires_at is not None else f"ts:{document_ts}"
-    key = "\x1f".join((connection.tenant_id, connection.integration_id, connection.connection_id, version))
-    return str(uuid.uuid5(_REFRESH_REQUEST_NAMESPACE, key))
-
-
-def outcome_event_id(request_id: str, attempt_round: int, event_type: str) -> str:
-    """Deterministic id of a request's outcome event: publishing the same outcome again (a redelivery
-    finishing an earlier invocation's story) gives the same id, so consumers can de-duplicate on it.
-    `attempt_round` counts the times a later check asked again for a request that had ended retryable."""
-    return str(uuid.uuid5(_OUTCOME_NAMESPACE, "\x1f".join((request_id, str(attempt_round), event_type))))
 
 
 def request_id_matches(envelope: CloudEvent, request: RefreshRequestedData) -> bool:

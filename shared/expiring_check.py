@@ -21,21 +21,25 @@ from shared.events import (
     CheckExpiringData,
     CloudEvent,
     RefreshRequestedData,
-    format_time,
     make_event,
     parse_trigger_message,
-    refresh_request_id,
-    utc_now,
 )
+from shared.ids import connection_key, refresh_request_id
 from shared.messaging import EventPublisher
 from shared.settings import SAFETY_MARGIN_MS, Settings
-from shared.state_store import StateStore, connection_key
+from shared.state_store import StateStore
+from shared.times import format_time, utc_now
 
 logger = logging.getLogger(__name__)
 
 
 @dataclass
 class CheckSummary:
+    """What one check invocation did; its fields are the summary log line's. `found`: connections requested;
+    `published`: refresh-requested events sent; `invalid`: unusable documents skipped; `suppressed`: failed
+    permanently, document unchanged since; `deferred`: see select_for_refresh; `continued`: a follow-up check
+    took over the rest of the scan."""
+
     found: int = 0
     published: int = 0
     invalid: int = 0
@@ -47,6 +51,9 @@ class CheckSummary:
 
 
 def refresh_requested_event(connection: ExpiringConnection, requested_at: datetime) -> CloudEvent:
+    """The refresh-requested event the check publishes for `connection`. Its id is deterministic (connection +
+    expiresAt, or the document's `_ts` for a token without expiry), so finding the same token again gives the
+    same id. The operator's `refresh` uses it too."""
     data = RefreshRequestedData(
         connection_id=connection.connection_id,
         integration_id=connection.integration_id,
@@ -68,6 +75,9 @@ def find_expiring_connections(
 
 @dataclass
 class Selection:
+    """select_for_refresh's answer for one page: the connections to request, how many were suppressed, and the
+    lifetimes (ms) of those deferred, for warn_about_short_token_lifetimes."""
+
     requested: list[ExpiringConnection]
     suppressed: int  # failed permanently, document unchanged since (no refresh storm)
     deferred_lifetimes_ms: list[int]  # refreshed by us lately and still valid past the next check
@@ -156,6 +166,15 @@ def request_refresh_for_expiring_connections(
     publisher: EventPublisher,
     settings: Settings,
 ) -> CheckSummary:
+    """The check: scan the connections due by the event's thresholdTime (capped by the settings, see
+    capped_threshold) page by page, keep those select_for_refresh selects, and publish one refresh-requested
+    event each, one publish per page, before reading the next page. When the run passes
+    TOKEN_REFRESH_CHECK_TIME_BUDGET_MS with pages left, it publishes a follow-up check-expiring event carrying
+    the Cosmos continuation and stops (`continued`).
+
+    Raises PublishError, or the Cosmos error of a failed page, after the earlier pages were published. Safe to
+    run again for the same event: request ids are deterministic, so a rerun sends the same ids and the refresh
+    step recognises requests it has handled."""
     started = time.monotonic()
     summary = CheckSummary()
     threshold = capped_threshold(check, settings, utc_now())
@@ -219,7 +238,10 @@ def request_refresh_for_expiring_connections(
 def handle_check_expiring_message(
     body: bytes, delivery_count: int | None = None, message_id: str | None = None
 ) -> CheckSummary:
-    """The manager_check_handler function: parse the trigger message, run the check."""
+    """The manager_check_handler function: parse the trigger message as a check-expiring event and run the check
+    with the process's clients. A body that is not a valid event is logged as a poison message and raises
+    InvalidEventError (the queue dead-letters it at its delivery limit); other errors come from
+    request_refresh_for_expiring_connections. `delivery_count` and `message_id` only go into that log line."""
     logger.info("Token check-expiring event received")
     envelope, check = parse_trigger_message(body, CHECK_EXPIRING, message_id, max(1, delivery_count or 1))
     logger.info("Checking for tokens expiring by %s (eventId=%s)", format_time(check.threshold_time), envelope.id)

@@ -18,6 +18,8 @@ from enum import StrEnum
 
 
 class FailureKind(StrEnum):
+    """Whose problem a failed call is (see the module docstring). Stored and compared as the string value."""
+
     CONNECTION = "connection"
     TRANSIENT = "transient"
     SYSTEMIC = "systemic"
@@ -43,6 +45,9 @@ CONNECTION_ERROR_CODES = frozenset(
 
 @dataclass(frozen=True)
 class FailureClass:
+    """One row of the table: the kind, the error code an event carries when the answer had none, and what an
+    operator should check (a setting or a service, never a value)."""
+
     kind: FailureKind
     default_code: str  # the event's error code when the answer carried none
     check: str  # what to check, for the one line an operator reads (never a value)

@@ -13,11 +13,11 @@ from __future__ import annotations
 
 import logging
 import time
-import uuid
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
-from shared.events import SystemicFailureData, format_time, make_event
+from shared.events import SystemicFailureData, make_event
+from shared.ids import alarm_event_id
 from shared.manager_client import RefreshOutcome
 from shared.messaging import EventPublisher
 from shared.settings import Settings
@@ -26,11 +26,13 @@ from shared.state_store import FailureWave, StateStore
 logger = logging.getLogger(__name__)
 
 ALARM = "systemic_failure"  # customDimensions.alarm in Application Insights (docs/operations.md)
-_ALARM_NAMESPACE = uuid.UUID("7d3e9b1a-2c4f-4e6a-8b5d-9f0a1c2e3d4b")
 
 
 @dataclass(frozen=True)
 class WaveReport:
+    """What count_failure did with one failure: the wave it was counted in, or None when it could not be counted
+    (counting is best effort)."""
+
     wave: FailureWave | None
 
     @property
@@ -40,6 +42,8 @@ class WaveReport:
 
 
 def signature(outcome: RefreshOutcome) -> str:
+    """What "failed the same way" means: HTTP status (`-` without an answer) and error code, e.g.
+    `401:unauthorized`. Keys the wave document and the alarm's event id."""
     return f"{outcome.http_status if outcome.http_status is not None else '-'}:{outcome.error_code}"
 
 
@@ -66,6 +70,10 @@ def count_failure(
 
 
 def raise_alarm(outcome: RefreshOutcome, wave: FailureWave, publisher: EventPublisher, settings: Settings) -> None:
+    """The alarm of a wave: one ERROR line (customDimensions alarm=systemic_failure: how many, what failed, what to
+    check) and one systemic-failure event whose id is fixed per signature and window. Call it only when the wave
+    was `raised_now`. A failed publish is logged as a WARNING, not raised: the ERROR line is the alarm of
+    record."""
     window_min = settings.systemic_failure_window_ms / 60_000
     answered = (
         f"integration-manager answered HTTP {outcome.http_status}"
@@ -92,7 +100,7 @@ def raise_alarm(outcome: RefreshOutcome, wave: FailureWave, publisher: EventPubl
         check=outcome.check or "integration-manager",
     )
     # One id per signature and window: a re-published alarm is recognised as the same one.
-    event_id = str(uuid.uuid5(_ALARM_NAMESPACE, f"{signature(outcome)}\x1f{format_time(data.window_started_at)}"))
+    event_id = alarm_event_id(signature(outcome), data.window_started_at)
     try:
         publisher.publish([make_event(data, event_id=event_id)])
     except Exception as error:  # noqa: BLE001 - the ERROR line above is the alarm of record

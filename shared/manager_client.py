@@ -22,9 +22,10 @@ from urllib.parse import quote, urlsplit
 
 import requests
 
+from shared.errors import InvalidConnectionIdError, SettingsError
 from shared.failure_classes import FailureKind, classify
 from shared.http_pool import pooled_session
-from shared.settings import Settings, SettingsError
+from shared.settings import Settings
 
 logger = logging.getLogger(__name__)
 
@@ -36,12 +37,12 @@ _PRINTABLE_ASCII = re.compile(r"^[\x20-\x7e]+$")
 _DELTA_SECONDS = re.compile(r"^[0-9]+$", re.ASCII)
 
 
-class InvalidConnectionId(ValueError):
-    """An id cannot be sent as a single path segment (e.g. only dots). Retrying cannot help."""
-
-
 @dataclass(frozen=True)
 class RefreshOutcome:
+    """How a refresh call (or a retried run of calls) ended. A failure carries a safe error code, a message of ours
+    (never the response body), its row of the classification table (`kind`, `check`) and the callee's
+    Retry-After in seconds. `expires_at`: the new expiry, when known."""
+
     succeeded: bool
     http_status: int | None = None
     error_code: str | None = None
@@ -95,14 +96,16 @@ def failed(
 def path_segment(value: str, name: str) -> str:
     """Percent-encode an id as one path segment; refuse ids a URL would reinterpret."""
     if not value:
-        raise InvalidConnectionId(f"{name} is empty")
+        raise InvalidConnectionIdError(f"{name} is empty")
     if set(value) <= {"."}:
         # "." and ".." are dot segments: clients and servers remove or resolve them, changing the path.
-        raise InvalidConnectionId(f"{name} consists only of dots")
+        raise InvalidConnectionIdError(f"{name} consists only of dots")
     return quote(value, safe="")
 
 
 def refresh_path(integration_id: str, connection_id: str) -> str:
+    """The refresh endpoint's path for the two ids, each percent-encoded as exactly one segment. Raises
+    InvalidConnectionIdError for an empty or all-dots id."""
     return (
         f"/api/v1/integrations/{path_segment(integration_id, 'integrationId')}"
         f"/connections/{path_segment(connection_id, 'connectionId')}/refresh"
@@ -132,6 +135,9 @@ class IntegrationManagerClient:
 
     @classmethod
     def from_settings(cls, settings: Settings) -> IntegrationManagerClient:
+        """The process's client (shared.runtime): INTEGRATION_MANAGER_URL, the bearer token when set, and the
+        connect and read timeouts (settings in ms). Raises SettingsError when INTEGRATION_MANAGER_URL is not
+        set."""
         if not settings.integration_manager_url:
             raise SettingsError(
                 "INTEGRATION_MANAGER_URL is not set; expected the http(s) base URL of integration-manager"
@@ -147,12 +153,16 @@ class IntegrationManagerClient:
     def refresh_connection(
         self, integration_id: str, connection_id: str, tenant_id: str, idempotency_key: str | None = None
     ) -> RefreshOutcome:
-        """One refresh call. `idempotency_key` (the refresh request's id) is sent as `Idempotency-Key`
-        on every call for the same request, retries included: integration-manager should answer a
-        repeated key with the first call's result instead of refreshing again (docs/failure-handling.md)."""
+        """One refresh call. `idempotency_key` (the refresh request's id) is sent as `Idempotency-Key` on every
+        call for the same request, retries included: integration-manager should answer a repeated key with the
+        first call's result instead of refreshing again (docs/failure-handling.md).
+
+        A failed call is an outcome, not an exception: no answer, a timeout, an error status or an id that
+        cannot be sent all come back as a classified failed RefreshOutcome. Raises RuntimeError only when the
+        request cannot be built (the token or tenantId as a header), naming no value."""
         try:
             path = self._base_path + refresh_path(integration_id, connection_id)
-        except InvalidConnectionId as error:
+        except InvalidConnectionIdError as error:
             return failed("invalid_connection_id", str(error))
         headers = {"X-Tenant-Id": tenant_id} if _PRINTABLE_ASCII.match(tenant_id) else {}
         if idempotency_key is not None:
@@ -202,6 +212,7 @@ class IntegrationManagerClient:
         return outcome
 
     def close(self) -> None:
+        """Close the HTTP session and its pooled connections."""
         self._session.close()
 
 
@@ -275,7 +286,7 @@ def _error_code(body: Any) -> str | None:
 
 
 def _new_expiry(body: Any) -> datetime | None:
-    from shared.connection_store import parse_expires_at
+    from shared.times import parse_expires_at
 
     if not isinstance(body, dict):
         return None

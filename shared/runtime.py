@@ -39,6 +39,10 @@ QUIET_LOGGERS = ("azure", "pika", "urllib3")
 
 
 def settings() -> Settings:
+    """The process's settings, loaded and validated on first use. That first load also demotes SDK log records to
+    DEBUG, masks the secrets in what the root logger's handlers emit, and warns about a risky threshold. Raises
+    SettingsError for a bad value; nothing is kept then, so the next call loads (and raises) again."""
+
     def build() -> Settings:
         demote_third_party_logs(QUIET_LOGGERS)
         loaded = load_settings()
@@ -50,30 +54,35 @@ def settings() -> Settings:
 
 
 def publisher() -> EventPublisher:
+    """The process's EventPublisher (Service Bus and/or RabbitMQ, as configured), built on first use."""
     from shared.messaging import publisher_from_settings
 
     return _once("publisher", lambda: publisher_from_settings(settings()))
 
 
 def cosmos_client() -> Any:
+    """The process's CosmosClient, shared by both stores; built on first use."""
     from shared.connection_store import cosmos_client_from_settings
 
     return _once("cosmos_client", lambda: cosmos_client_from_settings(settings()))
 
 
 def connection_store() -> ConnectionStore:
+    """The process's ConnectionStore (the platform's connections, read-only); built on first use."""
     from shared.connection_store import ConnectionStore
 
     return _once("connection_store", lambda: ConnectionStore.from_settings(settings(), cosmos_client()))
 
 
 def state_store() -> StateStore:
+    """The process's StateStore (this app's claims and failure records); built on first use."""
     from shared.state_store import StateStore
 
     return _once("state_store", lambda: StateStore.from_settings(settings(), cosmos_client()))
 
 
 def manager_client() -> IntegrationManagerClient:
+    """The process's integration-manager client (one HTTP session); built on first use."""
     from shared.manager_client import IntegrationManagerClient
 
     return _once("manager_client", lambda: IntegrationManagerClient.from_settings(settings()))

@@ -111,9 +111,11 @@ class Scrubber:
         return self._pattern is not None
 
     def finds(self, text: str) -> bool:
+        """Whether `text` holds any form of a secret; cheaper than scrub for the usual text that holds none."""
         return self._pattern is not None and self._pattern.search(text) is not None
 
     def scrub(self, text: Any) -> str:
+        """str(`text`) with every form of every secret replaced by `***`; unchanged when there are none."""
         value = str(text)
         return self._pattern.sub(MASK, value) if self._pattern is not None else value
 
@@ -136,6 +138,8 @@ class ScrubbingFilter(logging.Filter):
         self.scrubber = scrubber or Scrubber()
 
     def filter(self, record: logging.LogRecord) -> bool:
+        """Mask secrets in `record` in place; always True (it never drops a record). A record without a secret is
+        left as it is."""
         scrubber = self.scrubber
         if not scrubber:
             return True

@@ -14,6 +14,7 @@ from urllib.parse import urlsplit
 from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
+from shared.errors import SettingsError
 from shared.secrets import unsafe_character
 
 logger = logging.getLogger(__name__)
@@ -27,115 +28,254 @@ DEFAULT_SKIP_STATUSES = ("revoked", "disabled", "deleted")
 LOOPBACK_HOSTS = ("127.0.0.1", "localhost")
 
 
-class SettingsError(ValueError):
-    """A setting is missing or malformed. The message names the setting and the expected form."""
-
-
-def _expected_form(setting: str) -> str:
-    return _EXPECTED_FORMS.get(setting, "see docs/settings.md")
-
-
-_EXPECTED_FORMS = {
-    "TOKEN_REFRESH_ENABLED": "true or false",
-    "TOKEN_REFRESH_INTERVAL_MS": "a whole number of milliseconds from 1000 to 604800000 (7 days), e.g. 3600000",
-    "TOKEN_REFRESH_EXPIRATION_THRESHOLD_MS": "a whole number of milliseconds from 0 to 31536000000 (365 days), "
-    "e.g. 3900000",
-    "TOKEN_REFRESH_SKIP_STATUSES": "a comma-separated list of connection statuses, e.g. revoked,disabled,deleted",
-    "TOKEN_REFRESH_PAGE_SIZE": "a whole number between 1 and 1000",
-    "TOKEN_REFRESH_CHECK_TIME_BUDGET_MS": "a whole number of milliseconds between 1 and 3600000",
-    "COSMOS_ENDPOINT": "an https:// URL such as https://myaccount.documents.azure.com:443/",
-    "COSMOS_DATABASE": "a non-empty database name",
-    "COSMOS_CONNECTIONS_CONTAINER": "a non-empty container name",
-    "ServiceBusConnection": "a Service Bus connection string: Endpoint=sb://<namespace>.servicebus.windows.net/;"
-    "SharedAccessKeyName=...;SharedAccessKey=...",
-    "ServiceBusConnection__fullyQualifiedNamespace": "a host name such as mynamespace.servicebus.windows.net",
-    "RABBITMQ_URL": "an amqp:// or amqps:// URL",
-    "RABBITMQ_EXCHANGE": "a non-empty exchange name",
-    "INTEGRATION_MANAGER_URL": "an http:// or https:// base URL without query, fragment or credentials",
-    "INTEGRATION_MANAGER_TOKEN": "the bearer token integration-manager accepts, on one line, without spaces",
-    "COSMOS_KEY": "the account's primary or secondary key (base64), without spaces; or unset for managed identity",
-    "INTEGRATION_MANAGER_CONNECT_TIMEOUT_MS": "a whole number of milliseconds between 100 and 60000",
-    "INTEGRATION_MANAGER_TIMEOUT_MS": "a whole number of milliseconds between 100 and 600000",
-    "INTEGRATION_MANAGER_MAX_ATTEMPTS": "a whole number of calls per delivery between 1 and 10",
-    "INTEGRATION_MANAGER_RETRY_BUDGET_MS": "a whole number of milliseconds between 0 and 300000",
-    "INTEGRATION_MANAGER_BACKOFF_INITIAL_MS": "a whole number of milliseconds between 1 and 60000",
-    "INTEGRATION_MANAGER_IN_FLIGHT_MS": "a whole number of milliseconds between 0 and 600000",
-    "TOKEN_REFRESH_MAX_DELIVERY_COUNT": "the refresh queue's MaxDeliveryCount, a whole number between 1 and 100",
-    "TOKEN_REFRESH_RETRY_DELAY_MS": "a whole number of milliseconds from 0 (redeliver at once) to 3600000 (1 hour)",
-    "TOKEN_REFRESH_FAILURE_COOLDOWN_MS": "a whole number of milliseconds from 0 (off) to 31536000000 (365 days)",
-    "TOKEN_REFRESH_CLAIM_LEASE_MS": "a whole number of milliseconds from 1000 to 86400000 (1 day)",
-    "TOKEN_REFRESH_MAX_AGE_MS": "a whole number of milliseconds from 0 (off) to 315360000000 (10 years)",
-    "TOKEN_REFRESH_SYSTEMIC_FAILURE_THRESHOLD": "a whole number of connections between 1 and 200",
-    "TOKEN_REFRESH_SYSTEMIC_FAILURE_WINDOW_MS": "a whole number of milliseconds from 60000 to 86400000 (1 day)",
-    "COSMOS_STATE_CONTAINER": "a non-empty container name",
-    "COSMOS_EMULATOR": "true or false",
-}
-
-
 class Settings(BaseSettings):
     """Every setting the app reads. Field aliases are the application-setting names."""
 
     model_config = SettingsConfigDict(case_sensitive=True, populate_by_name=True, extra="ignore")
 
-    enabled: bool = Field(True, alias="TOKEN_REFRESH_ENABLED")
-    interval_ms: int = Field(3_600_000, alias="TOKEN_REFRESH_INTERVAL_MS", ge=1000, le=7 * DAY_MS)
+    enabled: bool = Field(
+        True,
+        alias="TOKEN_REFRESH_ENABLED",
+        description="master switch; `false` → the timer publishes nothing and logs `Token refresh is disabled` "
+        "once per process",
+    )
+    interval_ms: int = Field(
+        3_600_000,
+        alias="TOKEN_REFRESH_INTERVAL_MS",
+        ge=1000,
+        le=7 * DAY_MS,
+        description="time between check-expiring runs (see [Cadence](#timer-cadence))",
+    )
     expiration_threshold_ms: int = Field(
-        3_600_000, alias="TOKEN_REFRESH_EXPIRATION_THRESHOLD_MS", ge=0, le=365 * DAY_MS
+        3_600_000,
+        alias="TOKEN_REFRESH_EXPIRATION_THRESHOLD_MS",
+        ge=0,
+        le=365 * DAY_MS,
+        description="refresh tokens that expire within this many ms of the check. A warning is logged when it is "
+        "shorter than the interval + 5 min: a token could then expire between two checks. "
+        "**Recommended: interval + 5 to 10 min** (e.g. `3900000` for an hourly check)",
     )
     skip_statuses: Annotated[tuple[str, ...], NoDecode] = Field(
-        DEFAULT_SKIP_STATUSES, alias="TOKEN_REFRESH_SKIP_STATUSES"
+        DEFAULT_SKIP_STATUSES,
+        alias="TOKEN_REFRESH_SKIP_STATUSES",
+        description="connections with one of these `status` values (case-insensitive) are never refreshed",
+        json_schema_extra={
+            "expected": "a comma-separated list of connection statuses, e.g. " + ",".join(DEFAULT_SKIP_STATUSES)
+        },
     )
-    page_size: int = Field(200, alias="TOKEN_REFRESH_PAGE_SIZE", ge=1, le=1000)
-    check_time_budget_ms: int = Field(240_000, alias="TOKEN_REFRESH_CHECK_TIME_BUDGET_MS", ge=1, le=3_600_000)
+    page_size: int = Field(
+        200,
+        alias="TOKEN_REFRESH_PAGE_SIZE",
+        ge=1,
+        le=1000,
+        description="Cosmos query page size = refresh-requested events per publish batch",
+        json_schema_extra={"unit": "connections per page"},
+    )
+    check_time_budget_ms: int = Field(
+        240_000,
+        alias="TOKEN_REFRESH_CHECK_TIME_BUDGET_MS",
+        ge=1,
+        le=3_600_000,
+        description="a check running longer hands the rest of the scan to a follow-up check "
+        "(see [Scale](scale.md#scale))",
+    )
 
-    cosmos_endpoint: str | None = Field(None, alias="COSMOS_ENDPOINT")
-    cosmos_key: SecretStr | None = Field(None, alias="COSMOS_KEY")
-    cosmos_database: str = Field("integrations", alias="COSMOS_DATABASE", min_length=1)
+    cosmos_endpoint: str | None = Field(
+        None,
+        alias="COSMOS_ENDPOINT",
+        description="Cosmos account URL (`https://…documents.azure.com:443/`)",
+        json_schema_extra={"expected": "an https:// URL such as https://myaccount.documents.azure.com:443/"},
+    )
+    cosmos_key: SecretStr | None = Field(
+        None,
+        alias="COSMOS_KEY",
+        description="account key; absent → `DefaultAzureCredential` (managed identity)",
+        json_schema_extra={
+            "expected": "the account's primary or secondary key (base64), without spaces; or unset for managed identity"
+        },
+    )
+    cosmos_database: str = Field(
+        "integrations",
+        alias="COSMOS_DATABASE",
+        min_length=1,
+        description="database name",
+        json_schema_extra={"expected": "a non-empty database name"},
+    )
     cosmos_connections_container: str = Field(
-        "integration_connections", alias="COSMOS_CONNECTIONS_CONTAINER", min_length=1
+        "integration_connections",
+        alias="COSMOS_CONNECTIONS_CONTAINER",
+        min_length=1,
+        description="container name (partition key `/tenantId`)",
+        json_schema_extra={"expected": "a non-empty container name"},
     )
 
-    service_bus_connection_string: SecretStr | None = Field(None, alias="ServiceBusConnection")
-    service_bus_namespace: str | None = Field(None, alias="ServiceBusConnection__fullyQualifiedNamespace")
+    service_bus_connection_string: SecretStr | None = Field(
+        None,
+        alias="ServiceBusConnection",
+        description="Service Bus connection string (key-based) …",
+        json_schema_extra={
+            "expected": "a Service Bus connection string: Endpoint=sb://<namespace>.servicebus.windows.net/;"
+            "SharedAccessKeyName=...;SharedAccessKey=..."
+        },
+    )
+    service_bus_namespace: str | None = Field(
+        None,
+        alias="ServiceBusConnection__fullyQualifiedNamespace",
+        description="… or the namespace host name for managed identity. Set one, not both. "
+        "The triggers use the same setting",
+        json_schema_extra={"expected": "a host name such as mynamespace.servicebus.windows.net"},
+    )
 
-    rabbitmq_url: SecretStr | None = Field(None, alias="RABBITMQ_URL")
-    rabbitmq_exchange: str = Field("integration.events", alias="RABBITMQ_EXCHANGE", min_length=1)
+    rabbitmq_url: SecretStr | None = Field(
+        None,
+        alias="RABBITMQ_URL",
+        description="`amqp://` / `amqps://` URL; absent → no RabbitMQ bridge",
+        json_schema_extra={"expected": "an amqp:// or amqps:// URL"},
+    )
+    rabbitmq_exchange: str = Field(
+        "integration.events",
+        alias="RABBITMQ_EXCHANGE",
+        min_length=1,
+        description="the platform's topic exchange (declared durable if missing)",
+        json_schema_extra={"expected": "a non-empty exchange name"},
+    )
 
-    integration_manager_url: str | None = Field(None, alias="INTEGRATION_MANAGER_URL")
-    integration_manager_token: SecretStr | None = Field(None, alias="INTEGRATION_MANAGER_TOKEN")
+    integration_manager_url: str | None = Field(
+        None,
+        alias="INTEGRATION_MANAGER_URL",
+        description="base URL of integration-manager (a path prefix is kept; no credentials, query or fragment)",
+        json_schema_extra={"expected": "an http:// or https:// base URL without query, fragment or credentials"},
+    )
+    integration_manager_token: SecretStr | None = Field(
+        None,
+        alias="INTEGRATION_MANAGER_TOKEN",
+        description="sent as `Authorization: Bearer …` when set",
+        json_schema_extra={"expected": "the bearer token integration-manager accepts, on one line, without spaces"},
+    )
     integration_manager_connect_timeout_ms: int = Field(
-        5_000, alias="INTEGRATION_MANAGER_CONNECT_TIMEOUT_MS", ge=100, le=60_000
+        5_000,
+        alias="INTEGRATION_MANAGER_CONNECT_TIMEOUT_MS",
+        ge=100,
+        le=60_000,
+        description="TCP/TLS connect timeout of the refresh call",
     )
-    integration_manager_timeout_ms: int = Field(30_000, alias="INTEGRATION_MANAGER_TIMEOUT_MS", ge=100, le=600_000)
-    integration_manager_max_attempts: int = Field(3, alias="INTEGRATION_MANAGER_MAX_ATTEMPTS", ge=1, le=10)
+    integration_manager_timeout_ms: int = Field(
+        30_000,
+        alias="INTEGRATION_MANAGER_TIMEOUT_MS",
+        ge=100,
+        le=600_000,
+        description="read timeout of the refresh call",
+    )
+    integration_manager_max_attempts: int = Field(
+        3,
+        alias="INTEGRATION_MANAGER_MAX_ATTEMPTS",
+        ge=1,
+        le=10,
+        description="refresh calls per delivery for transient failures",
+        json_schema_extra={"unit": "calls per delivery"},
+    )
     integration_manager_backoff_initial_ms: int = Field(
-        500, alias="INTEGRATION_MANAGER_BACKOFF_INITIAL_MS", ge=1, le=60_000
+        500,
+        alias="INTEGRATION_MANAGER_BACKOFF_INITIAL_MS",
+        ge=1,
+        le=60_000,
+        description="first back-off wait; doubles per attempt (max 10 s), plus up to as much jitter",
     )
     integration_manager_retry_budget_ms: int = Field(
-        60_000, alias="INTEGRATION_MANAGER_RETRY_BUDGET_MS", ge=0, le=300_000
+        60_000,
+        alias="INTEGRATION_MANAGER_RETRY_BUDGET_MS",
+        ge=0,
+        le=300_000,
+        description="no retry wait may end later than this after the invocation started",
     )
-    # How long integration-manager may go on working on a call the app stopped waiting for (a read
-    # timeout, a connection dropped after sending, a gateway's 502/504): no new call for that request
-    # starts before it has passed (docs/failure-handling.md).
-    integration_manager_in_flight_ms: int = Field(60_000, alias="INTEGRATION_MANAGER_IN_FLIGHT_MS", ge=0, le=600_000)
+    integration_manager_in_flight_ms: int = Field(
+        60_000,
+        alias="INTEGRATION_MANAGER_IN_FLIGHT_MS",
+        ge=0,
+        le=600_000,
+        description="how long integration-manager may go on working on a call the app stopped waiting for (read "
+        "timeout, connection dropped after sending, a gateway's 502/504): no new call for that request starts "
+        "before this has passed and the connection has been re-read",
+    )
 
     # Failure handling (docs/failure-handling.md)
-    max_delivery_count: int = Field(10, alias="TOKEN_REFRESH_MAX_DELIVERY_COUNT", ge=1, le=100)
-    # A transient failure is retried by a scheduled copy of the request, this long after the first
-    # failed delivery, doubling per retry up to RETRY_DELAY_MAX_MS: a short outage cannot use up the
-    # deliveries. 0: the queue redelivers at once.
-    retry_delay_ms: int = Field(30_000, alias="TOKEN_REFRESH_RETRY_DELAY_MS", ge=0, le=3_600_000)
-    failure_cooldown_ms: int = Field(DAY_MS, alias="TOKEN_REFRESH_FAILURE_COOLDOWN_MS", ge=0, le=365 * DAY_MS)
-    claim_lease_ms: int = Field(600_000, alias="TOKEN_REFRESH_CLAIM_LEASE_MS", ge=1000, le=DAY_MS)
-    max_age_ms: int = Field(0, alias="TOKEN_REFRESH_MAX_AGE_MS", ge=0, le=3650 * DAY_MS)
-    # Systemic failures (docs/failure-handling.md): this many different connections failing the same way
-    # (not about themselves) within the window raise one alarm.
-    systemic_failure_threshold: int = Field(5, alias="TOKEN_REFRESH_SYSTEMIC_FAILURE_THRESHOLD", ge=1, le=200)
-    systemic_failure_window_ms: int = Field(
-        900_000, alias="TOKEN_REFRESH_SYSTEMIC_FAILURE_WINDOW_MS", ge=60_000, le=DAY_MS
+    max_delivery_count: int = Field(
+        10,
+        alias="TOKEN_REFRESH_MAX_DELIVERY_COUNT",
+        ge=1,
+        le=100,
+        description="deliveries of a refresh request, scheduled retries included; the last one reports a transient "
+        "failure. Also the refresh queue's `MaxDeliveryCount` (for failures that raise)",
+        json_schema_extra={"unit": "deliveries"},
     )
-    cosmos_state_container: str = Field("token_refresh_state", alias="COSMOS_STATE_CONTAINER", min_length=1)
-    cosmos_emulator: bool = Field(False, alias="COSMOS_EMULATOR")
+    # Doubling per retry up to RETRY_DELAY_MAX_MS: a short outage cannot use up the deliveries.
+    retry_delay_ms: int = Field(
+        30_000,
+        alias="TOKEN_REFRESH_RETRY_DELAY_MS",
+        ge=0,
+        le=3_600_000,
+        description="a transient failure comes back as a scheduled copy of the request this long after the first "
+        "failed delivery, doubling per retry up to 15 min (Service Bus: a scheduled message; local host: a durable "
+        "delay queue)",
+        json_schema_extra={"zero": "the queue redelivers at once"},
+    )
+    failure_cooldown_ms: int = Field(
+        DAY_MS,
+        alias="TOKEN_REFRESH_FAILURE_COOLDOWN_MS",
+        ge=0,
+        le=365 * DAY_MS,
+        description="a connection that failed permanently is not requested again for this long unless its document "
+        "changes",
+        json_schema_extra={"zero": "off"},
+    )
+    claim_lease_ms: int = Field(
+        600_000,
+        alias="TOKEN_REFRESH_CLAIM_LEASE_MS",
+        ge=1000,
+        le=DAY_MS,
+        description="how long a refresh claim protects an in-flight refresh (≥ the function timeout)",
+    )
+    max_age_ms: int = Field(
+        0,
+        alias="TOKEN_REFRESH_MAX_AGE_MS",
+        ge=0,
+        le=3650 * DAY_MS,
+        description="refresh tokens **without** `expiresAt` (but with a refresh token) when their document is older "
+        "than this",
+        json_schema_extra={"zero": "off"},
+    )
+    # Systemic failures (docs/failure-handling.md)
+    systemic_failure_threshold: int = Field(
+        5,
+        alias="TOKEN_REFRESH_SYSTEMIC_FAILURE_THRESHOLD",
+        ge=1,
+        le=200,
+        description="this many different connections failing the same way (not about themselves: a stale "
+        "`INTEGRATION_MANAGER_TOKEN`, a wrong URL, an outage) within the window raise one alarm: one ERROR line "
+        "and one `systemic-failure` event",
+        json_schema_extra={"unit": "connections"},
+    )
+    systemic_failure_window_ms: int = Field(
+        900_000,
+        alias="TOKEN_REFRESH_SYSTEMIC_FAILURE_WINDOW_MS",
+        ge=60_000,
+        le=DAY_MS,
+        description="the window of that count",
+    )
+    cosmos_state_container: str = Field(
+        "token_refresh_state",
+        alias="COSMOS_STATE_CONTAINER",
+        min_length=1,
+        description="the app's own container (partition key `/id`, TTL on) for claims, failure records and the "
+        "systemic-failure counts",
+        json_schema_extra={"expected": "a non-empty container name"},
+    )
+    cosmos_emulator: bool = Field(
+        False,
+        alias="COSMOS_EMULATOR",
+        description="`true` only for a loopback emulator endpoint: the SDK does not verify its TLS certificate. "
+        "Refused for any other host; a loopback endpoint without it is refused too",
+    )
 
     @field_validator("*", mode="before")
     @classmethod
@@ -243,10 +383,12 @@ class Settings(BaseSettings):
 
     @property
     def service_bus_configured(self) -> bool:
+        """Service Bus is set up, by connection string or by namespace (managed identity)."""
         return bool(self.service_bus_connection_string or self.service_bus_namespace)
 
     @property
     def rabbitmq_configured(self) -> bool:
+        """Events are bridged to the platform's RabbitMQ (RABBITMQ_URL is set)."""
         return self.rabbitmq_url is not None
 
     def threshold_is_risky(self) -> bool:
@@ -269,6 +411,72 @@ def _setting_names() -> list[str]:
     return [field.alias for field in Settings.model_fields.values() if field.alias]
 
 
+# Expected forms --------------------------------------------------------------------------------------
+# What a SettingsError says a setting should look like is derived from its field: the type, the ge/le
+# bounds, and from json_schema_extra "unit" (what a number counts; a `…_MS` setting counts milliseconds)
+# and "zero" (what 0 means). Only where the type cannot say it (URLs, connection strings, names, secrets)
+# does json_schema_extra "expected" give the whole text. docs/settings.md's table is generated from the
+# same fields (`python -m localdev.settings_doc`).
+
+_DURATION_UNITS = (("year", 365 * DAY_MS), ("day", DAY_MS), ("hour", 3_600_000), ("minute", 60_000))
+
+
+def setting_fields() -> dict[str, Any]:
+    """Each setting's name (the field alias) and its pydantic `FieldInfo`, in the model's order."""
+    return {field.alias: field for field in Settings.model_fields.values() if field.alias}
+
+
+def _extra(field: Any) -> dict[str, Any]:
+    return field.json_schema_extra if isinstance(field.json_schema_extra, dict) else {}
+
+
+def _bound(field: Any, name: str) -> int | None:
+    return next((getattr(item, name) for item in field.metadata if hasattr(item, name)), None)
+
+
+def human_duration(ms: int) -> str | None:
+    """`ms` in the largest unit of a minute or more that divides it (604800000 → "7 days"); None below a minute."""
+    for unit, size in _DURATION_UNITS:
+        if ms >= size and ms % size == 0:
+            count = ms // size
+            return f"{count} {unit}{'' if count == 1 else 's'}"
+    return None
+
+
+def value_note(setting: str, value: int) -> str | None:
+    """What a number means beyond itself: "off" for a 0 that switches a feature off, "7 days" for 604800000 ms."""
+    field = setting_fields()[setting]
+    if value == 0 and (zero := _extra(field).get("zero")):
+        return zero
+    return human_duration(value) if setting.endswith("_MS") else None
+
+
+def _with_note(setting: str, value: int) -> str:
+    note = value_note(setting, value)
+    return f"{value} ({note})" if note else str(value)
+
+
+def expected_form(setting: str) -> str:
+    """The form a setting's value must have, as SettingsError messages and docs/settings.md state it."""
+    field = setting_fields().get(setting)
+    if field is None:
+        return "see docs/settings.md"
+    if expected := _extra(field).get("expected"):
+        return expected
+    if field.annotation is bool:
+        return "true or false"
+    if field.annotation is int:
+        unit = "milliseconds" if setting.endswith("_MS") else _extra(field).get("unit")
+        form = f"a whole number of {unit}" if unit else "a whole number"
+        low, high = _bound(field, "ge"), _bound(field, "le")
+        if low is not None:
+            form += f" from {_with_note(setting, low)}"
+        if high is not None:
+            form += f" to {_with_note(setting, high)}" if low is not None else f" up to {_with_note(setting, high)}"
+        return form
+    return "see docs/settings.md"
+
+
 def _describe(error: ValidationError) -> str:
     problems = []
     for item in error.errors(include_input=False, include_url=False):
@@ -277,11 +485,12 @@ def _describe(error: ValidationError) -> str:
         if not setting:
             problems.append(reason)
             continue
-        problems.append(f"{setting}: {reason}; expected {_expected_form(setting)}")
+        problems.append(f"{setting}: {reason}; expected {expected_form(setting)}")
     return "Invalid application settings: " + " | ".join(problems)
 
 
 def warn_about_risky_threshold(settings: Settings) -> None:
+    """Log once (at start-up) when tokens could expire between two checks; never refuses the settings."""
     if settings.threshold_is_risky():
         logger.warning(
             "TOKEN_REFRESH_EXPIRATION_THRESHOLD_MS (%d) is shorter than TOKEN_REFRESH_INTERVAL_MS (%d) "

@@ -13,39 +13,52 @@ The platform's connection documents are never written.
 from __future__ import annotations
 
 import logging
-import uuid
 from dataclasses import dataclass
+from enum import StrEnum
 from typing import Any, Literal
 
+from shared.ids import text_key
 from shared.settings import Settings
 
 logger = logging.getLogger(__name__)
 
 CLAIM_TTL_S = 7 * 24 * 3600  # claims outlive any redelivery or duplicate-detection window
-_KEY_NAMESPACE = uuid.UUID("0e1b7d2c-5a6f-4c3e-9f8a-2b7c6d5e4f30")
-
-IN_PROGRESS, RETRY_PENDING, REFRESHED, FAILED = "in_progress", "retry_pending", "refreshed", "failed"
-SKIPPED = "skipped"  # ended without an outcome: the connection was revoked or deleted while retrying
-TERMINAL_STATES = (REFRESHED, FAILED, SKIPPED)
 
 
-def connection_key(tenant_id: str, integration_id: str, connection_id: str) -> str:
-    """A short, id-safe key for a connection (Cosmos ids cannot hold / \\ ? # and are <= 255 chars)."""
-    return uuid.uuid5(_KEY_NAMESPACE, "\x1f".join((tenant_id, integration_id, connection_id))).hex
+class ClaimState(StrEnum):
+    """Where a refresh request is (a claim's `state`; stored as the string value)."""
+
+    IN_PROGRESS = "in_progress"  # an invocation holds it (until leaseUntil)
+    RETRY_PENDING = "retry_pending"  # a transient failure: the next delivery (or scheduled copy) goes on
+    REFRESHED = "refreshed"
+    FAILED = "failed"
+    SKIPPED = "skipped"  # ended without an outcome: the connection was revoked or deleted while retrying
+
+
+TERMINAL_STATES = (ClaimState.REFRESHED, ClaimState.FAILED, ClaimState.SKIPPED)
 
 
 @dataclass
 class ClaimResult:
+    """StateStore.claim's answer: `status` (see there) and the claim document as stored, the caller's own when
+    "acquired", the existing one otherwise."""
+
     status: Literal["acquired", "done", "busy", "conflict"]
     claim: dict[str, Any] | None
 
 
 class StateStore:
+    """The app's state container (see the module docstring). One instance per process (shared.runtime); concurrent
+    invocations and hosts are kept apart by etag-guarded writes in Cosmos, not by locks. Times are epoch ms,
+    except Cosmos `_ts` (epoch s)."""
+
     def __init__(self, container: Any):
         self._container = container
 
     @classmethod
     def from_settings(cls, settings: Settings, cosmos_client: Any) -> StateStore:
+        """The store over COSMOS_STATE_CONTAINER. With COSMOS_KEY it creates the container if missing; with managed
+        identity (data-plane roles only) the deployment must have created it."""
         database = cosmos_client.get_database_client(settings.cosmos_database)
         if settings.cosmos_key is not None:
             # Key-based access may create containers; with managed identity (data-plane roles only)
@@ -71,6 +84,7 @@ class StateStore:
     # Claims --------------------------------------------------------------------------------------
 
     def get_claim(self, request_id: str) -> dict[str, Any] | None:
+        """The claim of a request (its event id), or None: never claimed, or dropped by TTL (CLAIM_TTL_S)."""
         return self._get(f"claim-{request_id}")
 
     def claim(  # noqa: PLR0911 - one return per way a claim can end
@@ -85,14 +99,16 @@ class StateStore:
         holder: dict[str, Any] | None = None,
         calls_window_ms: int = 0,
     ) -> ClaimResult:
-        """Claim the request: "acquired" (go ahead), "done" (it ended: see the stored outcome),
-        "busy" (another invocation holds a live lease; `take_over_live_lease` when the caller knows
-        that holder is gone) or "conflict" (the request id belongs to another connection: a claim is
-        bound to the connection that first used it). Take-overs are etag-guarded: of two contenders,
-        one wins. `round` counts the times a later check asked again after the request had ended
-        retryable; outcome event ids and idempotency keys include it. `holder` (message id and delivery
-        count) and `callsUntil` (now + `calls_window_ms`) say who holds a live claim and until when
-        its calls may run, for a redelivery of the same message to take over safely."""
+        """Claim the request: "acquired" (go ahead), "done" (it ended: see the stored outcome), "busy" (another
+        invocation holds a live lease; `take_over_live_lease` when the caller knows that holder is gone) or
+        "conflict" (the request id belongs to another connection: a claim is bound to the connection that first
+        used it). Take-overs are etag-guarded: of two contenders, one wins. `round` counts the times a later
+        check asked again after the request had ended retryable; outcome event ids and idempotency keys include
+        it. `holder` (message id and delivery count) and `callsUntil` (now + `calls_window_ms`) say who holds a
+        live claim and until when its calls may run, for a redelivery of the same message to take over safely.
+
+        `key` is the connection_key; `now_ms` and `requested_at_ms` are epoch ms, `lease_ms` and
+        `calls_window_ms` durations in ms. Cosmos errors other than a lost race propagate."""
         from azure.core import MatchConditions
         from azure.cosmos.exceptions import CosmosAccessConditionFailedError, CosmosResourceExistsError
 
@@ -101,7 +117,7 @@ class StateStore:
             "id": item_id,
             "kind": "claim",
             "connectionKey": key,
-            "state": IN_PROGRESS,
+            "state": ClaimState.IN_PROGRESS,
             "leaseUntil": now_ms + lease_ms,
             "attempts": 0,
             "published": False,
@@ -122,12 +138,16 @@ class StateStore:
         asked_again = superseded(existing, requested_at_ms)
         if existing["state"] in TERMINAL_STATES and not asked_again:
             return ClaimResult("done", existing)
-        if existing["state"] == IN_PROGRESS and existing.get("leaseUntil", 0) > now_ms and not take_over_live_lease:
+        if (
+            existing["state"] == ClaimState.IN_PROGRESS
+            and existing.get("leaseUntil", 0) > now_ms
+            and not take_over_live_lease
+        ):
             return ClaimResult("busy", existing)
         # A retry of an earlier delivery, or a lease that ran out (its holder died): take it over,
         # but only if nobody else did first (etag).
         taken = existing | {
-            "state": IN_PROGRESS,
+            "state": ClaimState.IN_PROGRESS,
             "leaseUntil": now_ms + lease_ms,
             "updatedAt": now_ms,
             "holder": holder,
@@ -161,9 +181,13 @@ class StateStore:
         in_flight_until_ms: int = 0,
         retries: int | None = None,
     ) -> dict[str, Any]:
-        """Record how this delivery ended: its outcome event and whether that was published.
-        `not_before_ms`: the callee's Retry-After, for the next delivery; `in_flight_until_ms`: until
-        when the last call may still be running at integration-manager (no new call before)."""
+        """Record how this delivery ended: its outcome event and whether that was published. `not_before_ms`: the
+        callee's Retry-After, for the next delivery; `in_flight_until_ms`: until when the last call may still be
+        running at integration-manager (no new call before).
+
+        `state` is a ClaimState; `attempts` counts the calls made for the request so far. Ends the lease, so the
+        next delivery can claim at once. A plain write (no etag): only the claim's holder calls it. Returns the
+        stored document. Times are epoch ms."""
         updated = {k: v for k, v in claim.items() if not k.startswith("_")}
         updated.update(
             state=state,
@@ -181,12 +205,16 @@ class StateStore:
         return self._container.upsert_item(updated)
 
     def mark_published(self, claim: dict[str, Any]) -> None:
+        """Record that a stored outcome, published late by a redelivery, has now been published."""
         updated = {k: v for k, v in claim.items() if not k.startswith("_")} | {"published": True}
         self._container.upsert_item(updated)
 
     # Failure records -----------------------------------------------------------------------------
 
     def record_permanent_failure(self, key: str, document_ts: int | None, code: str, now_ms: int, ttl_ms: int) -> None:
+        """Record that the connection `key` failed for good with `code` at document version `document_ts` (Cosmos
+        `_ts`), counting repeats; connection_history reads it. `ttl_ms` (the cooldown) > 0 lets Cosmos drop the
+        record after it; 0 sets no TTL."""
         item_id = f"failure-{key}"
         previous = self._get(item_id)
         record = {
@@ -216,7 +244,7 @@ class StateStore:
             "AND c.updatedAt >= @since AND ARRAY_CONTAINS(@keys, c.connectionKey))",
             parameters=[
                 {"name": "@ids", "value": [f"failure-{key}" for key in candidates] if cooldown_ms > 0 else []},
-                {"name": "@refreshed", "value": REFRESHED},
+                {"name": "@refreshed", "value": ClaimState.REFRESHED},
                 {"name": "@since", "value": refreshed_since_ms},
                 {"name": "@keys", "value": list(candidates)},
             ],
@@ -245,7 +273,7 @@ class StateStore:
         from azure.core import MatchConditions
         from azure.cosmos.exceptions import CosmosAccessConditionFailedError, CosmosResourceExistsError
 
-        item_id = "wave-" + uuid.uuid5(_KEY_NAMESPACE, signature).hex
+        item_id = "wave-" + text_key(signature)
         for _ in range(8):
             existing = self._get(item_id)
             if existing is None or now_ms - existing.get("windowStart", 0) >= window_ms:
@@ -288,6 +316,8 @@ class StateStore:
 
 @dataclass(frozen=True)
 class ConnectionHistory:
+    """connection_history's answer, by connection key."""
+
     suppressed: dict[str, dict[str, Any]]  # key -> its permanent failure record, still in force
     refreshed_at: dict[str, int]  # key -> when this app last refreshed it (epoch ms)
 
@@ -313,7 +343,7 @@ def superseded(claim: dict[str, Any], requested_at_ms: int | None) -> bool:
     same connection and expiresAt give the same request id): it gets a new attempt."""
     outcome = (claim.get("outcome") or {}).get("data") or {}
     return (
-        claim.get("state") == FAILED
+        claim.get("state") == ClaimState.FAILED
         and outcome.get("retryable") is True
         and requested_at_ms is not None
         and requested_at_ms > claim.get("updatedAt", 0)

@@ -8,7 +8,8 @@ only its own.
 
 The invocation's trace context is attached the same way, so its log records carry the invocation's
 operation id: the worker attaches it on its event loop but runs a sync main() on a thread pool, where
-that context is not set (azure-functions-runtime-v1 1.2.0; tests/test_real_worker.py shows both).
+that context is not set (azure-functions-runtime-v1 1.2.0; tests/integration/test_real_worker.py shows
+both).
 """
 
 from __future__ import annotations
@@ -77,7 +78,3 @@ def _attach_trace_context(trace_context: Any) -> object | None:
 def bind(**fields: str | None) -> None:
     """Add fields (e.g. connectionId) to the current invocation's log records."""
     _fields.set(_fields.get() | {name: str(value) for name, value in fields.items() if value is not None})
-
-
-def current_fields() -> dict[str, str]:
-    return dict(_fields.get())

@@ -3,7 +3,7 @@
 Their ERROR records are not the app's errors: a refused RabbitMQ connection alone makes pika log
 ~20 ERROR lines and two tracebacks, which reach stderr and, in Azure, Application Insights as
 errors, while the app reports the same failure once, in one line that says what to check. With
-debug logging on (`python -m shared.cli -v`, PYTHON_ENABLE_DEBUG_LOGGING in Azure) they are shown,
+debug logging on (`python -m localdev -v`, PYTHON_ENABLE_DEBUG_LOGGING in Azure) they are shown,
 as DEBUG records.
 
 How: a library's top logger stops propagating and gets a handler that hands a DEBUG copy of each

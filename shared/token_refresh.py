@@ -35,51 +35,33 @@ from tenacity import (
 )
 
 from shared import runtime, telemetry
-from shared.connection_store import ConnectionState, ConnectionStore, parse_expires_at
+from shared.connection_store import ConnectionState, ConnectionStore
+from shared.errors import RefreshRetryLaterError, RequestIdConflictError
 from shared.events import (
     REFRESH_REQUESTED,
     CloudEvent,
-    InvalidEventError,
     RefreshedData,
     RefreshError,
     RefreshFailedData,
     RefreshRequestedData,
     make_event,
-    outcome_event_id,
     parse_trigger_message,
-    utc_now,
 )
 from shared.failure_waves import count_failure
+from shared.ids import connection_key, idempotency_key, outcome_event_id
 from shared.manager_client import IntegrationManagerClient, RefreshOutcome
 from shared.messaging import EventPublisher, RetryScheduler
 from shared.settings import Settings
-from shared.state_store import (
-    FAILED,
-    REFRESHED,
-    RETRY_PENDING,
-    SKIPPED,
-    TERMINAL_STATES,
-    ClaimResult,
-    StateStore,
-    connection_key,
-)
+from shared.state_store import TERMINAL_STATES, ClaimResult, ClaimState, StateStore
+from shared.times import now_ms, parse_expires_at, utc_now
 
 logger = logging.getLogger(__name__)
 
 BACKOFF_MAX_S = 10.0
 
 
-class RefreshRetryLater(RuntimeError):
-    """Transient failures used up this delivery's retries: the queue should redeliver the message."""
-
-
 class _NoLongerRefreshable(Exception):
     """Raised between retries: the connection was revoked or deleted since the request was made."""
-
-
-class RequestIdConflictError(InvalidEventError):
-    """A request id already claimed for another connection: the message is not what the check sent
-    (a poison message: every delivery fails, then it is dead-lettered)."""
 
 
 def outcome_event(
@@ -175,6 +157,7 @@ class RefreshContext:
 
     @classmethod
     def from_runtime(cls) -> RefreshContext:
+        """The context of a function invocation: the process's clients (shared.runtime) and its retry scheduler."""
         return cls(
             runtime.settings(),
             runtime.connection_store(),
@@ -192,7 +175,18 @@ def refresh_connection_token(
     delivery_count: int = 1,
     message_id: str | None = None,
 ) -> CloudEvent | None:
-    """Refresh one requested connection and publish the outcome (one delivery of its message)."""
+    """Refresh one requested connection and publish the outcome: one delivery of its message (the steps are in the
+    module docstring). Returns the outcome event published, or re-published from an earlier delivery's claim.
+
+    None means nothing was published: the connection is gone, no longer refreshable or was refreshed since;
+    another invocation holds the request; its outcome was published already; or a transient failure was
+    scheduled for a retry.
+
+    Raises RefreshRetryLaterError when the queue should redeliver the message (a transient failure without a
+    retry scheduler, or an earlier call may still be running), RequestIdConflictError when the request id was
+    first used for another connection, and PublishError when the outcome could not be published (it is stored:
+    the redelivery publishes it without calling again). Safe to run again for the same message: the claim
+    (StateStore.claim) allows one call at a time per request."""
     return _RefreshJob(request_event, request, context, delivery_count, message_id).run()
 
 
@@ -268,7 +262,7 @@ class _RefreshJob:
         # Never past the lease: once it runs out, anyone may take the claim anyway.
         wait_ms = min(claim.get("callsUntil", 0), claim.get("leaseUntil", 0)) - now_ms()
         if wait_ms > TAKE_OVER_MAX_WAIT_MS:
-            raise RefreshRetryLater(
+            raise RefreshRetryLaterError(
                 f"an earlier delivery of this request may be calling for {wait_ms / 1000:.0f} s more"
             )
         if wait_ms > 0:
@@ -317,7 +311,7 @@ class _RefreshJob:
         current = self._current()
         reason = no_longer_refreshable(current, self.settings.skip_statuses)
         if reason:
-            self.states.finish_claim(claimed.claim, SKIPPED, claimed.claim.get("attempts", 0), now_ms())
+            self.states.finish_claim(claimed.claim, ClaimState.SKIPPED, claimed.claim.get("attempts", 0), now_ms())
             self._skip(reason)
             return None
         moved_to = expiry_moved_forward(self.request, current)
@@ -371,13 +365,13 @@ class _RefreshJob:
         if in_flight_ms > settings.integration_manager_retry_budget_ms:
             self.states.finish_claim(
                 claim,
-                RETRY_PENDING,
+                ClaimState.RETRY_PENDING,
                 claim.get("attempts", 0),
                 now_ms(),
                 not_before_ms=claim.get("notBefore", 0),
                 in_flight_until_ms=claim["inFlightUntil"],
             )
-            raise RefreshRetryLater(f"an earlier call may be in flight for {in_flight_ms / 1000:.0f} s more")
+            raise RefreshRetryLaterError(f"an earlier call may be in flight for {in_flight_ms / 1000:.0f} s more")
         # A Retry-After answered to the previous delivery still holds for this one.
         wait_ms = max(claim.get("notBefore", 0) - now_ms(), in_flight_ms)
         if wait_ms > 0:
@@ -418,12 +412,12 @@ class _RefreshJob:
             )
         except _NoLongerRefreshable as stop:
             # Ended for good, without an outcome event: as when a request finds it so at the start.
-            self.states.finish_claim(claim, SKIPPED, claim.get("attempts", 0) + len(previous), now_ms())
+            self.states.finish_claim(claim, ClaimState.SKIPPED, claim.get("attempts", 0) + len(previous), now_ms())
             self._skip(f"{stop} (after {len(previous)} failed call(s))")
             return None
         except Exception:
             # Unexpected: release the claim so a redelivery can try again at once, not after the lease.
-            self.states.finish_claim(claim, RETRY_PENDING, claim.get("attempts", 0) + 1, now_ms())
+            self.states.finish_claim(claim, ClaimState.RETRY_PENDING, claim.get("attempts", 0) + 1, now_ms())
             raise
         attempts = claim.get("attempts", 0) + calls
         if not outcome.succeeded and outcome.may_be_in_flight:
@@ -437,7 +431,12 @@ class _RefreshJob:
         elif outcome.transient and self.delivery < settings.max_delivery_count:
             not_before, in_flight_until = self._no_call_before(outcome, now_ms())
             self.states.finish_claim(
-                claim, RETRY_PENDING, attempts, now_ms(), not_before_ms=not_before, in_flight_until_ms=in_flight_until
+                claim,
+                ClaimState.RETRY_PENDING,
+                attempts,
+                now_ms(),
+                not_before_ms=not_before,
+                in_flight_until_ms=in_flight_until,
             )
             logger.warning(
                 "OAuth token refresh will be retried (%s code=%s httpStatus=%s attempts=%d delivery %d of %d)",
@@ -448,7 +447,7 @@ class _RefreshJob:
                 self.delivery,
                 settings.max_delivery_count,
             )
-            raise RefreshRetryLater(f"transient failure {outcome.error_code} after {attempts} attempt(s)")
+            raise RefreshRetryLaterError(f"transient failure {outcome.error_code} after {attempts} attempt(s)")
         return self._report(claim, outcome, attempts, current)
 
     def _no_call_before(self, outcome: RefreshOutcome, now: int) -> tuple[int, int]:
@@ -477,7 +476,7 @@ class _RefreshJob:
         at_ms = max(now + delay_ms, in_flight_until, not_before)
         self.states.finish_claim(
             claim,
-            RETRY_PENDING,
+            ClaimState.RETRY_PENDING,
             attempts,
             now,
             not_before_ms=not_before,
@@ -527,7 +526,7 @@ class _RefreshJob:
         recorded as unpublished first, so the redelivery publishes the stored outcome without
         calling integration-manager again."""
         event = outcome_event(self.request, outcome, attempts, self.event.id, claim.get("round", 0))
-        state = REFRESHED if outcome.succeeded else FAILED
+        state = ClaimState.REFRESHED if outcome.succeeded else ClaimState.FAILED
         stored = event.model_dump(mode="json")
         if outcome.about_connection:
             self._record_permanent_failure(outcome, current)
@@ -556,16 +555,6 @@ class _RefreshJob:
             outcome.check or "integration-manager",
         )
         return event
-
-
-def idempotency_key(request_id: str, attempt_round: int) -> str:
-    """The Idempotency-Key of every call for a request: its id, and the round when a later check asked
-    again after it had ended retryable (a new attempt, not a repeat of the last)."""
-    return request_id if attempt_round == 0 else f"{request_id}.{attempt_round}"
-
-
-def now_ms() -> int:
-    return int(time.time() * 1000)
 
 
 def _publish_stored_outcome(

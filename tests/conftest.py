@@ -1,42 +1,81 @@
-"""Fixtures shared by the integration and end-to-end tests.
+"""The test layers, and the fixtures the integration and end-to-end tests share.
+
+Each test lives in the folder of its layer and gets that layer's marker from it
+(``pytest_collection_modifyitems`` below), so ``pytest tests/unit`` and ``pytest -m unit`` run the same:
+
+- ``tests/unit`` (``unit``): no services at all, runs on a machine with only Python (``make unit``);
+- ``tests/integration`` (``integration``): real local services: RabbitMQ, the Cosmos-compatible server,
+  the stand-in integration-manager, the real Functions worker;
+- ``tests/e2e`` (``e2e``): the app as a program (``python -m localdev ...``, the CLI's commands) against
+  the real local services: full cycles, crash points, faults and broker restarts;
+- ``tests/deploy`` (``deploy``): scripts/deploy.sh's dry runs through the real Azure CLI, the deploy package.
 
 Real services (RabbitMQ, the Cosmos-compatible server, Azurite) are started once per session by
-`tests/service_fixtures.py`; each test gets its own Cosmos container, RabbitMQ exchange and queue
-prefix so tests never see each other's data.
+``tests/support/service_fixtures.py``, when the first test that asks for one runs (never for the unit
+layer); each test gets its own Cosmos container, RabbitMQ exchange and queue prefix so tests never see
+each other's data. Support code shared by several test modules lives in ``tests/support/``.
 """
 
 import contextlib
-import json
 import logging
 import sys
-import time
 import uuid
-from collections.abc import Callable
-from dataclasses import dataclass
-from typing import Any
+from pathlib import Path
 
-import pika
 import pytest
 from azure.cosmos import CosmosClient, PartitionKey
 from azure.cosmos.exceptions import CosmosResourceNotFoundError
 
+from localdev.stand_in_manager import StandInManager
 from shared import check_timer, runtime
-from tests.service_fixtures import azurite, cosmos_server, rabbitmq  # noqa: F401 - pytest fixtures
-from tools.stand_in_manager import StandInManager
+from tests.support.canaries import broker_url_with_canary_password, debug_logs, secret_env  # noqa: F401 - fixtures
+from tests.support.event_taps import DurableTap, EventTap
+from tests.support.helpers import MANAGER_TOKEN
+from tests.support.service_fixtures import azurite, cosmos_server, rabbitmq  # noqa: F401 - pytest fixtures
 
-MANAGER_TOKEN = "manager-token-canary-0b7e1d"
+TESTS = Path(__file__).resolve().parent
+LAYERS = ("unit", "integration", "e2e", "deploy")  # a folder and a marker each (pyproject.toml)
+# What a unit test may not ask for: each starts a service (or is one).
+SERVICE_FIXTURES = {"rabbitmq", "cosmos_server", "azurite", "manager", "functions_worker"}
 
 # The real-worker tests need the worker Azure runs for Python 3.13 apps (azure-functions-runtime-v1,
 # Python >= 3.13 only); on 3.11/3.12 the worker is part of the Functions host and cannot be installed.
 # CI runs the suite on 3.13 first, so they always run there (see pytest_report_header).
 REAL_WORKER_PYTHON = (3, 13)
-collect_ignore = [] if sys.version_info >= REAL_WORKER_PYTHON else ["test_real_worker.py"]
+collect_ignore = [] if sys.version_info >= REAL_WORKER_PYTHON else ["integration/test_real_worker.py"]
 
 
 def pytest_report_header() -> str:
     if collect_ignore:
         return f"real-worker tests: not collected on Python {sys.version.split()[0]} (they run on 3.13)"
     return "real-worker tests: collected (azure-functions-runtime-v1 on Python 3.13)"
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Mark each test with its layer, from its folder; refuse a test outside the layer folders, and a
+    unit test that asks for a service."""
+    misplaced, unit_with_services = set(), []
+    for item in items:
+        try:
+            layer = item.path.resolve().relative_to(TESTS).parts[0]
+        except ValueError:  # not under tests/
+            continue
+        if layer not in LAYERS:
+            misplaced.add(f"tests/{layer}")
+            continue
+        item.add_marker(getattr(pytest.mark, layer))
+        if layer == "unit" and (services := SERVICE_FIXTURES.intersection(item.fixturenames)):
+            unit_with_services.append(f"{item.nodeid} (asks for {', '.join(sorted(services))})")
+    if misplaced:
+        raise pytest.UsageError(
+            f"{', '.join(sorted(misplaced))}: every test module lives in one of tests/{{{','.join(LAYERS)}}}/ "
+            "(docs/development.md, 'Test layers')"
+        )
+    if unit_with_services:
+        raise pytest.UsageError(
+            "unit tests use no services; move these to tests/integration or tests/e2e:\n  "
+            + "\n  ".join(unit_with_services)
+        )
 
 
 for _noisy in ("azure", "pika", "urllib3"):  # as the app does (shared.runtime.QUIET_LOGGERS)
@@ -60,108 +99,6 @@ def cosmos_container(cosmos_database):
 @pytest.fixture
 def exchange():
     return f"test.events.{uuid.uuid4().hex[:10]}"
-
-
-@dataclass
-class CapturedEvent:
-    routing_key: str
-    properties: Any
-    body: dict
-
-
-class EventTap:
-    """An exclusive queue bound to every routing key of the exchange: sees every published event."""
-
-    def __init__(self, url: str, exchange_name: str):
-        self.connection = pika.BlockingConnection(pika.URLParameters(url))
-        self.channel = self.connection.channel()
-        self.channel.exchange_declare(exchange_name, exchange_type="topic", durable=True)
-        self.queue = self.channel.queue_declare("", exclusive=True).method.queue
-        self.channel.queue_bind(self.queue, exchange_name, routing_key="#")
-
-    def drain(self) -> list[CapturedEvent]:
-        events = []
-        while True:
-            method, properties, body = self.channel.basic_get(self.queue, auto_ack=True)
-            if method is None:
-                return events
-            events.append(CapturedEvent(method.routing_key, properties, json.loads(body)))
-
-    def of_type(self, event_type: str) -> list[dict]:
-        return [event.body for event in self.drain() if event.routing_key == event_type]
-
-    def close(self) -> None:
-        if self.connection.is_open:
-            self.connection.close()
-
-
-class DurableTap:
-    """A durable queue bound to every routing key of the exchange. Unlike an exclusive queue it
-    survives the broker restarting (the events are persistent), and it reconnects on its own."""
-
-    def __init__(self, url: str, exchange: str):
-        self.url = url
-        self.exchange = exchange
-        self.queue = f"tap.{uuid.uuid4().hex[:10]}"
-        self.events: list[CapturedEvent] = []  # everything drained so far
-        self._connection: Any = None
-        self._channel: Any = None
-        self._open()
-
-    def _open(self) -> Any:
-        if self._connection is None or not self._connection.is_open:
-            pika_logger = logging.getLogger("pika")
-            level = pika_logger.level
-            pika_logger.setLevel(logging.CRITICAL)  # refused while the broker restarts: expected, not news
-            try:
-                self._connection = pika.BlockingConnection(pika.URLParameters(self.url))
-            finally:
-                pika_logger.setLevel(level)
-            self._channel = self._connection.channel()
-            self._channel.exchange_declare(self.exchange, exchange_type="topic", durable=True)
-            self._channel.queue_declare(self.queue, durable=True)
-            self._channel.queue_bind(self.queue, self.exchange, routing_key="#")
-        return self._channel
-
-    def drain(self, timeout: float = 30) -> list[CapturedEvent]:
-        """The events that arrived since the last drain (reconnecting while the broker restarts)."""
-        deadline = time.monotonic() + timeout
-        drained: list[CapturedEvent] = []
-        while True:
-            try:
-                channel = self._open()
-                while True:
-                    method, properties, body = channel.basic_get(self.queue, auto_ack=True)
-                    if method is None:
-                        self.events.extend(drained)
-                        return drained
-                    drained.append(CapturedEvent(method.routing_key, properties, json.loads(body)))
-            except pika.exceptions.AMQPError:
-                self._connection = None
-                if time.monotonic() > deadline:
-                    raise
-                time.sleep(0.2)  # the broker is restarting
-
-    def everything(self) -> list[CapturedEvent]:
-        """Every event captured so far (draining what arrived meanwhile)."""
-        self.drain()
-        return self.events
-
-    def wait_for(self, predicate: Callable[[list[CapturedEvent]], bool], timeout: float) -> bool:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            self.drain()
-            if predicate(self.events):
-                return True
-            time.sleep(0.01)
-        return False
-
-    def close(self) -> None:
-        try:
-            self._open().queue_delete(self.queue)
-            self._connection.close()
-        except pika.exceptions.AMQPError:
-            pass
 
 
 @pytest.fixture

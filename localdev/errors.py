@@ -1,0 +1,16 @@
+"""The local tooling's errors (the CLI turns each into one line and an exit code)."""
+
+from shared.errors import TokenRefreshError
+
+
+class OperatorError(TokenRefreshError, RuntimeError):
+    """The command could not (or would not) do what was asked. The CLI prints it and exits 1."""
+
+
+class UsageError(TokenRefreshError, ValueError):
+    """The command line must change (e.g. --tenant is needed). The CLI prints usage and exits 2."""
+
+
+class BrokerUnavailableError(OperatorError):
+    """RabbitMQ cannot be reached (or did not come back in time): the local host stops; the CLI prints
+    the one-line message and exits 1, without a traceback."""

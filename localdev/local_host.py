@@ -1,0 +1,653 @@
+"""A local stand-in for the Functions host, driven by RabbitMQ.
+
+It loads the three function folders the way the Functions host does (their `function.json` and
+`main()`), declares one RabbitMQ queue per Service Bus trigger, bound to the platform exchange with
+the trigger's queue name as routing key (= the event type), and invokes `main()` with real
+`azure.functions` trigger objects. A message whose function raises is put back and retried; after
+`max_deliveries` attempts RabbitMQ dead-letters it to `<queue>.dead-letter`, where it can be
+inspected. Queues are quorum queues: the broker counts deliveries (`x-delivery-count`) and applies
+the limit, like Service Bus's MaxDeliveryCount.
+
+The broker may go away (a restart, a dropped connection): `run` reconnects with a short back-off
+and keeps consuming (unacknowledged messages are redelivered by RabbitMQ); `run --once` does the
+same for up to `reconnect_timeout_s`, then stops with a one-line error and a non-zero exit.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib
+import json
+import logging
+import math
+import threading
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import azure.functions.servicebus as func_servicebus
+import pika
+from azure.functions.timer import TimerRequest
+
+from localdev.errors import BrokerUnavailableError
+from shared import runtime
+from shared.errors import PublishError, SettingsError
+from shared.events import CHECK_EXPIRING, CONTENT_TYPE, REFRESH_FAILED, REFRESHED, CloudEvent
+from shared.secrets import Scrubber, scrub_logs
+from shared.settings import Settings
+
+logger = logging.getLogger(__name__)
+
+APP_ROOT = Path(__file__).resolve().parent.parent
+QUEUE_PREFIX = "integration-token-refresh."
+
+# The connection to the broker is gone (dropped, broker restarting): reconnect, redeclare, go on.
+BROKER_CONNECTION_ERRORS = (
+    pika.exceptions.AMQPConnectionError,  # includes StreamLostError, ConnectionClosedByBroker
+    pika.exceptions.ChannelWrongStateError,  # an operation on a channel of a connection that is gone
+    pika.exceptions.ConsumerCancelled,  # the broker cancelled our consumer (e.g. a queue moved)
+)
+# Retrying cannot fix these: stop with a clear message.
+_FATAL_CONNECTION_ERRORS = (
+    pika.exceptions.ProbableAuthenticationError,
+    pika.exceptions.ProbableAccessDeniedError,
+    pika.exceptions.AuthenticationError,
+    pika.exceptions.IncompatibleProtocolError,
+)
+RECONNECT_INITIAL_S = 0.25
+RECONNECT_MAX_S = 5.0
+RECONNECT_TIMEOUT_S = 60.0  # `run --once`: how long a cycle waits for the broker to come back
+# The per-cycle outcome queue outlives a broker restart (durable) but not a crashed run (expires).
+CYCLE_QUEUE_EXPIRES_MS = 30 * 60 * 1000
+RETRY_GRACE_S = 30.0  # a scheduled retry not back this long after it was due is not waited for
+
+
+def describe_connection_error(error: BaseException, scrub: Scrubber | None = None) -> str:
+    text = (scrub.scrub(error) if scrub else str(error)).strip()
+    return f"{error.__class__.__name__}: {text}"[:300] if text else error.__class__.__name__
+
+
+@dataclass(frozen=True)
+class QueueFunction:
+    """A Service-Bus-triggered function folder and the local queue that drives it."""
+
+    name: str
+    event_type: str
+    main: Callable[[Any], Any]
+    queue: str
+
+    @property
+    def dead_letter_queue(self) -> str:
+        return self.queue + ".dead-letter"
+
+
+@dataclass
+class CycleSummary:
+    checks: int = 0
+    found: int = 0
+    refreshed: int = 0
+    failed: int = 0
+    dead_lettered: int = 0
+    failures: list[dict[str, Any]] = field(default_factory=list)
+
+
+def load_function_app(
+    app_root: Path = APP_ROOT, queue_prefix: str = QUEUE_PREFIX
+) -> tuple[Callable[[Any], Any], list[QueueFunction]]:
+    """Import every function folder; return the timer's main and the queue-triggered functions."""
+    timer_main = None
+    queue_functions = []
+    for manifest in sorted(app_root.glob("*/function.json")):
+        bindings = json.loads(manifest.read_text())["bindings"]
+        trigger = next(binding for binding in bindings if binding["type"].endswith("Trigger"))
+        module = importlib.import_module(manifest.parent.name)
+        if trigger["type"] == "timerTrigger":
+            timer_main = module.main
+        elif trigger["type"] == "serviceBusTrigger":
+            event_type = trigger["queueName"]  # Service Bus queue name = event type = routing key
+            queue = queue_prefix + event_type.removeprefix("integration.token.")
+            queue_functions.append(QueueFunction(manifest.parent.name, event_type, module.main, queue))
+    if timer_main is None or not queue_functions:
+        raise RuntimeError(f"no timer and queue functions found under {app_root}")
+    return timer_main, queue_functions
+
+
+def longest_invocation_s(settings: Settings) -> float:
+    """An upper bound of one refresh invocation: its retry budget, the last call's timeouts, the wait
+    for an earlier call that may be in flight, and a redelivery's wait to take a claim over."""
+    from shared.token_refresh import TAKE_OVER_MAX_WAIT_MS
+
+    return (
+        settings.integration_manager_retry_budget_ms
+        + settings.integration_manager_connect_timeout_ms
+        + settings.integration_manager_timeout_ms
+        + settings.integration_manager_in_flight_ms
+        + TAKE_OVER_MAX_WAIT_MS
+    ) / 1000
+
+
+def connection_parameters(settings: Settings) -> pika.URLParameters:
+    """The local host's broker connection. A consumer runs each invocation on its connection's thread,
+    so no heartbeat is sent while one runs: a heartbeat timeout shorter than an invocation would make
+    RabbitMQ close the connection and hand the message to another consumer mid-refresh. The heartbeat
+    is therefore at least the longest invocation (whatever the URL or the broker proposes)."""
+    parameters = pika.URLParameters(settings.rabbitmq_url.get_secret_value())
+    needed = math.ceil(longest_invocation_s(settings))
+    asked = parameters.heartbeat
+    if isinstance(asked, int) and 0 < asked < needed:
+        logger.warning("RabbitMQ heartbeat %d s is shorter than the longest invocation; using %d s", asked, needed)
+    parameters.heartbeat = lambda connection, proposed: max(proposed or 0, asked or 0, needed)
+    return parameters
+
+
+class DelayQueueRetries:
+    """Scheduled retries for the local host, as Service Bus schedules messages in Azure: the copy of a
+    request waits in a durable delay queue (one per target queue and retry number, so every message in
+    it waits as long) until its TTL ends, then RabbitMQ dead-letters it into the function's queue. It
+    survives a restart of the host. Thread-safe: invocation threads schedule through one connection."""
+
+    def __init__(self, settings: Settings, queues_by_event_type: dict[str, str]):
+        self._settings = settings
+        self._queues = queues_by_event_type
+        self._lock = threading.Lock()
+        self._connection: Any = None
+        self._channel: Any = None
+        self.delay_queues: set[str] = set()
+        # Retries scheduled by this host and not yet delivered back (message id, when it is due): a
+        # copy that has left its delay queue but is not in the function's queue yet is still pending.
+        # One not back RETRY_GRACE_S after it was due is given up on (another host may have taken it).
+        self._outstanding: list[tuple[str, float]] = []
+
+    def schedule_retry(self, event: CloudEvent, retry: int, at: datetime, attempt_round: int = 0) -> None:
+        """Deliver `event` to its function's queue again at `at` (`attempt_round` is for Service Bus's
+        duplicate detection; RabbitMQ has none: the copy keeps the request's message id)."""
+        target = self._queues[event.type]
+        delay_queue = f"{target}.retry-{retry}"
+        delay_ms = max(1, math.ceil((at - datetime.now(UTC)).total_seconds() * 1000))
+        properties = pika.BasicProperties(
+            message_id=event.id,
+            content_type=CONTENT_TYPE,
+            type=event.type,
+            delivery_mode=pika.DeliveryMode.Persistent,
+            expiration=str(delay_ms),
+        )
+        with self._lock:
+            for attempt in (1, 2):  # once more on a fresh connection if the broker dropped it
+                try:
+                    channel = self._open()
+                    channel.queue_declare(
+                        delay_queue,
+                        durable=True,
+                        arguments={"x-dead-letter-exchange": "", "x-dead-letter-routing-key": target},
+                    )
+                    channel.basic_publish("", delay_queue, event.to_json(), properties, mandatory=True)
+                    self.delay_queues.add(delay_queue)
+                    self._outstanding.append((event.id, time.monotonic() + delay_ms / 1000))
+                    return
+                except BROKER_CONNECTION_ERRORS:
+                    self._reset()
+                    if attempt == 2:
+                        raise
+
+    def delivered(self, message_id: str | None) -> None:
+        """A message came back to a function: if it is a retry this host scheduled, it is no longer pending."""
+        with self._lock:
+            for index, (outstanding_id, _) in enumerate(self._outstanding):
+                if outstanding_id == message_id:
+                    del self._outstanding[index]
+                    return
+
+    def pending(self) -> int:
+        """Retries not delivered back yet: scheduled by this host, or waiting in a delay queue (after a
+        restart of the host)."""
+        with self._lock:
+            now = time.monotonic()
+            self._outstanding = [(m, due) for m, due in self._outstanding if due + RETRY_GRACE_S > now]
+            outstanding = len(self._outstanding)
+            if not self.delay_queues:
+                return outstanding
+            try:
+                channel = self._open()
+                waiting = sum(channel.queue_declare(q, passive=True).method.message_count for q in self.delay_queues)
+            except BROKER_CONNECTION_ERRORS:
+                self._reset()
+                raise
+            return max(outstanding, waiting)
+
+    def _open(self) -> Any:
+        if self._channel is None or not self._channel.is_open:
+            self._reset()
+            self._connection = pika.BlockingConnection(connection_parameters(self._settings))
+            self._channel = self._connection.channel()
+            self._channel.confirm_delivery()  # a retry is only scheduled once the broker has it
+        return self._channel
+
+    def _reset(self) -> None:
+        connection, self._connection, self._channel = self._connection, None, None
+        if connection is not None and connection.is_open:
+            with contextlib.suppress(Exception):
+                connection.close()
+
+    def close(self) -> None:
+        with self._lock:
+            self._reset()
+
+
+class LocalInvocationContext:
+    """What the Functions host passes as `context`: a fresh invocation id per call."""
+
+    def __init__(self, function_name: str):
+        self.invocation_id = str(uuid.uuid4())
+        self.function_name = function_name
+        self.function_directory = str(APP_ROOT / function_name)
+
+
+def trigger_message(body: bytes, properties: pika.BasicProperties) -> func_servicebus.ServiceBusMessage:
+    """The trigger object the Functions host would pass for this message."""
+    headers = properties.headers or {}
+    return func_servicebus.ServiceBusMessage(
+        body=body,
+        message_id=properties.message_id or "",
+        content_type=properties.content_type,
+        delivery_count=int(headers.get("x-delivery-count", 0)) + 1,
+        application_properties={"type": properties.type} if properties.type else {},
+        user_properties={},
+    )
+
+
+class LocalHost:
+    def __init__(
+        self,
+        settings: Settings,
+        queue_prefix: str = QUEUE_PREFIX,
+        app_root: Path = APP_ROOT,
+        reconnect_timeout_s: float = RECONNECT_TIMEOUT_S,
+        workers: int = 1,
+    ):
+        if settings.rabbitmq_url is None:
+            raise SettingsError("RABBITMQ_URL is not set; the local host needs it: RabbitMQ is its transport")
+        self.settings = settings
+        # The functions read the same setting to know their last delivery, as with Service Bus.
+        self.max_deliveries = settings.max_delivery_count
+        self.queue_prefix = queue_prefix
+        self.reconnect_timeout_s = reconnect_timeout_s
+        # Refresh requests are handled by this many threads at once, each with its own RabbitMQ
+        # connection and prefetch 1 (Azure: host.json maxConcurrentCalls / maxConcurrentSessions).
+        self.workers = max(1, workers)
+        self.timer_main, self.functions = load_function_app(app_root, queue_prefix)
+        self._by_queue = {function.queue: function for function in self.functions}
+        self._connection: Any = None
+        self._channel: Any = None
+        self._stop = threading.Event()
+        self.retries = DelayQueueRetries(settings, {f.event_type: f.queue for f in self.functions})
+        # No form of a secret in any log line or in what is dead-lettered (the reason is an exception text).
+        self._scrub = scrub_logs(settings)
+
+    # Topology -----------------------------------------------------------------------------------
+
+    def connect(self) -> Any:
+        parameters = connection_parameters(self.settings)
+        try:
+            self._connection = pika.BlockingConnection(parameters)
+        except _FATAL_CONNECTION_ERRORS as error:
+            reason = describe_connection_error(error, self._scrub)
+            raise BrokerUnavailableError(
+                f"RabbitMQ refused the local host's connection ({reason}); check RABBITMQ_URL"
+            ) from None
+        self._channel = self._connection.channel()
+        self._channel.basic_qos(prefetch_count=1)
+        declare_topology(self._channel, self.settings.rabbitmq_exchange, self.functions, self.max_deliveries)
+        runtime.use_retry_scheduler(self.retries)  # transient failures come back through its delay queues
+        return self._channel
+
+    def close(self) -> None:
+        if runtime.retry_scheduler_installed() is self.retries:
+            runtime.use_retry_scheduler(None)  # its delay queues are this host's: not without it
+        self.retries.close()
+        connection, self._connection, self._channel = self._connection, None, None
+        if connection is not None and connection.is_open:
+            try:
+                connection.close()
+            except Exception:  # a connection that broke while closing: nothing left to close
+                logger.debug("closing the RabbitMQ connection failed", exc_info=True)
+
+    def _reconnect(self, error: BaseException, deadline: float | None, what: str = "connection lost") -> bool:
+        """After a lost connection: reconnect with a growing back-off (and redeclare the topology).
+        Gives up with BrokerUnavailableError at `deadline` (None: never). False when stop() was called."""
+        self.close()
+        delay = RECONNECT_INITIAL_S
+        lost_at = time.monotonic()
+        # Each failed attempt is one line of ours (pika's own records are at DEBUG: shared.third_party_logs).
+        logger.warning("RabbitMQ %s (%s); reconnecting", what, describe_connection_error(error, self._scrub))
+        while not self._stop.is_set():
+            if deadline is not None and time.monotonic() + delay > deadline:
+                raise BrokerUnavailableError(
+                    f"RabbitMQ connection lost during the cycle and not back within "
+                    f"{self.reconnect_timeout_s:g} s ({describe_connection_error(error, self._scrub)}); "
+                    "unfinished messages stay queued for the next run"
+                )
+            if self._stop.wait(delay):
+                break
+            try:
+                self.connect()
+            except BROKER_CONNECTION_ERRORS as again:
+                self.close()
+                error = again
+                delay = min(delay * 2, RECONNECT_MAX_S)
+                logger.info("RabbitMQ still unavailable (%s)", describe_connection_error(again, self._scrub))
+                continue
+            logger.warning("Connected to RabbitMQ again after %.1f s", time.monotonic() - lost_at)
+            return True
+        return False
+
+    # Invocation ---------------------------------------------------------------------------------
+
+    def invoke(self, queue: str, method: Any, properties: Any, body: bytes, channel: Any = None) -> bool:
+        """Run the queue's function on one message; ack on success, requeue (or dead-letter) on error.
+        `channel`: the channel the message came from (a worker thread's own), default the host's."""
+        channel = channel or self._channel
+        function = self._by_queue[queue]
+        message = trigger_message(body, properties)
+        self.retries.delivered(message.message_id)
+        try:
+            function.main(message, context=LocalInvocationContext(function.name))
+        except Exception as error:
+            last = message.delivery_count >= self.max_deliveries
+            # Scrubbed before it is cut: a secret cut in two would no longer be recognised.
+            reason = self._scrub.scrub(f"{error.__class__.__name__}: {error}")[:1000]
+            logger.error(
+                "Function %s failed on message %s (delivery %d of %d): %s%s",
+                function.name,
+                message.message_id,
+                message.delivery_count,
+                self.max_deliveries,
+                reason,
+                f"; dead-lettering to {function.dead_letter_queue}" if last else "; will retry",
+            )
+            logger.debug("function failure", exc_info=True)
+            if last:
+                self._dead_letter(channel, function, properties, body, reason=reason, deliveries=message.delivery_count)
+                channel.basic_ack(method.delivery_tag)
+            else:
+                # Like a Service Bus abandon: redelivered at once (the functions back off inside an invocation).
+                channel.basic_nack(method.delivery_tag, requeue=True)
+            return False
+        channel.basic_ack(method.delivery_tag)
+        return True
+
+    def _dead_letter(
+        self, channel: Any, function: QueueFunction, properties: Any, body: bytes, *, reason: str, deliveries: int
+    ) -> None:
+        """Park the message with the reason, like Service Bus's DeadLetterReason/ErrorDescription."""
+        headers = dict(properties.headers or {}) | {
+            "x-dead-letter-reason": "MaxDeliveryCountExceeded",
+            "x-dead-letter-error-description": reason,
+            "x-source-queue": function.queue,
+            "x-delivery-count": deliveries,
+        }
+        channel.basic_publish(
+            "",
+            function.dead_letter_queue,
+            body,
+            pika.BasicProperties(
+                content_type=properties.content_type,
+                message_id=properties.message_id,
+                type=properties.type,
+                delivery_mode=pika.DeliveryMode.Persistent,
+                timestamp=int(time.time()),  # when it was dead-lettered (shown by `dead-letters`)
+                headers=headers,
+            ),
+        )
+
+    def tick_timer(self) -> None:
+        self.timer_main(TimerRequest(past_due=False), context=LocalInvocationContext("check_expiring_timer"))
+
+    # Modes --------------------------------------------------------------------------------------
+
+    def run_once(self) -> CycleSummary:
+        """One full cycle: timer, every check message, every refresh request, every outcome counted.
+
+        A connection lost mid-cycle (e.g. a broker restart) is re-established for up to
+        `reconnect_timeout_s` and the cycle goes on: unacknowledged messages come back from their
+        queues, and outcomes are counted from a durable per-cycle queue, once per event id."""
+        try:
+            if self._channel is None:
+                self.connect()
+            cycle_queue = self._declare_cycle_queue()
+            dead_letters_before = self._dead_letter_count()
+        except BROKER_CONNECTION_ERRORS as error:
+            raise BrokerUnavailableError(
+                f"cannot use RabbitMQ ({describe_connection_error(error, self._scrub)}); is it running and is "
+                "RABBITMQ_URL right?"
+            ) from None
+        try:
+            self.tick_timer()
+        except PublishError as error:
+            raise BrokerUnavailableError(
+                f"could not publish the check-expiring event ({self._scrub.scrub(error)})"
+            ) from None
+
+        summary = CycleSummary()
+        counted: set[str] = set()
+        while True:
+            try:
+                self._declare_cycle_queue(cycle_queue)
+                self._process_queued_messages(summary, counted)
+                if self.retries.pending():  # scheduled retries are part of the cycle: wait for them
+                    time.sleep(0.05)
+                    continue
+                self._count_outcomes(cycle_queue, summary, counted)
+                summary.dead_lettered = self._dead_letter_count() - dead_letters_before
+                break
+            except BROKER_CONNECTION_ERRORS as error:
+                self._reconnect(error, deadline=time.monotonic() + self.reconnect_timeout_s)
+        try:
+            self._channel.queue_delete(cycle_queue)
+        except pika.exceptions.AMQPError:  # it expires on its own (CYCLE_QUEUE_EXPIRES_MS)
+            logger.debug("could not delete %s", cycle_queue, exc_info=True)
+        return summary
+
+    def _declare_cycle_queue(self, name: str | None = None) -> str:
+        """This cycle's own outcome queue: durable, so a broker restart keeps what it holds; it
+        expires if the run dies before deleting it."""
+        name = name or f"{self.queue_prefix}cycle-outcomes.{uuid.uuid4().hex[:12]}"
+        self._channel.queue_declare(name, durable=True, arguments={"x-expires": CYCLE_QUEUE_EXPIRES_MS})
+        for event_type in (REFRESHED, REFRESH_FAILED):
+            self._channel.queue_bind(name, self.settings.rabbitmq_exchange, routing_key=event_type)
+        return name
+
+    def _process_queued_messages(self, summary: CycleSummary, counted: set[str]) -> None:
+        processed = True
+        while processed:
+            processed = False
+            for function in self.functions:  # check-expiring first: it feeds refresh-requested
+                if function.event_type != CHECK_EXPIRING and self.workers > 1:
+                    processed |= self._drain_with_workers(function, summary, counted)
+                    continue
+                while (delivery := self._channel.basic_get(function.queue)) != (None, None, None):
+                    self._invoke_counted(function, delivery, self._channel, summary, counted)
+                    processed = True
+
+    def _invoke_counted(  # noqa: PLR0917 - internal helper of the two drain loops
+        self,
+        function: QueueFunction,
+        delivery: Any,
+        channel: Any,
+        summary: CycleSummary,
+        counted: set[str],
+        lock: Any = None,
+    ) -> None:
+        method, properties, body = delivery
+        if not self.invoke(function.queue, method, properties, body, channel):
+            return
+        with lock or contextlib.nullcontext():
+            if function.event_type == CHECK_EXPIRING:
+                summary.checks += 1
+            elif _first_time(counted, "request", properties.message_id):
+                summary.found += 1  # a re-run check requests the same ids again
+
+    def _drain_with_workers(self, function: QueueFunction, summary: CycleSummary, counted: set[str]) -> bool:
+        """Empty `function`'s queue with `workers` threads, each on its own connection and channel
+        (pika connections must not be shared between threads). True when anything was processed."""
+        lock = threading.Lock()
+        processed: list[bool] = []
+        errors: list[BaseException] = []
+
+        def work() -> None:
+            try:
+                with pika.BlockingConnection(connection_parameters(self.settings)) as conn:
+                    channel = conn.channel()
+                    channel.basic_qos(prefetch_count=1)
+                    while not self._stop.is_set():
+                        delivery = channel.basic_get(function.queue)
+                        if delivery == (None, None, None):
+                            return
+                        self._invoke_counted(function, delivery, channel, summary, counted, lock)
+                        processed.append(True)
+            except Exception as error:  # noqa: BLE001 - handed to the main thread, which reconnects or gives up
+                errors.append(error)
+
+        threads = [threading.Thread(target=work, name=f"local-host-worker-{n}") for n in range(self.workers)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        if errors:
+            raise errors[0]
+        return bool(processed)
+
+    def _count_outcomes(self, cycle_queue: str, summary: CycleSummary, counted: set[str]) -> None:
+        while (delivery := self._channel.basic_get(cycle_queue, auto_ack=True)) != (None, None, None):
+            _, properties, body = delivery
+            if not _first_time(counted, "outcome", properties.message_id):
+                continue  # at-least-once: the same event published again after a failure
+            if properties.type == REFRESHED:
+                summary.refreshed += 1
+            else:
+                summary.failed += 1
+                summary.failures.append(json.loads(body)["data"])
+
+    def run_forever(self, tick_seconds: float | None = None) -> None:
+        """Consume until stop() or Ctrl-C; tick the timer so TOKEN_REFRESH_INTERVAL_MS sets the cadence.
+        A lost broker connection is re-established with a growing back-off (up to RECONNECT_MAX_S).
+        With workers > 1, that many more threads consume refresh requests, each on its own connection."""
+        extra = [
+            threading.Thread(target=self._consume_forever, args=(function,), name=f"local-host-worker-{n}", daemon=True)
+            for function in self.functions
+            if function.event_type != CHECK_EXPIRING
+            for n in range(self.workers - 1)
+        ]
+        for thread in extra:
+            thread.start()
+        tick = tick_seconds or max(1.0, min(60.0, self.settings.interval_ms / 10_000))
+        next_tick = time.monotonic()
+        announced = False
+        try:
+            while not self._stop.is_set():
+                try:
+                    if self._channel is None:
+                        self.connect()
+                    self._subscribe()
+                except BROKER_CONNECTION_ERRORS as error:
+                    if not self._reconnect(error, deadline=None, what="unavailable"):
+                        break
+                    continue
+                if not announced:
+                    announced = True
+                    logger.info(
+                        "Local host running: queues %s, timer tick %.1f s (Ctrl-C stops)",
+                        ", ".join(f.queue for f in self.functions),
+                        tick,
+                    )
+                try:
+                    while not self._stop.is_set():
+                        if time.monotonic() >= next_tick:
+                            self._tick_timer_logging_failures()
+                            next_tick = time.monotonic() + tick
+                        wait = min(0.5, max(0.0, next_tick - time.monotonic()))
+                        self._connection.process_data_events(time_limit=wait)
+                except BROKER_CONNECTION_ERRORS as error:
+                    # Unacknowledged messages go back to their queues; they are redelivered after reconnecting.
+                    if not self._reconnect(error, deadline=None):
+                        break
+        finally:
+            self.close()
+
+    def _consume_forever(self, function: QueueFunction) -> None:
+        """A worker thread: its own connection, prefetch 1, reconnecting until stop()."""
+        delay = RECONNECT_INITIAL_S
+        while not self._stop.is_set():
+            try:
+                connection = pika.BlockingConnection(connection_parameters(self.settings))
+                try:
+                    channel = connection.channel()
+                    channel.basic_qos(prefetch_count=1)
+                    channel.basic_consume(
+                        function.queue,
+                        lambda ch, method, properties, body: self.invoke(function.queue, method, properties, body, ch),
+                    )
+                    delay = RECONNECT_INITIAL_S
+                    while not self._stop.is_set():
+                        connection.process_data_events(time_limit=0.5)
+                finally:
+                    with contextlib.suppress(Exception):
+                        connection.close()
+            except BROKER_CONNECTION_ERRORS:
+                self._stop.wait(delay)
+                delay = min(delay * 2, RECONNECT_MAX_S)
+
+    def _subscribe(self) -> None:
+        for function in self.functions:
+            self._channel.basic_consume(
+                function.queue,
+                lambda ch, method, properties, body, queue=function.queue: self.invoke(queue, method, properties, body),
+            )
+
+    def _tick_timer_logging_failures(self) -> None:
+        """Like the Functions host: a failed timer invocation is logged; the next tick runs as usual."""
+        try:
+            self.tick_timer()
+        except Exception as error:
+            logger.error("Timer function failed: %s", self._scrub.scrub(f"{error.__class__.__name__}: {error}")[:1000])
+            logger.debug("timer failure", exc_info=True)
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    def _dead_letter_count(self) -> int:
+        return sum(
+            self._channel.queue_declare(f.dead_letter_queue, passive=True).method.message_count for f in self.functions
+        )
+
+
+def _first_time(seen: set[str], kind: str, message_id: str | None) -> bool:
+    """Whether this message id (of this kind) is new to the cycle; messages without an id always count."""
+    if not message_id:
+        return True
+    key = f"{kind}:{message_id}"
+    if key in seen:
+        return False
+    seen.add(key)
+    return True
+
+
+def declare_topology(channel: Any, exchange: str, functions: list[QueueFunction], max_deliveries: int) -> None:
+    channel.exchange_declare(exchange, exchange_type="topic", durable=True)
+    for function in functions:
+        channel.queue_declare(function.dead_letter_queue, durable=True)
+        channel.queue_declare(
+            function.queue,
+            durable=True,
+            arguments={
+                "x-queue-type": "quorum",
+                # Safety net for a host that dies mid-message over and over; failures dead-letter in invoke().
+                "x-delivery-limit": max_deliveries,
+                "x-dead-letter-exchange": "",
+                "x-dead-letter-routing-key": function.dead_letter_queue,
+            },
+        )
+        channel.queue_bind(function.queue, exchange, routing_key=function.event_type)

@@ -1,0 +1,632 @@
+"""scripts/deploy.sh: what it would create, and every az command it prints, checked by the real Azure CLI.
+
+`--dry-run` prints each `az` command exactly as the script would run it. The tests read those lines
+for the resources and settings the design needs (queue options, identity-based connections, no keys,
+Key Vault references), and then run every line through the real Azure CLI (PyPI `azure-cli` in
+`.venv-azcli`, installed by scripts/install-azure-cli.sh) with an empty config dir and no login: the
+CLI parses and validates the command, then stops at "Please run 'az login'". Any other outcome (an
+unknown option, a misspelled command, a bad value) fails the test.
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+import json
+import os
+import re
+import shlex
+import shutil
+import subprocess
+import sys
+import time
+import zipfile
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[2]
+SCRIPT = REPO / "scripts" / "deploy.sh"
+AZCLI_VENV = Path(os.environ.get("AZCLI_VENV", REPO / ".venv-azcli"))
+AZ = AZCLI_VENV / "bin" / "az"
+
+REQUIRED = {
+    "RESOURCE_GROUP": "rg-token-refresh",
+    "LOCATION": "westeurope",
+    "APP_NAME": "token-refresh-test",
+    "COSMOS_ACCOUNT": "platform-cosmos",
+}
+RABBITMQ_SECRET = "amqps://svc:rabbit-canary-8d2f@mq.example.com/prod"
+MANAGER_SECRET = "manager-token-canary-51c7"
+FULL = {
+    **REQUIRED,
+    "INTEGRATION_MANAGER_URL": "https://integration-manager.example.com",
+    "RABBITMQ_URL": RABBITMQ_SECRET,
+    "INTEGRATION_MANAGER_TOKEN": MANAGER_SECRET,
+    "ALERT_EMAIL": "ops@example.com",
+    "TOKEN_REFRESH_MAX_DELIVERY_COUNT": "7",
+    "TOKEN_REFRESH_PAGE_SIZE": "100",
+}
+KEY_MARKERS = ("AccountKey=", "SharedAccessKey=", "SharedAccessKeyName=", "COSMOS_KEY=")
+LOGIN_REQUIRED = "Please run 'az login'"
+
+
+def run_deploy(env: dict[str, str], *args: str, script: Path = SCRIPT) -> subprocess.CompletedProcess[str]:
+    # Only what is given: a developer's own RESOURCE_GROUP etc. must not leak into the test.
+    clean = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "HOME": str(Path.home()), **env}
+    return subprocess.run(
+        ["bash", str(script), *args], env=clean, capture_output=True, text=True, timeout=60, check=False
+    )
+
+
+def az_lines(stdout: str) -> list[list[str]]:
+    return [shlex.split(line) for line in stdout.splitlines() if line.startswith("az ")]
+
+
+def option(argv: list[str], name: str) -> str:
+    """The value after option `name` (exactly one occurrence)."""
+    positions = [i for i, token in enumerate(argv) if token == name]
+    assert len(positions) == 1, f"{name} should appear once in {shlex.join(argv)}"
+    return argv[positions[0] + 1]
+
+
+def option_values(argv: list[str], name: str) -> list[str]:
+    """Every value after option `name`, up to the next option."""
+    start = argv.index(name) + 1
+    values = []
+    for token in argv[start:]:
+        if token.startswith("--"):
+            break
+        values.append(token)
+    return values
+
+
+def commands(lines: list[list[str]], *words: str) -> list[list[str]]:
+    return [argv for argv in lines if argv[1 : 1 + len(words)] == list(words)]
+
+
+def queue_command(lines: list[list[str]], queue: str) -> list[str]:
+    found = [argv for argv in commands(lines, "servicebus", "queue", "create") if option(argv, "--name") == queue]
+    assert len(found) == 1, f"queue {queue} should be created once"
+    return found[0]
+
+
+def app_settings(lines: list[list[str]]) -> dict[str, str]:
+    settings: dict[str, str] = {}
+    for argv in commands(lines, "functionapp", "config", "appsettings", "set"):
+        for pair in option_values(argv, "--settings"):
+            name, _, value = pair.partition("=")
+            settings[name] = value
+    return settings
+
+
+@pytest.fixture(scope="module")
+def full_run() -> subprocess.CompletedProcess[str]:
+    result = run_deploy(FULL, "--dry-run")
+    assert result.returncode == 0, result.stderr
+    return result
+
+
+@pytest.fixture(scope="module")
+def minimal_run() -> subprocess.CompletedProcess[str]:
+    result = run_deploy(REQUIRED, "--dry-run")
+    assert result.returncode == 0, result.stderr
+    return result
+
+
+@pytest.fixture(scope="module")
+def full(full_run) -> list[list[str]]:
+    return az_lines(full_run.stdout)
+
+
+@pytest.fixture(scope="module")
+def minimal(minimal_run) -> list[list[str]]:
+    return az_lines(minimal_run.stdout)
+
+
+# --- usage ----------------------------------------------------------------------------------------
+
+
+def test_help_prints_usage():
+    result = run_deploy({}, "--help")
+    assert result.returncode == 0
+    assert result.stdout.startswith("Usage:")
+    for name in (*REQUIRED, "--dry-run", "TOKEN_REFRESH_INTERVAL_MS", "ALERT_EMAIL", "RABBITMQ_URL"):
+        assert name in result.stdout
+
+
+@pytest.mark.parametrize("missing", sorted(REQUIRED))
+def test_missing_required_setting_exits_2_with_usage(missing):
+    env = {name: value for name, value in REQUIRED.items() if name != missing}
+    result = run_deploy(env, "--dry-run")
+    assert result.returncode == 2
+    assert f"missing required environment variable(s): {missing}" in result.stderr
+    assert "Usage:" in result.stderr
+    assert result.stdout == ""
+
+
+def test_unknown_argument_and_bad_values_exit_2():
+    assert run_deploy(REQUIRED, "--dry-run", "--yes").returncode == 2
+    bad_count = run_deploy({**REQUIRED, "TOKEN_REFRESH_MAX_DELIVERY_COUNT": "ten"}, "--dry-run")
+    assert bad_count.returncode == 2
+    assert "TOKEN_REFRESH_MAX_DELIVERY_COUNT must be a whole number" in bad_count.stderr
+    bad_namespace = run_deploy({**REQUIRED, "SERVICEBUS_NAMESPACE": "tokens-sb"}, "--dry-run")
+    assert bad_namespace.returncode == 2
+
+
+# --- what the dry run shows -----------------------------------------------------------------------
+
+
+def test_dry_run_prints_only_az_commands_and_comments(full_run, full):
+    lines = [line for line in full_run.stdout.splitlines() if line.strip()]
+    assert all(line.startswith(("az ", "# ")) for line in lines), [
+        line for line in lines if not line.startswith(("az ", "# "))
+    ]
+    assert len(full) >= 35
+    assert all(argv[0] == "az" for argv in full)
+    # The zip is built by the script itself: shown as a comment, not as a command.
+    assert any(line.startswith("# build ") and "allowlist" in line for line in lines)
+
+
+def test_service_bus_namespace_and_queues(full):
+    (namespace,) = commands(full, "servicebus", "namespace", "create")
+    assert option(namespace, "--sku") == "Standard"
+    assert option(namespace, "--disable-local-auth") == "true"
+
+    refresh = queue_command(full, "integration.token.refresh-requested")
+    assert option(refresh, "--enable-session") == "true"
+    assert option(refresh, "--duplicate-detection") == "true"
+    assert option(refresh, "--duplicate-detection-history-time-window") == "PT2H"
+    assert option(refresh, "--max-delivery-count") == FULL["TOKEN_REFRESH_MAX_DELIVERY_COUNT"]
+    assert option(refresh, "--lock-duration") == "PT5M"
+    assert option(refresh, "--enable-dead-lettering-on-message-expiration") == "true"
+
+    check = queue_command(full, "integration.token.check-expiring")
+    assert option(check, "--max-delivery-count") == "10"
+    assert option(check, "--lock-duration") == "PT5M"
+    assert option(check, "--enable-dead-lettering-on-message-expiration") == "true"
+    assert "--enable-session" not in check
+
+    queue_command(full, "integration.token.refreshed")
+    queue_command(full, "integration.token.refresh.failed")
+
+
+def test_every_queue_the_app_sends_to_is_created(full):
+    from shared.messaging import SERVICE_BUS_QUEUES
+
+    created = {option(argv, "--name") for argv in commands(full, "servicebus", "queue", "create")}
+    assert set(SERVICE_BUS_QUEUES.values()) <= created
+
+
+def test_queue_names_match_the_function_bindings(full):
+    created = {option(argv, "--name") for argv in commands(full, "servicebus", "queue", "create")}
+    for function_json in REPO.glob("*/function.json"):
+        for binding in json.loads(function_json.read_text())["bindings"]:
+            if binding["type"] == "serviceBusTrigger":
+                assert binding["queueName"] in created
+                assert binding["connection"] == "ServiceBusConnection"
+
+
+def test_refresh_queue_max_delivery_count_defaults_to_the_app_default(minimal):
+    refresh = queue_command(minimal, "integration.token.refresh-requested")
+    assert option(refresh, "--max-delivery-count") == "10"
+    assert app_settings(minimal)["TOKEN_REFRESH_MAX_DELIVERY_COUNT"] == "10"
+
+
+def test_app_settings_use_identity_and_no_keys(full):
+    settings = app_settings(full)
+    storage = option(commands(full, "storage", "account", "create")[0], "--name")
+    namespace = option(commands(full, "servicebus", "namespace", "create")[0], "--name")
+    assert settings["AzureWebJobsStorage__accountName"] == storage
+    assert settings["AzureWebJobsStorage__credential"] == "managedidentity"
+    assert settings["ServiceBusConnection__fullyQualifiedNamespace"] == f"{namespace}.servicebus.windows.net"
+    assert settings["ServiceBusConnection__credential"] == "managedidentity"
+    client_ids = {
+        settings[name]
+        for name in ("AzureWebJobsStorage__clientId", "ServiceBusConnection__clientId", "AZURE_CLIENT_ID")
+    }
+    assert client_ids == {"<identity-client-id>"}
+    assert settings["COSMOS_ENDPOINT"] == "<cosmos-document-endpoint>"
+    for name in ("COSMOS_KEY", "ServiceBusConnection", "AzureWebJobsStorage"):
+        assert name not in settings
+    assert settings["TOKEN_REFRESH_INTERVAL_MS"] == "3600000"
+    assert settings["TOKEN_REFRESH_EXPIRATION_THRESHOLD_MS"] == "3900000"
+    assert settings["TOKEN_REFRESH_MAX_DELIVERY_COUNT"] == FULL["TOKEN_REFRESH_MAX_DELIVERY_COUNT"]
+    assert settings["TOKEN_REFRESH_PAGE_SIZE"] == "100"  # optional settings are passed through
+    assert settings["COSMOS_STATE_CONTAINER"] == "token_refresh_state"
+    assert settings["INTEGRATION_MANAGER_URL"] == FULL["INTEGRATION_MANAGER_URL"]
+    assert settings["APPLICATIONINSIGHTS_AUTHENTICATION_STRING"] == "ClientId=<identity-client-id>;Authorization=AAD"
+    # The worker configures Azure Monitor OpenTelemetry (which reads the authentication string above).
+    assert settings["PYTHON_APPLICATIONINSIGHTS_ENABLE_TELEMETRY"] == "true"
+    for argv in commands(full, "functionapp", "config", "appsettings"):
+        line = shlex.join(argv)
+        assert not any(marker in line for marker in KEY_MARKERS), line
+    (delete,) = commands(full, "functionapp", "config", "appsettings", "delete")
+    removed = option_values(delete, "--setting-names")
+    assert {"AzureWebJobsStorage", "ServiceBusConnection", "COSMOS_KEY"} <= set(removed)
+
+
+def test_secrets_go_to_key_vault_and_are_never_printed(full_run, full):
+    for output in (full_run.stdout, full_run.stderr):
+        assert RABBITMQ_SECRET not in output
+        assert MANAGER_SECRET not in output
+        assert "rabbit-canary" not in output
+    vault = option(commands(full, "keyvault", "create")[0], "--name")
+    secrets = commands(full, "keyvault", "secret", "set")
+    assert {option(argv, "--name") for argv in secrets} == {"rabbitmq-url", "integration-manager-token"}
+    for argv in secrets:
+        assert option(argv, "--file") == "/dev/stdin"
+        assert "--value" not in argv
+    settings = app_settings(full)
+    base = f"https://{vault}.vault.azure.net/secrets"
+    assert settings["RABBITMQ_URL"] == f"@Microsoft.KeyVault(SecretUri={base}/rabbitmq-url/)"
+    assert settings["INTEGRATION_MANAGER_TOKEN"] == f"@Microsoft.KeyVault(SecretUri={base}/integration-manager-token/)"
+    (update,) = commands(full, "functionapp", "update")
+    assert option(update, "--set").startswith("keyVaultReferenceIdentity=/subscriptions/")
+    assert option(commands(full, "keyvault", "create")[0], "--enable-rbac-authorization") == "true"
+
+
+def test_without_optional_settings(minimal_run, minimal):
+    assert not commands(minimal, "keyvault", "secret", "set")
+    assert not commands(minimal, "monitor", "action-group", "create")
+    settings = app_settings(minimal)
+    assert "RABBITMQ_URL" not in settings
+    assert "INTEGRATION_MANAGER_TOKEN" not in settings
+    assert settings["INTEGRATION_MANAGER_URL"] == "https://integration-manager.invalid"
+    assert "INTEGRATION_MANAGER_URL not given" in minimal_run.stderr
+    (alert,) = commands(minimal, "monitor", "metrics", "alert", "create")
+    assert "--action" not in alert
+
+
+def test_identity_roles_are_least_privilege(full):
+    identity = "<identity-principal-id>"
+    roles = {
+        (option(argv, "--role"), option(argv, "--scope").rsplit("/providers/", 1)[1].split("/")[0])
+        for argv in commands(full, "role", "assignment", "create")
+        if option(argv, "--assignee-object-id") == identity
+    }
+    assert roles == {
+        ("Azure Service Bus Data Sender", "Microsoft.ServiceBus"),
+        ("Azure Service Bus Data Receiver", "Microsoft.ServiceBus"),
+        ("Storage Blob Data Owner", "Microsoft.Storage"),
+        ("Storage Queue Data Contributor", "Microsoft.Storage"),
+        ("Storage Table Data Contributor", "Microsoft.Storage"),
+        ("Key Vault Secrets User", "Microsoft.KeyVault"),
+        ("Monitoring Metrics Publisher", "Microsoft.Insights"),
+    }
+    for argv in commands(full, "role", "assignment", "create"):
+        assert option(argv, "--role") not in ("Owner", "Contributor")
+    (cosmos,) = commands(full, "cosmosdb", "sql", "role", "assignment", "create")
+    assert option(cosmos, "--role-definition-id") == "00000000-0000-0000-0000-000000000002"
+    assert option(cosmos, "--principal-id") == identity
+    assert option(cosmos, "--scope") == "/"
+    assert re.fullmatch(
+        r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}", option(cosmos, "--role-assignment-id")
+    )
+
+
+def test_function_app_state_container_alert_and_publish(full):
+    (create,) = commands(full, "functionapp", "create")
+    assert option(create, "--flexconsumption-location") == FULL["LOCATION"]
+    assert option(create, "--runtime") == "python"
+    assert option(create, "--runtime-version") == "3.13"  # the Python whose worker requirements.txt pins
+    assert option(create, "--assign-identity").endswith("/userAssignedIdentities/token-refresh-test-identity")
+    assert option(create, "--deployment-storage-auth-type") == "UserAssignedIdentity"
+
+    (container,) = commands(full, "cosmosdb", "sql", "container", "create")
+    assert option(container, "--partition-key-path") == "/id"
+    assert option(container, "--ttl") == "-1"
+    assert option(container, "--name") == "token_refresh_state"
+
+    (alert,) = commands(full, "monitor", "metrics", "alert", "create")
+    assert "DeadletteredMessages" in option(alert, "--condition")
+    assert "/Microsoft.ServiceBus/namespaces/" in option(alert, "--scopes")
+    assert option(alert, "--action").endswith("/actionGroups/token-refresh-test-alerts")
+    (group,) = commands(full, "monitor", "action-group", "create")
+    assert option_values(group, "--action")[-1] == FULL["ALERT_EMAIL"]
+
+    (publish,) = commands(full, "functionapp", "deployment", "source", "config-zip")
+    assert option(publish, "--build-remote") == "true"
+    assert option(publish, "--src").endswith(".zip")
+    assert publish == commands(full, "functionapp")[-1], "the code is published last"
+
+
+def worker_pin(requirements: str) -> tuple[str, str, str]:
+    """(operator, version, marker) of the azure-functions-runtime-v1 line of a requirements file."""
+    from packaging.requirements import Requirement
+
+    lines = [line for line in requirements.splitlines() if line.startswith("azure-functions-runtime-v1")]
+    [requirement] = [Requirement(line) for line in lines]
+    [specifier] = requirement.specifier
+    return specifier.operator, specifier.version, str(requirement.marker)
+
+
+# The version the real-worker tests ran on this machine (they run on 3.13; CI runs 3.13 first).
+WORKER_VERSION_TESTED = (
+    importlib.metadata.version("azure-functions-runtime-v1")
+    if sys.version_info >= (3, 13)
+    else worker_pin((REPO / "requirements.txt").read_text())[1]
+)
+
+
+# What the zip holds: these paths' git-tracked files, only Python sources and function.json in folders.
+PACKAGE_PATHS = (
+    "host.json",
+    "requirements.txt",
+    "check_expiring_timer",
+    "manager_check_handler",
+    "sync_refresh_handler",
+    "shared",
+)
+
+
+def tracked_files(root: Path, *paths: str) -> list[str]:
+    listed = subprocess.run(["git", "-C", str(root), "ls-files", "-z", "--", *paths], capture_output=True, check=True)
+    return sorted(name for name in listed.stdout.decode().split("\0") if name and (root / name).is_file())
+
+
+def expected_package() -> list[str]:
+    return [
+        name
+        for name in tracked_files(REPO, *PACKAGE_PATHS)
+        if "/" not in name or name.endswith(".py") or name.endswith("/function.json")
+    ]
+
+
+@pytest.fixture
+def app_checkout(tmp_path: Path) -> Path:
+    """A git checkout of the app's tracked files (this working tree's versions), with the decoys a
+    developer's tree has: caches, stray zips, bytecode, local settings, an untracked module, and a
+    tracked file that is not source."""
+    copy = tmp_path / "app"
+    for name in tracked_files(REPO):
+        (copy / name).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(REPO / name, copy / name)
+    (copy / "shared" / "NOTES.md").write_text("not source\n")
+    subprocess.run(["git", "init", "-q", str(copy)], check=True)
+    subprocess.run(["git", "-C", str(copy), "add", "-A"], check=True)
+    for decoy in (
+        ".pytest_cache/v/cache/lastfailed",
+        ".ruff_cache/0.1/cache",
+        "stray.zip",
+        "shared/stray.zip",
+        "shared/__pycache__/settings.cpython-313.pyc",
+        "check_expiring_timer/__pycache__/__init__.cpython-313.pyc",
+        "local.settings.json",
+        "shared/scratch.py",
+    ):
+        (copy / decoy).parent.mkdir(parents=True, exist_ok=True)
+        (copy / decoy).write_text("decoy\n")
+    return copy
+
+
+def test_package_is_the_allowlist_of_tracked_sources(app_checkout, tmp_path):
+    zip_path = tmp_path / "app.zip"
+    result = run_deploy({}, "--package", str(zip_path), script=app_checkout / "scripts" / "deploy.sh")
+    assert result.returncode == 0, result.stderr
+    names = zipfile.ZipFile(zip_path).namelist()
+    assert names == expected_package()
+    assert {"host.json", "shared/settings.py", "sync_refresh_handler/function.json"} <= set(names)
+    assert "shared/scratch.py" in result.stderr  # untracked: left out, and said so
+    # On Python 3.13 the deployed app runs exactly the worker the real-worker tests run.
+    requirements = zipfile.ZipFile(zip_path).read("requirements.txt").decode()
+    assert worker_pin(requirements) == ("==", WORKER_VERSION_TESTED, 'python_version >= "3.13"')
+    assert "azure-monitor-opentelemetry" in requirements
+    # Same tree, same bytes: a deployment can be rebuilt from a commit.
+    again = tmp_path / "again.zip"
+    assert run_deploy({}, "--package", str(again), script=app_checkout / "scripts" / "deploy.sh").returncode == 0
+    assert again.read_bytes() == zip_path.read_bytes()
+
+
+# --- a run against a stand-in az: the same commands, secrets only on stdin ------------------------
+
+FAKE_VALUES = {
+    "id": "11111111-2222-3333-4444-555555555555",
+    "principalId": "0a0b0c0d-principal",
+    "clientId": "0e0f0a0b-client",
+    "properties.ConnectionString": "InstrumentationKey=0000;IngestionEndpoint=https://westeurope.in.example/",
+    "documentEndpoint": "https://platform-cosmos.documents.azure.com:443/",
+}
+PLACEHOLDER_VALUES = {
+    "<subscription-id>": FAKE_VALUES["id"],
+    "<deployer-object-id>": FAKE_VALUES["id"],
+    "<identity-principal-id>": FAKE_VALUES["principalId"],
+    "<identity-client-id>": FAKE_VALUES["clientId"],
+    "<app-insights-connection-string>": FAKE_VALUES["properties.ConnectionString"],
+    "<cosmos-document-endpoint>": FAKE_VALUES["documentEndpoint"],
+}
+FAKE_AZ = """#!{python}
+import json, os, sys
+args = sys.argv[1:]
+stdin = sys.stdin.read() if "/dev/stdin" in args else ""
+with open(os.environ["FAKE_AZ_LOG"], "a") as log:
+    log.write(json.dumps({{"argv": args, "stdin": stdin}}) + "\\n")
+if "show" in args[:4] and args[-2:] == ["--output", "none"]:
+    sys.exit(3)  # every existence check (`show ... --output none`): not found, so the script creates it
+if "--query" in args:
+    print({values!r}.get(args[args.index("--query") + 1], ""))
+"""
+
+
+def test_a_real_run_runs_the_dry_run_commands_and_pipes_secrets(tmp_path, full_run):
+    fake_az = tmp_path / "az"
+    fake_az.write_text(FAKE_AZ.format(python=sys.executable, values=FAKE_VALUES))
+    fake_az.chmod(0o755)
+    log = tmp_path / "az.log"
+    zip_path = tmp_path / "app.zip"
+    env = {**FULL, "AZURE_CLI": str(fake_az), "FAKE_AZ_LOG": str(log), "DEPLOY_ZIP": str(zip_path)}
+    result = run_deploy(env)
+    assert result.returncode == 0, result.stderr
+    calls = [json.loads(line) for line in log.read_text().splitlines()]
+
+    def masked(argv: list[str]) -> list[str]:  # the Cosmos role assignment id is derived from the principal id
+        return ["<guid>" if i and argv[i - 1] == "--role-assignment-id" else token for i, token in enumerate(argv)]
+
+    expected = []
+    for argv in az_lines(full_run.stdout):
+        line = shlex.join(argv[1:])
+        for placeholder, value in PLACEHOLDER_VALUES.items():
+            line = line.replace(placeholder, value)
+        expected.append(masked(shlex.split(line)))
+    expected = [argv for argv in expected if argv[:4] != ["functionapp", "deployment", "source", "config-zip"]]
+    actual = [masked(call["argv"]) for call in calls]
+    publish = actual.pop()
+    assert actual == expected
+    assert publish[:4] == ["functionapp", "deployment", "source", "config-zip"]
+    assert option(publish, "--src") == str(zip_path)
+    assert "host.json" in zipfile.ZipFile(zip_path).namelist()
+
+    piped = {option(call["argv"], "--name"): call["stdin"] for call in calls if call["stdin"]}
+    assert piped == {"rabbitmq-url": RABBITMQ_SECRET, "integration-manager-token": MANAGER_SECRET}
+    for call in calls:
+        assert not any(secret in " ".join(call["argv"]) for secret in (RABBITMQ_SECRET, MANAGER_SECRET))
+    for output in (result.stdout, result.stderr):
+        assert RABBITMQ_SECRET not in output
+        assert MANAGER_SECRET not in output
+    assert "deploy: + az group create" in result.stderr  # each command is shown as it runs
+
+
+# --- the real Azure CLI parses every command ------------------------------------------------------
+
+# Runs in the az venv: the Azure CLI's own entry point (`get_default_cli().invoke`, what `az` runs) for
+# each command of a JSON list on stdin, in one process, so the ~1-2 s start-up is paid once per shard.
+# One stream object stays installed for the whole run (the CLI's log handlers keep a reference to it);
+# each command gets a fresh buffer behind it.
+AZ_RUNNER = """
+import io, json, sys
+from azure.cli.core import get_default_cli
+
+class Switch(io.TextIOBase):
+    def __init__(self):
+        self.target = io.StringIO()
+    def write(self, text):
+        return self.target.write(text)
+    def isatty(self):
+        return False
+
+switch = Switch()
+real_stdout, sys.stdout, sys.stderr = sys.stdout, switch, switch
+results = []
+for argv in json.load(sys.stdin):
+    switch.target = io.StringIO()
+    try:
+        code = get_default_cli().invoke(argv, out_file=switch)
+    except SystemExit as exit_:
+        code = exit_.code if isinstance(exit_.code, int) else 1
+    results.append([code, switch.target.getvalue()])
+json.dump(results, real_stdout)
+"""
+
+# Known-bad commands: the CLI must reject each, or the check would prove nothing.
+CONTROLS = {
+    ("servicebus", "queue", "create", "--resource-group", "rg", "--namespace-name", "tokens-bus", "--name", "q",
+     "--requires-sessions", "true"): "unrecognized arguments",
+    ("functionap", "create", "--name", "x"): "misspelled or not recognized",
+    ("servicebus", "queue", "create", "--resource-group", "rg", "--namespace-name", "sb", "--name", "q"):
+        "InvalidArgumentValue",
+}  # fmt: skip
+
+
+def az_env(config_dir: Path) -> dict[str, str]:
+    return {
+        "PATH": os.environ.get("PATH", "/usr/bin:/bin"),
+        "HOME": str(config_dir),
+        "AZURE_CONFIG_DIR": str(config_dir),
+        "AZURE_CORE_COLLECT_TELEMETRY": "no",
+        "AZURE_CORE_NO_COLOR": "true",
+        "AZURE_CORE_SURVEY_MESSAGE": "no",
+        "AZURE_EXTENSION_USE_DYNAMIC_INSTALL": "no",
+    }
+
+
+def run_shard(argvs: list[list[str]], env: dict[str, str]) -> list[tuple[int, str]]:
+    result = subprocess.run(
+        [str(AZCLI_VENV / "bin" / "python"), "-c", AZ_RUNNER],
+        input=json.dumps(argvs),
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    return [(code, output) for code, output in json.loads(result.stdout)]
+
+
+def run_az(argv: list[str], env: dict[str, str]) -> list[tuple[int, str]]:
+    """The `az` executable itself, once: the entry point works as the shard runner assumes."""
+    result = subprocess.run(
+        [str(AZ), *argv], env=env, stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=120, check=False
+    )
+    return [(result.returncode, result.stdout + result.stderr)]
+
+
+def command_path(argv: tuple[str, ...] | list[str]) -> tuple[str, ...]:
+    path = []
+    for token in argv:
+        if token.startswith("-"):
+            break
+        path.append(token)
+    return tuple(path)
+
+
+def documented_options(help_text: str) -> set[str]:
+    """Long options of a command's --help (the argument sections, not the examples)."""
+    arguments = help_text.split("\nExamples", 1)[0]
+    return {
+        name
+        for line in re.findall(r"^ {4}--.*$", arguments, flags=re.MULTILINE)
+        for name in re.findall(r"--[a-z0-9][\w-]*", line.split(" : ", 1)[0])
+    }
+
+
+def test_real_azure_cli_accepts_every_command(full, minimal, tmp_path):
+    if not AZ.exists():
+        pytest.fail(
+            f"{AZ} is missing: run `bash scripts/install-azure-cli.sh` (installs the Azure CLI into "
+            f"{AZCLI_VENV.name}, ~1 min, ~730 MB)"
+        )
+    started = time.monotonic()
+    env = az_env(tmp_path)
+    # The first start builds the CLI's command index in the config dir; later starts reuse it.
+    [(code, output)] = run_az(["account", "show", "--query", "id", "--output", "tsv"], env)
+    assert code == 1 and LOGIN_REQUIRED in output, output
+
+    lines = sorted({tuple(argv[1:]) for argv in full + minimal})
+    paths = sorted({command_path(line) for line in lines})
+    jobs = [list(line) for line in lines] + [list(c) for c in CONTROLS] + [[*p, "--help"] for p in paths]
+    shards = 2 if (os.cpu_count() or 1) > 1 else 1
+    with ThreadPoolExecutor(max_workers=shards + 1) as pool:
+        futures = [pool.submit(run_shard, jobs[i::shards], env) for i in range(shards)]
+        entry_point = pool.submit(run_az, list(next(iter(CONTROLS))), env)
+        shard_results = [future.result() for future in futures]
+    results = {}
+    for i, shard in enumerate(shard_results):
+        for job, result in zip(jobs[i::shards], shard, strict=True):
+            results[tuple(job)] = result
+
+    failures = []
+    [(code, output)] = entry_point.result()
+    if code != 2 or "unrecognized arguments" not in output:
+        failures.append(f"the az executable did not reject a bad option ({code}): {output[-300:]}")
+    for control, expected in CONTROLS.items():
+        code, output = results[control]
+        if code not in (1, 2) or expected not in output:
+            failures.append(f"control not rejected ({code}): az {shlex.join(control)}: {output[-300:]}")
+    for line in lines:
+        code, output = results[line]
+        if code != 1 or LOGIN_REQUIRED not in output:
+            failures.append(f"rejected ({code}): az {shlex.join(line)}\n    {output.strip()[-500:]}")
+        # argparse accepts unambiguous abbreviations (--lock for --lock-duration): insist on full names.
+        path = command_path(line)
+        help_code, help_text = results[(*path, "--help")]
+        known = documented_options(help_text) if help_code == 0 else set()
+        failures.extend(
+            f"{token} is not an option of az {' '.join(path)}"
+            for token in line
+            if token.startswith("--") and token not in known
+        )
+
+    assert not failures, "\n".join(failures)
+    elapsed = time.monotonic() - started
+    print(f"az parsed {len(lines)} commands and {len(paths)} help pages in {elapsed:.1f} s")

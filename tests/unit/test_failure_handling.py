@@ -1,0 +1,83 @@
+"""Failure handling without services: retries inside one invocation (back-off, Retry-After, the time
+budget) and the Service Bus session of a refresh request. The same rules against the real services are
+in tests/integration/test_failure_handling.py."""
+
+from datetime import UTC, datetime, timedelta
+
+import pytest
+
+from shared.failure_classes import FailureKind
+from shared.manager_client import RefreshOutcome, parse_retry_after
+from shared.messaging import session_id
+from shared.times import utc_now
+from shared.token_refresh import call_with_retries
+from tests.support.documents import request_for
+from tests.support.helpers import check_event
+
+
+def outcome(status=None, retry_after=None):
+    if status is None:
+        return RefreshOutcome(True, http_status=200)
+    kind = FailureKind.TRANSIENT if status >= 500 or status == 429 else FailureKind.CONNECTION
+    return RefreshOutcome(False, http_status=status, error_code="x", kind=kind, retry_after_s=retry_after)
+
+
+def test_transient_failures_are_retried_with_growing_jittered_waits():
+    answers = iter([outcome(503), outcome(503), outcome(None)])
+    waits = []
+    result, calls = call_with_retries(
+        lambda: next(answers), max_attempts=5, budget_s=60, initial_backoff_s=0.5, sleep=waits.append
+    )
+    assert result.succeeded and calls == 3
+    assert 0.5 <= waits[0] <= 1.0 and 1.0 <= waits[1] <= 1.5  # 0.5 * 2^n plus up to 0.5 s of jitter
+
+
+def test_retry_after_is_honoured_when_longer_than_the_back_off():
+    answers = iter([outcome(429, retry_after=7.0), outcome(None)])
+    waits = []
+    result, calls = call_with_retries(lambda: next(answers), 3, 60, 0.5, waits.append)
+    assert result.succeeded and calls == 2 and waits == [7.0]
+
+
+def test_a_wait_that_would_pass_the_budget_ends_the_invocation_instead():
+    waits = []
+    result, calls = call_with_retries(lambda: outcome(429, retry_after=120.0), 5, 30, 0.5, waits.append)
+    assert (result.succeeded, calls, waits) == (False, 1, [])
+
+
+def test_permanent_failures_are_not_retried():
+    waits = []
+    result, calls = call_with_retries(lambda: outcome(400), 5, 60, 0.5, waits.append)
+    assert (result.retryable, calls, waits) == (False, 1, [])
+
+
+@pytest.mark.parametrize(
+    ("header", "seconds"),
+    [
+        ("3", 3.0),
+        ("0", 0.0),
+        ("999999", 3600.0),
+        ("soon", None),
+        ("", None),
+        (None, None),
+        ("-5", None),
+        ("²", None),  # str.isdigit() accepts it; float() does not
+        ("١٢", None),  # Arabic-Indic digits: not HTTP's delta-seconds
+    ],
+)
+def test_retry_after_parsing(header, seconds):
+    assert parse_retry_after(header) == seconds
+
+
+def test_retry_after_http_date():
+    now = datetime(2026, 11, 26, 12, 0, 0, tzinfo=UTC)
+    assert parse_retry_after("Thu, 26 Nov 2026 12:00:30 GMT", now=now) == 30.0
+
+
+def test_refresh_requests_of_one_connection_share_a_service_bus_session():
+    a = request_for("c-1", utc_now())
+    b = request_for("c-1", utc_now() + timedelta(hours=1))
+    other = request_for("c-2", utc_now())
+    assert session_id(a) == session_id(b) != session_id(other)
+    assert len(session_id(a)) <= 128
+    assert session_id(check_event()) is None
