@@ -176,7 +176,7 @@ def _as_text(value: Any) -> Any:
 
 def connection_from_row(row: dict[str, Any]) -> ExpiringConnection:
     try:
-        return shared_connection_from_row(row | {"integrationId": _as_text(row.get("integrationId"))})
+        return shared_connection_from_row(row)  # a numeric integrationId becomes text there, as in the check
     except InvalidConnectionDocumentError as error:
         raise OperatorError(f"Connection {row.get('id')!r} cannot be refreshed: {error}; fix the document.") from None
 

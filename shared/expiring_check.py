@@ -28,7 +28,7 @@ from shared.ids import connection_key, refresh_request_id
 from shared.messaging import EventPublisher
 from shared.settings import SAFETY_MARGIN_MS, Settings
 from shared.state_store import StateStore
-from shared.times import format_time, utc_now
+from shared.times import format_time, now_ms, utc_now
 
 logger = logging.getLogger(__name__)
 
@@ -91,7 +91,7 @@ def select_for_refresh(connections: list[ExpiringConnection], states: StateStore
       valid at the next check plus the safety margin. A token issued for less than the threshold is
       due again the moment it is refreshed (1-hour tokens, a 65-minute threshold: every check would
       refresh it again); it is left for the check that finds it about to expire."""
-    now = int(time.time() * 1000)
+    now = now_ms()
     keys = {connection_key(c.tenant_id, c.integration_id, c.connection_id): c for c in connections}
     history = states.connection_history(
         {key: c.document_ts for key, c in keys.items()},

@@ -12,7 +12,6 @@ one: once the cause is fixed, the next check asks again and the refreshes succee
 from __future__ import annotations
 
 import logging
-import time
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
@@ -22,6 +21,7 @@ from shared.manager_client import RefreshOutcome
 from shared.messaging import EventPublisher
 from shared.settings import Settings
 from shared.state_store import FailureWave, StateStore
+from shared.times import now_ms
 
 logger = logging.getLogger(__name__)
 
@@ -52,7 +52,7 @@ def count_failure(
 ) -> WaveReport:
     """Count one connection's failure in its wave; raise the alarm when this one crosses the threshold.
     Best effort: a store or broker problem here never costs the connection's outcome event."""
-    now = int(time.time() * 1000)
+    now = now_ms()
     try:
         wave = states.note_failure_wave(
             signature(outcome),

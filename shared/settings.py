@@ -401,14 +401,10 @@ def load_settings(environ: dict[str, str] | None = None) -> Settings:
     try:
         if environ is None:
             return Settings()
-        known = {name: environ[name] for name in _setting_names() if name in environ}
+        known = {name: environ[name] for name in setting_fields() if name in environ}
         return Settings.model_validate(known)
     except ValidationError as error:
         raise SettingsError(_describe(error)) from None
-
-
-def _setting_names() -> list[str]:
-    return [field.alias for field in Settings.model_fields.values() if field.alias]
 
 
 # Expected forms --------------------------------------------------------------------------------------
