@@ -15,7 +15,7 @@ import logging
 import os
 import signal
 import sys
-from datetime import timedelta
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 from shared import runtime
@@ -45,25 +45,43 @@ def load_local_settings(environ: dict[str, str] | None = None, search: tuple[Pat
 
 def _command_check(settings: Settings, args: argparse.Namespace) -> int:
     from shared import runtime
-    from shared.expiring_check import find_expiring_connections
+    from shared.expiring_check import plan_check
+    from shared.refresh_schedule import describe_rate
     from shared.times import format_time, utc_now
 
     threshold = utc_now() + timedelta(milliseconds=settings.expiration_threshold_ms)
     # Read everything before printing: a failure (Cosmos unreachable, a setting missing) must not
     # leave a table header on stdout that looks like an empty result.
-    connections = list(
-        find_expiring_connections(runtime.connection_store(), runtime.state_store(), threshold, settings)
-    )
+    plan = plan_check(runtime.connection_store(), runtime.state_store(), threshold, settings)
     print(f"Connections whose token expires by {format_time(threshold)} (dry run: nothing is published):")
-    print(f"{'connectionId':<36} {'integrationId':<20} {'tenantId':<20} {'status':<10} expiresAt")
-    for connection in connections:
+    print(
+        f"{'connectionId':<36} {'integrationId':<20} {'tenantId':<20} {'status':<10} {'expiresAt':<24}"
+        + (" notBefore" if settings.scheduling else "")
+    )
+    for connection, not_before in plan.requests:
         # No expiresAt: a token without expiry, due by TOKEN_REFRESH_MAX_AGE_MS.
         expires_at = "no expiry" if connection.expires_at is None else format_time(connection.expires_at)
+        when = (" " + (format_time(not_before) if not_before else "at once")) if settings.scheduling else ""
         print(
             f"{connection.connection_id!s:<36} {connection.integration_id!s:<20} {connection.tenant_id!s:<20} "
-            f"{connection.status or '-':<10} {expires_at}"
+            f"{connection.status or '-':<10} {expires_at:<24}{when}".rstrip()
         )
-    print(f"{len(connections)} connection(s) would be refreshed.")
+    print(f"{len(plan.requests)} connection(s) would be refreshed.")
+    if plan.waiting:
+        print(f"{plan.waiting} more are scheduled by an earlier check and still waiting for their time.")
+    paced = [schedule for schedule in plan.schedules if schedule.paced and schedule.scheduled]
+    if paced:
+        print("Schedule (TOKEN_REFRESH_RATE_LIMITS / TOKEN_REFRESH_SPREAD_MS):")
+        print(f"  {'integrationId':<20} {'limit':<10} {'count':>6} {'first':<24} {'last':<24} late")
+        for schedule in paced:
+            first, last = (
+                format_time(datetime.fromtimestamp(moment / 1000, UTC))
+                for moment in (schedule.first_ms, schedule.last_ms)
+            )
+            print(
+                f"  {schedule.integration_id!s:<20} {describe_rate(schedule.rate_per_s):<10} {schedule.scheduled:>6} "
+                f"{first:<24} {last:<24} {schedule.late}"
+            )
     return 0
 
 

@@ -29,6 +29,8 @@ def _default_cell(setting: str, default: object) -> str:
         return f"`{str(default).lower()}`"
     if isinstance(default, tuple):
         return f"`{','.join(default)}`"
+    if default == {}:
+        return "—"
     note = value_note(setting, default) if isinstance(default, int) else None
     return f"`{default}`" + (f" ({note})" if note else "")
 

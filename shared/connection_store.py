@@ -41,13 +41,16 @@ _DUE_BY_AGE = (
 _NOT_SKIPPED = "(NOT IS_DEFINED(c.status) OR NOT ARRAY_CONTAINS(@skipStatuses, c.status))"
 
 
-def expiring_connections_query(with_max_age: bool) -> str:
+def expiring_connections_query(with_max_age: bool, soonest_first: bool = False) -> str:
     """The scan's Cosmos SQL: rows whose `oauth.expiresAt` (ISO string or epoch ms) is due and whose status is not
     skipped, projecting ids, status, expiresAt and `_ts` only (never a token value). `with_max_age` also admits
     tokens without expiry that have a refresh token and a document older than @maxAgeCutoffTs (epoch s).
-    Parameters: @thresholdTextBound, @thresholdEpochMs, @skipStatuses and, with `with_max_age`, @maxAgeCutoffTs."""
+    Parameters: @thresholdTextBound, @thresholdEpochMs, @skipStatuses and, with `with_max_age`, @maxAgeCutoffTs.
+    `soonest_first` orders by expiresAt (pacing: shared.refresh_schedule). Cosmos orders by type first: tokens
+    without expiry, then epoch-ms numbers, then ISO strings, each in ascending order."""
     due = _DUE_BY_EXPIRY + (_DUE_BY_AGE if with_max_age else "")
-    return f"{_PROJECTION} WHERE ({due}) AND {_NOT_SKIPPED}"
+    order = " ORDER BY c.oauth.expiresAt" if soonest_first else ""
+    return f"{_PROJECTION} WHERE ({due}) AND {_NOT_SKIPPED}{order}"
 
 
 EXPIRING_CONNECTIONS_QUERY = expiring_connections_query(with_max_age=False)
@@ -206,12 +209,14 @@ class ConnectionStore:
         skip_statuses: tuple[str, ...],
         continuation: str | None = None,
         now: datetime | None = None,
+        soonest_first: bool = False,
     ) -> Iterator[ScanPage]:
         """Yield one ScanPage per Cosmos page of the connections due by `threshold` (aware), across all partitions.
         Lazy: a page is queried only when the previous one has been consumed. Rows with a status in
         `skip_statuses` (case-insensitive) are left out; invalid documents are counted in `ScanPage.invalid` and
         logged by id, never raised. `continuation` resumes a scan after the page that returned it; `now` is the
-        reference time for TOKEN_REFRESH_MAX_AGE_MS (default: the current time). Cosmos errors propagate."""
+        reference time for TOKEN_REFRESH_MAX_AGE_MS (default: the current time); `soonest_first` orders the scan by
+        expiresAt (see expiring_connections_query). Cosmos errors propagate."""
         parameters = [
             {"name": "@thresholdTextBound", "value": format_time(threshold + _MAX_UTC_OFFSET)},
             {"name": "@thresholdEpochMs", "value": int(threshold.timestamp() * 1000)},
@@ -223,7 +228,7 @@ class ConnectionStore:
             max_age_cutoff_ts = int((now or datetime.now(UTC)).timestamp() - self._max_age_ms / 1000)
             parameters.append({"name": "@maxAgeCutoffTs", "value": max_age_cutoff_ts})
         pager = self._container.query_items(
-            query=expiring_connections_query(with_max_age=max_age_cutoff_ts is not None),
+            query=expiring_connections_query(with_max_age=max_age_cutoff_ts is not None, soonest_first=soonest_first),
             parameters=parameters,
             enable_cross_partition_query=True,
             max_item_count=self._page_size,

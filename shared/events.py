@@ -73,13 +73,17 @@ class ConnectionRef(_Payload):
 
 class RefreshRequestedData(ConnectionRef):
     """Payload of `integration.token.refresh-requested`: one connection to refresh. `expires_at` is the expiry the
-    check saw, None for a token without expiry (TOKEN_REFRESH_MAX_AGE_MS). With an expiry, the event id is
+    check saw, None for a token without expiry (TOKEN_REFRESH_MAX_AGE_MS); `not_before`, when set, the time the check
+    scheduled it for (shared.refresh_schedule). With an expiry, the event id is
     derived from it (shared.ids.refresh_request_id) and parsing rejects an id that does not match; without, from
     the document's `_ts`, which the claim checks instead."""
 
     event_type: ClassVar[str] = REFRESH_REQUESTED
     expires_at: datetime | None = None  # absent for tokens without expiry (TOKEN_REFRESH_MAX_AGE_MS)
     requested_at: datetime
+    # When the check scheduled the refresh (TOKEN_REFRESH_RATE_LIMITS / TOKEN_REFRESH_SPREAD_MS): the transport that
+    # triggers the refresh function delivers it then; absent when it is due at once. Not part of the event id.
+    not_before: datetime | None = None
 
 
 class RefreshedData(ConnectionRef):

@@ -10,8 +10,7 @@ from __future__ import annotations
 import logging
 import statistics
 import time
-from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 
 from shared import runtime
@@ -26,6 +25,7 @@ from shared.events import (
 )
 from shared.ids import connection_key, refresh_request_id
 from shared.messaging import EventPublisher
+from shared.refresh_schedule import WAITING, IntegrationSchedule, RefreshScheduler
 from shared.settings import SAFETY_MARGIN_MS, Settings
 from shared.state_store import StateStore
 from shared.times import format_time, now_ms, utc_now
@@ -38,7 +38,8 @@ class CheckSummary:
     """What one check invocation did; its fields are the summary log line's. `found`: connections requested;
     `published`: refresh-requested events sent; `invalid`: unusable documents skipped; `suppressed`: failed
     permanently, document unchanged since; `deferred`: see select_for_refresh; `continued`: a follow-up check
-    took over the rest of the scan."""
+    took over the rest of the scan. With pacing (shared.refresh_schedule): `waiting`: already scheduled by an
+    earlier check; `late`: scheduled after their token expires; `schedules`: per integration."""
 
     found: int = 0
     published: int = 0
@@ -48,29 +49,58 @@ class CheckSummary:
     pages: int = 0
     duration_ms: int = 0
     continued: bool = False
+    waiting: int = 0
+    late: int = 0
+    schedules: list[IntegrationSchedule] = field(default_factory=list)
 
 
-def refresh_requested_event(connection: ExpiringConnection, requested_at: datetime) -> CloudEvent:
-    """The refresh-requested event the check publishes for `connection`. Its id is deterministic (connection +
-    expiresAt, or the document's `_ts` for a token without expiry), so finding the same token again gives the
-    same id. The operator's `refresh` uses it too."""
+def refresh_requested_event(
+    connection: ExpiringConnection, requested_at: datetime, not_before: datetime | None = None
+) -> CloudEvent:
+    """The refresh-requested event the check publishes for `connection`, to be delivered at `not_before` (None: at
+    once). Its id is deterministic (connection + expiresAt, or the document's `_ts` for a token without expiry), so
+    finding the same token again gives the same id, whatever its time. The operator's `refresh` uses it too."""
     data = RefreshRequestedData(
         connection_id=connection.connection_id,
         integration_id=connection.integration_id,
         tenant_id=connection.tenant_id,
         expires_at=connection.expires_at,
         requested_at=requested_at,
+        not_before=not_before,
     )
     event_id = refresh_request_id(data, connection.expires_at, connection.document_ts)
     return make_event(data, event_id=event_id, time=requested_at)
 
 
-def find_expiring_connections(
-    store: ConnectionStore, states: StateStore, threshold: datetime, settings: Settings
-) -> Iterator[ExpiringConnection]:
-    """Every connection a check would request a refresh for now (used by `check --dry-run`)."""
-    for page in store.expiring_connection_pages(threshold, settings.skip_statuses):
-        yield from select_for_refresh(page.connections, states, settings).requested
+@dataclass
+class DryRun:
+    """What a check would do now (`check --dry-run`): each connection it would request with the time it would
+    schedule it for (None: at once), and with pacing, each integration's schedule. Nothing is published or saved."""
+
+    requests: list[tuple[ExpiringConnection, datetime | None]]
+    schedules: list[IntegrationSchedule]
+    waiting: int
+
+
+def plan_check(store: ConnectionStore, states: StateStore, threshold: datetime, settings: Settings) -> DryRun:
+    """Run a check's selection and scheduling for connections due by `threshold`, publishing and saving nothing."""
+    scheduler = RefreshScheduler(settings, states, scan="dry-run") if settings.scheduling else None
+    dry_run = DryRun([], [], 0)
+    for page in store.expiring_connection_pages(threshold, settings.skip_statuses, soonest_first=settings.scheduling):
+        for connection in soonest_expiring_first(select_for_refresh(page.connections, states, settings).requested):
+            when = scheduler.time_for(connection) if scheduler else None
+            if when is WAITING:
+                dry_run.waiting += 1
+                continue
+            dry_run.requests.append((connection, when))
+    dry_run.schedules = list(scheduler.schedules.values()) if scheduler else []
+    return dry_run
+
+
+def soonest_expiring_first(connections: list[ExpiringConnection]) -> list[ExpiringConnection]:
+    """`connections` by expiry, tokens without expiry (due by age) first. The scan is ordered already when pacing;
+    this also orders ISO expiries with an offset other than Z, which Cosmos compares as text."""
+    return sorted(connections, key=lambda c: (c.expires_at is not None, c.expires_at or datetime.min))
 
 
 @dataclass
@@ -178,30 +208,47 @@ def request_refresh_for_expiring_connections(
     started = time.monotonic()
     summary = CheckSummary()
     threshold = capped_threshold(check, settings, utc_now())
+    scheduler = None
+    if settings.scheduling:
+        scan = format_time(check.timestamp)
+        scheduler = RefreshScheduler(settings, states, scan, continuing=check.continuation is not None)
     pages = store.expiring_connection_pages(
-        threshold, settings.skip_statuses, continuation=check.continuation, now=check.timestamp
+        threshold,
+        settings.skip_statuses,
+        continuation=check.continuation,
+        now=check.timestamp,
+        soonest_first=scheduler is not None,
     )
     deferred_lifetimes: list[int] = []
     for page in pages:
         summary.pages += 1
         summary.invalid += page.invalid
         selection = select_for_refresh(page.connections, states, settings)
-        connections = selection.requested
         summary.suppressed += selection.suppressed
         summary.deferred += len(selection.deferred_lifetimes_ms)
         deferred_lifetimes.extend(selection.deferred_lifetimes_ms)
-        if connections:
-            summary.found += len(connections)
+        requested_at = utc_now()
+        if scheduler is None:
+            events = [refresh_requested_event(connection, requested_at) for connection in selection.requested]
+        else:
+            events = []
+            for connection in soonest_expiring_first(selection.requested):
+                when = scheduler.time_for(connection)
+                if when is WAITING:
+                    summary.waiting += 1
+                    continue
+                events.append(refresh_requested_event(connection, requested_at, not_before=when))
+        if events:
+            summary.found += len(events)
             logger.info(
                 "Found OAuth connections with expiring tokens (count=%d page=%d thresholdTime=%s)",
-                len(connections),
+                len(events),
                 summary.pages,
                 format_time(threshold),
             )
-            requested_at = utc_now()
-            summary.published += publisher.publish(
-                refresh_requested_event(connection, requested_at) for connection in connections
-            )
+            summary.published += publisher.publish(events)
+            if scheduler is not None:
+                scheduler.save()  # after the publish: a crash in between schedules them again, same ids
         # After every page, also one with nothing to publish: a long run of suppressed or invalid
         # pages must hand off too, before the function times out.
         if page.continuation and (time.monotonic() - started) * 1000 >= settings.check_time_budget_ms:
@@ -219,10 +266,14 @@ def request_refresh_for_expiring_connections(
     if summary.found == 0 and not summary.continued:
         logger.info("Found OAuth connections with expiring tokens (count=0)")
     warn_about_short_token_lifetimes(deferred_lifetimes, settings)
+    if scheduler is not None:
+        scheduler.report()
+        summary.schedules = [s for s in scheduler.schedules.values() if s.paced]
+        summary.late = sum(s.late for s in summary.schedules)
     summary.duration_ms = int((time.monotonic() - started) * 1000)
     logger.info(
         "Check-expiring run finished (found=%d published=%d invalid=%d suppressed=%d deferred=%d pages=%d "
-        "durationMs=%d continued=%s)",
+        "durationMs=%d continued=%s waiting=%d late=%d)",
         summary.found,
         summary.published,
         summary.invalid,
@@ -231,6 +282,9 @@ def request_refresh_for_expiring_connections(
         summary.pages,
         summary.duration_ms,
         summary.continued,
+        summary.waiting,
+        summary.late,
+        extra={"found": summary.found, "waiting": summary.waiting, "late": summary.late},
     )
     return summary
 

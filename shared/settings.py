@@ -80,6 +80,27 @@ class Settings(BaseSettings):
         "(see [Scale](scale.md#scale))",
     )
 
+    rate_limits: Annotated[dict[str, float], NoDecode] = Field(
+        {},
+        alias="TOKEN_REFRESH_RATE_LIMITS",
+        description="refresh requests per second (or minute, hour) each integration may start; `*` covers the "
+        "others. The check schedules each integration's requests at its rate, soonest-expiring first; empty: "
+        "no limit (see [Pacing](#pacing))",
+        json_schema_extra={
+            "expected": "a comma-separated list of integrationId=N/s (or N/min, N/h), N above 0, e.g. "
+            "salesforce=5/s,hubspot=2/s,*=50/s"
+        },
+    )
+    spread_ms: int = Field(
+        0,
+        alias="TOKEN_REFRESH_SPREAD_MS",
+        ge=0,
+        le=DAY_MS,
+        description="each refresh request is delayed by a random time within this window, never past its token's "
+        "expiry minus 5 min; tokens already inside that margin go first, undelayed (see [Pacing](#pacing))",
+        json_schema_extra={"zero": "no spread"},
+    )
+
     cosmos_endpoint: str | None = Field(
         None,
         alias="COSMOS_ENDPOINT",
@@ -293,6 +314,11 @@ class Settings(BaseSettings):
             return tuple(part.strip().lower() for part in value.split(",") if part.strip())
         return tuple(str(v).lower() for v in value)
 
+    @field_validator("rate_limits", mode="before")
+    @classmethod
+    def _parse_rate_limits(cls, value: Any) -> Any:
+        return parse_rate_limits(value) if isinstance(value, str) else value
+
     # Before the checks of each secret's form (urlsplit silently drops tabs and line breaks).
     @field_validator("integration_manager_token", "cosmos_key", "rabbitmq_url", "service_bus_connection_string")
     @classmethod
@@ -391,9 +417,53 @@ class Settings(BaseSettings):
         """Events are bridged to the platform's RabbitMQ (RABBITMQ_URL is set)."""
         return self.rabbitmq_url is not None
 
+    @property
+    def scheduling(self) -> bool:
+        """The check schedules refresh requests (a rate limit or a spread is set); otherwise each is due at once."""
+        return bool(self.rate_limits) or self.spread_ms > 0
+
     def threshold_is_risky(self) -> bool:
         """True when tokens could expire between two checks (threshold < interval + safety margin)."""
         return self.expiration_threshold_ms < self.interval_ms + SAFETY_MARGIN_MS
+
+
+# TOKEN_REFRESH_RATE_LIMITS ----------------------------------------------------------------------------
+
+RATE_UNITS = {"s": 1.0, "sec": 1.0, "min": 60.0, "m": 60.0, "h": 3600.0}
+MAX_RATE_PER_S = 10_000.0
+DEFAULT_RATE_KEY = "*"
+
+
+def parse_rate_limits(text: str) -> dict[str, float]:
+    """`salesforce=5/s,hubspot=120/min,*=50/s` as requests per second by integration id (`*`: every other
+    integration). Raises ValueError naming the entry that does not fit (settings errors add the expected form)."""
+    limits: dict[str, float] = {}
+    for entry in (part.strip() for part in text.split(",")):
+        if not entry:
+            continue
+        name, equals, rate = (piece.strip() for piece in entry.partition("="))
+        number, slash, unit = (piece.strip() for piece in rate.partition("/"))
+        if not equals or not name:
+            raise ValueError(f"entry {entry!r} is not integrationId=rate")
+        if not slash or unit.lower() not in RATE_UNITS:
+            raise ValueError(f"entry {entry!r} has no unit /s, /min or /h")
+        try:
+            per_unit = float(number)
+        except ValueError:
+            raise ValueError(f"entry {entry!r}: {number!r} is not a number") from None
+        per_second = per_unit / RATE_UNITS[unit.lower()]
+        if not 0 < per_second <= MAX_RATE_PER_S:  # also refuses nan and inf
+            raise ValueError(f"entry {entry!r}: the rate must be above 0 and at most {MAX_RATE_PER_S:g}/s")
+        if name in limits:
+            raise ValueError(f"integration {name!r} is listed twice")
+        limits[name] = per_second
+    return limits
+
+
+def rate_limit(settings: Settings, integration_id: str) -> float | None:
+    """Requests per second allowed for `integration_id` (its own entry, else `*`); None: no limit."""
+    limits = settings.rate_limits
+    return limits.get(integration_id, limits.get(DEFAULT_RATE_KEY))
 
 
 def load_settings(environ: dict[str, str] | None = None) -> Settings:

@@ -8,11 +8,14 @@ The platform's connection documents are never written.
 - Failure records, one per connection: a connection whose refresh failed permanently is not
   requested again until its document changes (Cosmos `_ts`) or TOKEN_REFRESH_FAILURE_COOLDOWN_MS
   has passed (docs/failure-handling.md).
+- Pacing, one per integration when the check schedules refreshes: how far its schedule reaches, so
+  the next page, follow-up check or check continues it (shared.refresh_schedule).
 """
 
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 from enum import StrEnum
 from typing import Any, Literal
@@ -270,12 +273,11 @@ class StateStore:
         window (a window starts with its first failure and lasts `window_ms`). Exactly one caller per
         window sees `raised_now` (etag-guarded), when the distinct count reaches `threshold`. Best
         effort: None when the store kept refusing (contention), so a refresh never fails for it."""
-        from azure.core import MatchConditions
-        from azure.cosmos.exceptions import CosmosAccessConditionFailedError, CosmosResourceExistsError
 
-        item_id = "wave-" + text_key(signature)
-        for _ in range(8):
-            existing = self._get(item_id)
+        raised_now = False
+
+        def counted(existing: dict[str, Any] | None) -> dict[str, Any]:
+            nonlocal raised_now
             if existing is None or now_ms - existing.get("windowStart", 0) >= window_ms:
                 wave = {"windowStart": now_ms, "keys": [], "failures": 0, "alarmedAt": None}
             else:
@@ -284,8 +286,7 @@ class StateStore:
             if key not in keys and len(keys) < WAVE_KEYS_KEPT:
                 keys.append(key)
             raised_now = wave["alarmedAt"] is None and len(keys) >= threshold
-            item = {
-                "id": item_id,
+            return {
                 "kind": "wave",
                 "signature": signature,
                 "windowStart": wave["windowStart"],
@@ -294,6 +295,58 @@ class StateStore:
                 "alarmedAt": now_ms if raised_now else wave["alarmedAt"],
                 "ttl": max(60, 2 * window_ms // 1000),
             }
+
+        item = self._update_guarded("wave-" + text_key(signature), counted)
+        if item is None:
+            logger.debug("Could not count a failure of wave %s (contention)", signature)
+            return None
+        return FailureWave(
+            connections=len(item["keys"]),
+            failures=item["failures"],
+            window_start_ms=item["windowStart"],
+            alarmed=item["alarmedAt"] is not None,
+            raised_now=raised_now,  # as of the write that succeeded
+        )
+
+    # Pacing -----------------------------------------------------------------------------------------
+
+    def pacing(self, integration_id: str) -> dict[str, Any] | None:
+        """The schedule the checks have made for `integration_id` so far (shared.refresh_schedule), None if none."""
+        return self._get("pacing-" + text_key(integration_id))
+
+    def save_pacing(
+        self, integration_id: str, *, next_slot_ms: int, scheduled_through_ms: int | None, scan: str, ttl_s: int
+    ) -> None:
+        """Record how far a check scheduled `integration_id`: its next free slot, the latest expiry it scheduled, and
+        the check (`scan`) that did. Merged with what another check wrote meanwhile (etag-guarded): the later slot
+        and expiry win, so two checks never hand out the same time twice to a third. Best effort."""
+
+        def merged(existing: dict[str, Any] | None) -> dict[str, Any]:
+            earlier = existing or {}
+            throughs = [t for t in (scheduled_through_ms, earlier.get("scheduledThroughMs")) if t is not None]
+            return {
+                "kind": "pacing",
+                "integrationId": integration_id,
+                "nextSlotMs": max(next_slot_ms, earlier.get("nextSlotMs") or 0),
+                "scheduledThroughMs": max(throughs, default=None),
+                "scan": scan,
+                "ttl": max(60, ttl_s),
+            }
+
+        if self._update_guarded("pacing-" + text_key(integration_id), merged) is None:
+            logger.warning("Could not record the refresh schedule of integration %r (contention)", integration_id)
+
+    def _update_guarded(
+        self, item_id: str, update: Callable[[dict[str, Any] | None], dict[str, Any]]
+    ) -> dict[str, Any] | None:
+        """Write `update(the document as stored, None if none)` under `item_id`, unless another writer got in between
+        (etag): then read again and update on top of theirs. The item written, or None after 8 tries."""
+        from azure.core import MatchConditions
+        from azure.cosmos.exceptions import CosmosAccessConditionFailedError, CosmosResourceExistsError
+
+        for _ in range(8):
+            existing = self._get(item_id)
+            item = {"id": item_id} | update(existing)
             try:
                 if existing is None:
                     self._container.create_item(item)
@@ -302,15 +355,8 @@ class StateStore:
                         item_id, item, etag=existing["_etag"], match_condition=MatchConditions.IfNotModified
                     )
             except (CosmosAccessConditionFailedError, CosmosResourceExistsError):
-                continue  # another invocation counted meanwhile: count again on top of it
-            return FailureWave(
-                connections=len(keys),
-                failures=item["failures"],
-                window_start_ms=item["windowStart"],
-                alarmed=item["alarmedAt"] is not None,
-                raised_now=raised_now,
-            )
-        logger.debug("Could not count a failure of wave %s (contention)", signature)
+                continue  # another writer got in between: update on top of what it wrote
+            return item
         return None
 
 

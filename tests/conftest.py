@@ -160,6 +160,8 @@ def app_env(monkeypatch, rabbitmq, cosmos_server, cosmos_container, state_contai
         "ServiceBusConnection",
         "ServiceBusConnection__fullyQualifiedNamespace",
         "TOKEN_REFRESH_SKIP_STATUSES",
+        "TOKEN_REFRESH_RATE_LIMITS",
+        "TOKEN_REFRESH_SPREAD_MS",
     ):
         monkeypatch.delenv(name, raising=False)
     for name, value in values.items():

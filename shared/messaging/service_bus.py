@@ -11,13 +11,14 @@ import logging
 import threading
 from collections import deque
 from collections.abc import Sequence
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Any
 
 from shared.events import CHECK_EXPIRING, CONTENT_TYPE, REFRESH_REQUESTED, CloudEvent
 from shared.ids import connection_key
 from shared.messaging.publisher import SendBatch
 from shared.settings import Settings
+from shared.times import parse_time
 
 logger = logging.getLogger(__name__)
 
@@ -152,7 +153,8 @@ class ServiceBusTransport:
 
 def service_bus_message(event: CloudEvent) -> Any:
     """The Service Bus message an event is sent as (DESIGN.md section 3): the CloudEvent as the body,
-    its id as message id, its type as application property, and a session for refresh requests."""
+    its id as message id, its type as application property, and for refresh requests a session and, when the
+    check scheduled one, its scheduled enqueue time."""
     from azure.servicebus import ServiceBusMessage
 
     return ServiceBusMessage(
@@ -161,7 +163,17 @@ def service_bus_message(event: CloudEvent) -> Any:
         content_type=CONTENT_TYPE,
         application_properties={"type": event.type},
         session_id=session_id(event),
+        scheduled_enqueue_time_utc=scheduled_time(event),
     )
+
+
+def scheduled_time(event: CloudEvent) -> datetime | None:
+    """When Service Bus is to deliver a refresh request the check scheduled (its `notBefore`; a scheduled
+    message). None, delivered at once, for every other event, and for a time that has passed."""
+    if event.type != REFRESH_REQUESTED or not event.data.get("notBefore"):
+        return None
+    at = parse_time(str(event.data["notBefore"]))
+    return at if at > datetime.now(UTC) else None
 
 
 def session_id(event: CloudEvent) -> str | None:

@@ -15,11 +15,12 @@ from shared.events import (
     CONTENT_TYPE,
     REFRESH_REQUESTED,
     CheckExpiringData,
+    RefreshRequestedData,
     make_event,
 )
 from shared.messaging import EventPublisher, ServiceBusTransport, publisher_from_settings, session_id
 from shared.settings import load_settings
-from shared.times import utc_now
+from shared.times import format_time, utc_now
 from tests.support.helpers import numbered_refresh_request
 from tests.support.service_bus import CONNECTION_STRING, RecordingClient
 
@@ -215,3 +216,40 @@ def test_without_service_bus_there_is_no_scheduler_and_the_queue_redelivers_at_o
             pass
 
     assert EventPublisher([RabbitOnly()]).retry_scheduler is None
+
+
+def _scheduled_request(not_before):
+    now = utc_now()
+    data = RefreshRequestedData(
+        connection_id="conn-s",
+        integration_id="salesforce",
+        tenant_id="t",
+        expires_at=now + timedelta(hours=1),
+        requested_at=now,
+        not_before=not_before,
+    )
+    return make_event(data)
+
+
+def test_a_scheduled_refresh_request_is_a_scheduled_message_delivered_at_its_not_before():
+    client = RecordingClient()
+    at = (utc_now() + timedelta(minutes=7)).replace(microsecond=123000)
+    event = _scheduled_request(at)
+    ServiceBusTransport(client).send([event, numbered_refresh_request(1)])
+
+    [[scheduled, immediate]] = client.senders[REFRESH_REQUESTED].sent_batches
+    assert scheduled.message_id == event.id  # the request's own id: duplicate detection still applies
+    assert scheduled.scheduled_enqueue_time_utc == at
+    # The SDK puts it on the wire as the message annotation Service Bus reads.
+    annotations = scheduled.raw_amqp_message.annotations
+    assert annotations[b"x-opt-scheduled-enqueue-time"] == at
+    assert json.loads(b"".join(scheduled.body))["data"]["notBefore"] == format_time(at)
+    assert immediate.scheduled_enqueue_time_utc is None
+    assert b"x-opt-scheduled-enqueue-time" not in (immediate.raw_amqp_message.annotations or {})
+
+
+def test_a_not_before_already_past_is_delivered_at_once():
+    client = RecordingClient()
+    ServiceBusTransport(client).send([_scheduled_request(utc_now() - timedelta(seconds=5))])
+    [[message]] = client.senders[REFRESH_REQUESTED].sent_batches
+    assert message.scheduled_enqueue_time_utc is None

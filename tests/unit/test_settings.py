@@ -5,7 +5,7 @@ import logging
 import pytest
 
 from shared.errors import SettingsError
-from shared.settings import DEFAULT_SKIP_STATUSES, load_settings, warn_about_risky_threshold
+from shared.settings import DEFAULT_SKIP_STATUSES, load_settings, rate_limit, warn_about_risky_threshold
 
 SECRET = "s3cr3t-value-that-must-not-leak"
 
@@ -164,3 +164,48 @@ def test_no_warning_when_threshold_covers_interval_and_margin(caplog):
             load_settings({"TOKEN_REFRESH_INTERVAL_MS": "3600000", "TOKEN_REFRESH_EXPIRATION_THRESHOLD_MS": "3900000"})
         )
     assert caplog.text == ""
+
+
+def test_rate_limits_are_per_integration_with_a_default_and_units():
+    settings = load_settings({"TOKEN_REFRESH_RATE_LIMITS": " salesforce=5/s, hubspot=120/min, xero=36/h, *=50/s "})
+    assert settings.rate_limits == {"salesforce": 5.0, "hubspot": 2.0, "xero": 0.01, "*": 50.0}
+    assert (rate_limit(settings, "salesforce"), rate_limit(settings, "google")) == (5.0, 50.0)
+    assert settings.scheduling
+    without_default = load_settings({"TOKEN_REFRESH_RATE_LIMITS": "salesforce=5/s"})
+    assert rate_limit(without_default, "google") is None
+
+
+def test_no_limit_and_no_spread_by_default_keep_every_request_due_at_once():
+    settings = load_settings({})
+    assert (settings.rate_limits, settings.spread_ms, settings.scheduling) == ({}, 0, False)
+    assert load_settings({"TOKEN_REFRESH_SPREAD_MS": "60000"}).scheduling
+
+
+@pytest.mark.parametrize(
+    ("value", "problem"),
+    [
+        ("salesforce=5", "entry 'salesforce=5' has no unit /s, /min or /h"),
+        ("salesforce", "entry 'salesforce' is not integrationId=rate"),
+        ("=5/s", "entry '=5/s' is not integrationId=rate"),
+        ("salesforce=five/s", "'five' is not a number"),
+        ("salesforce=0/s", "the rate must be above 0"),
+        ("salesforce=-1/s", "the rate must be above 0"),
+        ("salesforce=nan/s", "the rate must be above 0"),
+        ("salesforce=20000/s", "at most 10000/s"),
+        ("salesforce=5/day", "has no unit"),
+        ("salesforce=5/s,salesforce=6/s", "integration 'salesforce' is listed twice"),
+    ],
+)
+def test_a_bad_rate_limit_names_the_entry_and_the_expected_form(value, problem):
+    with pytest.raises(SettingsError) as error:
+        load_settings({"TOKEN_REFRESH_RATE_LIMITS": value})
+    text = str(error.value)
+    assert text.startswith("Invalid application settings: TOKEN_REFRESH_RATE_LIMITS: ")
+    assert problem in text
+    assert "expected a comma-separated list of integrationId=N/s" in text
+
+
+@pytest.mark.parametrize("value", ["-1", "86400001", "soon"])
+def test_a_bad_spread_names_the_setting(value):
+    with pytest.raises(SettingsError, match=r"TOKEN_REFRESH_SPREAD_MS: .*expected a whole number of milliseconds"):
+        load_settings({"TOKEN_REFRESH_SPREAD_MS": value})

@@ -1,0 +1,146 @@
+"""The check schedules refresh requests (TOKEN_REFRESH_RATE_LIMITS, TOKEN_REFRESH_SPREAD_MS), against
+the real Cosmos-compatible server (its ORDER BY, continuation tokens, the pacing documents) and real
+RabbitMQ (the events the platform sees, with their notBefore)."""
+
+import logging
+import random
+from collections import Counter, defaultdict
+from datetime import UTC, datetime, timedelta
+
+import manager_check_handler
+from shared import runtime
+from shared.events import CHECK_EXPIRING, REFRESH_REQUESTED, CheckExpiringData, CloudEvent, make_event
+from shared.refresh_schedule import BACKLOG_ALARM
+from shared.times import parse_time
+from tests.support.documents import seed_expiring
+from tests.support.helpers import invoke, trigger
+
+
+def run_check(event_tap, now=None):
+    """One check and every follow-up it hands off to; the refresh requests it published, in order."""
+    now = now or datetime.now(UTC)
+    pending = [make_event(CheckExpiringData(timestamp=now, threshold_time=now + timedelta(minutes=65)))]
+    requests, checks = [], 0
+    while pending:
+        invoke(manager_check_handler, trigger(pending.pop(0)))
+        checks += 1
+        for captured in event_tap.drain():
+            if captured.routing_key == REFRESH_REQUESTED:
+                requests.append(captured.body["data"])
+            elif captured.routing_key == CHECK_EXPIRING:
+                pending.append(CloudEvent.model_validate(captured.body))
+    return requests, checks
+
+
+def ms(text: str) -> int:
+    return round(parse_time(text).timestamp() * 1000)
+
+
+def max_in_any_second(times: list[int]) -> int:
+    times, most, start = sorted(times), 0, 0
+    for end, moment in enumerate(times):
+        while moment - times[start] >= 1000:
+            start += 1
+        most = max(most, end - start + 1)
+    return most
+
+
+def summary_line(caplog) -> str:
+    return [r.getMessage() for r in caplog.records if "Check-expiring run finished" in r.getMessage()][-1]
+
+
+def test_the_schedule_holds_each_limit_soonest_expiring_first_across_pages_and_follow_up_checks(
+    app_env, cosmos_container, event_tap, monkeypatch
+):
+    # Pages of 7 and a time budget of 1 ms: every page is a follow-up check of its own.
+    monkeypatch.setenv("TOKEN_REFRESH_RATE_LIMITS", "salesforce=20/s,*=50/s")
+    monkeypatch.setenv("TOKEN_REFRESH_PAGE_SIZE", "7")
+    monkeypatch.setenv("TOKEN_REFRESH_CHECK_TIME_BUDGET_MS", "1")
+    runtime.reset()
+    now = datetime.now(UTC).replace(microsecond=0)
+    plan = [(f"sf-{n}", "salesforce", now + timedelta(minutes=10, seconds=n)) for n in range(40)]
+    plan += [(f"hs-{n}", "hubspot", now + timedelta(minutes=5, seconds=n)) for n in range(30)]
+    random.Random(3).shuffle(plan)  # stored in no particular order: only the query's ORDER BY sorts them
+    for connection_id, integration, expires_at in plan:
+        seed_expiring(cosmos_container, connection_id, expires_at, integration)
+
+    requests, checks = run_check(event_tap)
+
+    assert checks >= 10  # the schedule went on across follow-up checks
+    assert Counter(r["connectionId"] for r in requests) == Counter(c for c, _, _ in plan)  # each exactly once
+    by_integration = defaultdict(list)
+    for request in requests:
+        by_integration[request["integrationId"]].append(request)
+    for integration, limit in (("salesforce", 20), ("hubspot", 50)):
+        paced = by_integration[integration]
+        times = [ms(r["notBefore"]) for r in paced]
+        assert max_in_any_second(times) <= limit
+        in_time_order = [r["expiresAt"] for r in sorted(paced, key=lambda r: ms(r["notBefore"]))]
+        assert in_time_order == sorted(in_time_order)  # soonest-expiring first, across pages and checks
+        gaps = [b - a for a, b in zip(sorted(times), sorted(times)[1:], strict=False)]
+        assert min(gaps) >= 1000 // limit - 1
+
+
+def test_a_check_while_an_earlier_schedule_runs_adds_only_new_requests_after_it(
+    app_env, cosmos_container, event_tap, monkeypatch, caplog
+):
+    monkeypatch.setenv("TOKEN_REFRESH_RATE_LIMITS", "*=2/s")
+    runtime.reset()
+    now = datetime.now(UTC)
+    for n in range(20):  # 10 s of requests at 2/s
+        seed_expiring(cosmos_container, f"wave-{n}", now + timedelta(minutes=30, seconds=n))
+    first, _ = run_check(event_tap)
+    assert len(first) == 20
+    last_of_wave = max(ms(r["notBefore"]) for r in first)
+
+    seed_expiring(cosmos_container, "newcomer", now + timedelta(minutes=40))
+    with caplog.at_level(logging.INFO):
+        second, _ = run_check(event_tap)
+    assert [r["connectionId"] for r in second] == ["newcomer"]
+    assert ms(second[0]["notBefore"]) >= last_of_wave + 500  # after the wave, at the limit
+    assert "found=1 " in summary_line(caplog) and "waiting=20 " in summary_line(caplog)
+
+
+def test_tokens_the_limit_cannot_reach_in_time_are_still_scheduled_counted_and_warned_about(
+    app_env, cosmos_container, event_tap, monkeypatch, caplog
+):
+    monkeypatch.setenv("TOKEN_REFRESH_RATE_LIMITS", "salesforce=2/s")
+    runtime.reset()
+    now = datetime.now(UTC)
+    for n in range(30):  # 15 s of requests at 2/s; the tokens expire within 6 s
+        seed_expiring(cosmos_container, f"late-{n}", now + timedelta(seconds=3 + n * 0.1))
+    with caplog.at_level(logging.INFO):
+        requests, _ = run_check(event_tap, now)
+    assert len(requests) == 30
+    late = [r for r in requests if ms(r["notBefore"]) > ms(r["expiresAt"])]
+    assert late  # scheduled anyway, as early as the limit allows
+    [warning] = [r for r in caplog.records if getattr(r, "alarm", None) == BACKLOG_ALARM]
+    assert (warning.pacedIntegration, warning.scheduled, warning.late) == ("salesforce", 30, len(late))
+    assert f"late={len(late)})" in summary_line(caplog)
+
+
+def test_without_limits_or_spread_every_request_is_due_at_once_as_before(app_env, cosmos_container, event_tap):
+    now = datetime.now(UTC)
+    for n in range(5):
+        seed_expiring(cosmos_container, f"c-{n}", now + timedelta(minutes=10))
+    requests, _ = run_check(event_tap)
+    assert len(requests) == 5
+    assert all("notBefore" not in r for r in requests)
+
+
+def test_the_spread_delays_requests_within_the_window_and_never_the_urgent_ones(
+    app_env, cosmos_container, event_tap, monkeypatch
+):
+    monkeypatch.setenv("TOKEN_REFRESH_SPREAD_MS", "600000")
+    runtime.reset()
+    now = datetime.now(UTC)
+    for n in range(30):
+        seed_expiring(cosmos_container, f"later-{n}", now + timedelta(minutes=60))
+    seed_expiring(cosmos_container, "expired", now - timedelta(minutes=1))
+    seed_expiring(cosmos_container, "in-the-margin", now + timedelta(minutes=3))
+    requests = {r["connectionId"]: r for r in run_check(event_tap, now)[0]}
+    for urgent in ("expired", "in-the-margin"):  # undelayed
+        assert ms(requests[urgent]["notBefore"]) - now.timestamp() * 1000 < 5_000
+    delays = [ms(requests[f"later-{n}"]["notBefore"]) - now.timestamp() * 1000 for n in range(30)]
+    assert all(0 <= d <= 600_000 + 1000 for d in delays)
+    assert len({int(d // 60_000) for d in delays}) >= 5  # spread over the window, not bunched

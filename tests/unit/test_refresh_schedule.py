@@ -1,0 +1,216 @@
+"""The pacing arithmetic of shared.refresh_schedule: grid times, soonest-expiring first, spread, late
+tokens, continuation across invocations. The state store is a dictionary here (its Cosmos side is in
+tests/integration/test_pacing.py)."""
+
+import itertools
+import logging
+import random
+from collections import Counter
+from datetime import UTC, datetime, timedelta
+
+import pytest
+
+from shared.connection_store import ExpiringConnection
+from shared.refresh_schedule import BACKLOG_ALARM, WAITING, RefreshScheduler, describe_rate
+from shared.settings import SAFETY_MARGIN_MS, load_settings
+
+NOW_MS = 1_800_000_000_000
+
+
+class Clock:
+    def __init__(self, now_ms: int = NOW_MS):
+        self.now = now_ms
+
+    def __call__(self) -> int:
+        return self.now
+
+
+class PacingDocuments:
+    """StateStore's two pacing methods over a dictionary, with its merge rule (the later values win)."""
+
+    def __init__(self):
+        self.documents: dict[str, dict] = {}
+
+    def pacing(self, integration_id):
+        return self.documents.get(integration_id)
+
+    def save_pacing(self, integration_id, *, next_slot_ms, scheduled_through_ms, scan, ttl_s):
+        earlier = self.documents.get(integration_id, {})
+        through = max(filter(None, [scheduled_through_ms, earlier.get("scheduledThroughMs")]), default=None)
+        self.documents[integration_id] = {
+            "nextSlotMs": max(next_slot_ms, earlier.get("nextSlotMs", 0)),
+            "scheduledThroughMs": through,
+            "scan": scan,
+        }
+
+
+def connection(n: int, integration: str = "salesforce", expires_in_ms: int | None = 3_600_000) -> ExpiringConnection:
+    expires = None if expires_in_ms is None else datetime.fromtimestamp((NOW_MS + expires_in_ms) / 1000, UTC)
+    return ExpiringConnection(connection_id=f"c-{n}", integration_id=integration, tenant_id="t", expires_at=expires)
+
+
+def scheduler(environ: dict, states=None, clock=None, scan="check-1", continuing=False, seed=7):
+    return RefreshScheduler(
+        load_settings(environ),
+        states or PacingDocuments(),
+        scan,
+        continuing=continuing,
+        clock=clock or Clock(),
+        rng=random.Random(seed),
+    )
+
+
+def ms(moment: datetime | None, now_ms: int = NOW_MS) -> int:
+    """A scheduled time in epoch ms; None (at once) is `now_ms`."""
+    return now_ms if moment is None else round(moment.timestamp() * 1000)
+
+
+def max_in_any_second(times_ms: list[int]) -> int:
+    times = sorted(times_ms)
+    most, start = 0, 0
+    for end, time in enumerate(times):
+        while time - times[start] >= 1000:
+            start += 1
+        most = max(most, end - start + 1)
+    return most
+
+
+def test_a_limit_spaces_an_integrations_requests_evenly_from_now():
+    pacer = scheduler({"TOKEN_REFRESH_RATE_LIMITS": "salesforce=5/s,*=50/s"})
+    times = [ms(pacer.time_for(connection(n))) for n in range(100)]
+    assert times[0] == NOW_MS  # the first one at once
+    assert [b - a for a, b in itertools.pairwise(times)] == [200] * 99
+    assert max_in_any_second(times) == 5
+    other = [ms(pacer.time_for(connection(n, "hubspot"))) for n in range(100)]
+    assert other[1] - other[0] == 20  # `*` covers the others
+    assert pacer.schedules["salesforce"].scheduled == 100
+    assert pacer.schedules["salesforce"].last_ms == NOW_MS + 99 * 200
+
+
+def test_without_a_limit_or_spread_for_its_integration_a_request_is_due_at_once():
+    pacer = scheduler({"TOKEN_REFRESH_RATE_LIMITS": "salesforce=5/s"})
+    assert pacer.time_for(connection(1, "hubspot")) is None
+    assert pacer.time_for(connection(2, "hubspot")) is None
+
+
+def test_a_request_never_gets_a_time_already_past_when_the_scan_is_slow():
+    clock = Clock()
+    pacer = scheduler({"TOKEN_REFRESH_RATE_LIMITS": "*=10/s"}, clock=clock)
+    assert ms(pacer.time_for(connection(1))) == NOW_MS
+    clock.now += 5_000  # the next page comes 5 s later: the grid times in between have passed
+    assert ms(pacer.time_for(connection(2))) == NOW_MS + 5_000  # the first grid time not yet past
+    assert ms(pacer.time_for(connection(3))) == NOW_MS + 5_100
+
+
+def test_the_spread_delays_requests_randomly_but_never_past_expiry_minus_the_margin():
+    spread = 600_000
+    pacer = scheduler({"TOKEN_REFRESH_SPREAD_MS": str(spread)})
+    early = [connection(n, expires_in_ms=SAFETY_MARGIN_MS + 60_000) for n in range(200)]  # 1 min of room
+    late = [connection(n, expires_in_ms=3_600_000) for n in range(200, 400)]
+    expired = [connection(n, expires_in_ms=-1000) for n in range(400, 410)]
+    early_times = [ms(pacer.time_for(c)) for c in early]
+    late_times = [ms(pacer.time_for(c)) for c in late]
+    assert all(ms(pacer.time_for(c)) == NOW_MS for c in expired)  # undelayed
+    assert all(NOW_MS <= t <= NOW_MS + 60_000 for t in early_times)
+    assert all(NOW_MS <= t < NOW_MS + spread for t in late_times)
+    # Spread out, not bunched: every tenth of the window gets some.
+    assert len({(t - NOW_MS) * 10 // spread for t in late_times}) == 10
+
+
+def test_with_a_limit_and_a_spread_the_limit_still_holds_in_every_second():
+    pacer = scheduler({"TOKEN_REFRESH_RATE_LIMITS": "*=5/s", "TOKEN_REFRESH_SPREAD_MS": "60000"})
+    connections = [connection(n, expires_in_ms=3_600_000) for n in range(250)]
+    times = [ms(pacer.time_for(c)) for c in connections]
+    assert len(set(times)) == 250
+    assert max_in_any_second(times) <= 5
+    assert max(times) <= NOW_MS + 60_000  # 250 requests at 5/s fit in the 60 s window: all of them in it
+
+
+def test_soonest_expiring_first_and_late_tokens_are_counted_and_warned_once(caplog):
+    pacer = scheduler({"TOKEN_REFRESH_RATE_LIMITS": "salesforce=5/s"})
+    # 100 tokens expiring 0.1 s apart from +1 s: at 5/s the backlog takes 20 s, the tokens expire within 11 s.
+    connections = [connection(n, expires_in_ms=1_000 + 100 * n) for n in range(100)]
+    times = [ms(pacer.time_for(c)) for c in connections]
+    assert times == sorted(times)
+    late = [c for c, t in zip(connections, times, strict=True) if t > ms(c.expires_at)]
+    schedule = pacer.schedules["salesforce"]
+    assert schedule.late == len(late) > 0
+    assert schedule.first_late_expiry_ms == ms(late[0].expires_at)
+    with caplog.at_level(logging.INFO, logger="shared.refresh_schedule"):
+        pacer.report()
+    [warning] = [r for r in caplog.records if r.levelno == logging.WARNING]
+    assert warning.alarm == BACKLOG_ALARM
+    assert warning.pacedIntegration == "salesforce"
+    assert (warning.scheduled, warning.late) == (100, len(late))
+    assert f"{len(late)} of 100 refresh request(s)" in warning.getMessage()
+    assert "TOKEN_REFRESH_RATE_LIMITS" in warning.getMessage()
+
+
+def test_a_jittered_request_that_would_run_late_takes_the_earliest_free_time_instead():
+    pacer = scheduler({"TOKEN_REFRESH_RATE_LIMITS": "*=1/s", "TOKEN_REFRESH_SPREAD_MS": "3600000"}, seed=1)
+    # Fill the grid around the target of a later request, then ask for one that expires soon after it.
+    soon = connection(1, expires_in_ms=SAFETY_MARGIN_MS + 10_000)
+    assert ms(pacer.time_for(soon)) <= NOW_MS + 10_000 + SAFETY_MARGIN_MS
+
+
+def test_a_follow_up_of_the_same_scan_continues_the_schedule():
+    states = PacingDocuments()
+    first = scheduler({"TOKEN_REFRESH_RATE_LIMITS": "*=10/s"}, states=states)
+    times = [ms(first.time_for(connection(n))) for n in range(50)]
+    first.save()
+    follow_up = scheduler({"TOKEN_REFRESH_RATE_LIMITS": "*=10/s"}, states=states, continuing=True)
+    more = [ms(follow_up.time_for(connection(n, expires_in_ms=3_600_000))) for n in range(50, 100)]
+    assert more[0] == times[-1] + 100
+    assert max_in_any_second(times + more) == 10
+
+
+def test_a_later_check_leaves_requests_an_earlier_schedule_still_holds_and_paces_new_ones_after_it():
+    states, clock = PacingDocuments(), Clock()
+    environ = {"TOKEN_REFRESH_RATE_LIMITS": "*=10/s"}
+    first = scheduler(environ, states=states, clock=clock, scan="check-1")
+    wave = [connection(n, expires_in_ms=600_000 + n) for n in range(100)]  # 10 s of requests
+    [first.time_for(c) for c in wave]
+    first.save()
+
+    clock.now += 3_000  # the next check comes while the wave is being delivered
+    second = scheduler(environ, states=states, clock=clock, scan="check-2")
+    assert [second.time_for(c) for c in wave] == [WAITING] * 100
+    newcomer = connection(500, expires_in_ms=900_000)
+    assert ms(second.time_for(newcomer)) == NOW_MS + 10_000  # after the wave, not on top of it
+    assert second.schedules["salesforce"].waiting == 100
+
+    clock.now += 60_000  # the wave has run: whatever is still due is asked for again
+    third = scheduler(environ, states=states, clock=clock, scan="check-3")
+    assert ms(third.time_for(wave[0])) == clock.now  # at once
+
+
+def test_tokens_without_expiry_are_scheduled_and_never_late():
+    pacer = scheduler({"TOKEN_REFRESH_RATE_LIMITS": "*=2/s"})
+    times = [pacer.time_for(connection(n, expires_in_ms=None)) for n in range(3)]
+    assert ms(times[0]) == NOW_MS and ms(times[2]) == NOW_MS + 1000
+    assert pacer.schedules["salesforce"].late == 0
+
+
+def test_many_integrations_are_paced_independently():
+    pacer = scheduler({"TOKEN_REFRESH_RATE_LIMITS": "a=4/s,b=8/s,*=2/s"})
+    calls = Counter()
+    times: dict[str, list[int]] = {}
+    for n in range(300):
+        integration = "abc"[n % 3]
+        times.setdefault(integration, []).append(ms(pacer.time_for(connection(n, integration))))
+        calls[integration] += 1
+    assert {i: max_in_any_second(t) for i, t in times.items()} == {"a": 4, "b": 8, "c": 2}
+
+
+@pytest.mark.parametrize(
+    ("rate", "text"), [(5.0, "5/s"), (0.5, "30/min"), (2 / 60, "2/min"), (1 / 3600, "1/h"), (None, "no limit")]
+)
+def test_limits_are_described_as_written(rate, text):
+    assert describe_rate(rate) == text
+
+
+def test_now_is_the_default_target_with_timezone_aware_times():
+    pacer = scheduler({"TOKEN_REFRESH_RATE_LIMITS": "*=1/s"})
+    pacer.time_for(connection(1))
+    second = pacer.time_for(connection(2))
+    assert second.tzinfo is not None and second - datetime.fromtimestamp(NOW_MS / 1000, UTC) == timedelta(seconds=1)
