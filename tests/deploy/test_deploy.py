@@ -46,6 +46,7 @@ FULL = {
     "ALERT_EMAIL": "ops@example.com",
     "TOKEN_REFRESH_MAX_DELIVERY_COUNT": "7",
     "TOKEN_REFRESH_PAGE_SIZE": "100",
+    "TOKEN_REFRESH_RATE_LIMITS": "salesforce=5/s,*=50/s",
 }
 KEY_MARKERS = ("AccountKey=", "SharedAccessKey=", "SharedAccessKeyName=", "COSMOS_KEY=")
 LOGIN_REQUIRED = "Please run 'az login'"
@@ -233,6 +234,7 @@ def test_app_settings_use_identity_and_no_keys(full):
     assert settings["TOKEN_REFRESH_EXPIRATION_THRESHOLD_MS"] == "3900000"
     assert settings["TOKEN_REFRESH_MAX_DELIVERY_COUNT"] == FULL["TOKEN_REFRESH_MAX_DELIVERY_COUNT"]
     assert settings["TOKEN_REFRESH_PAGE_SIZE"] == "100"  # optional settings are passed through
+    assert settings["TOKEN_REFRESH_RATE_LIMITS"] == "salesforce=5/s,*=50/s"  # '=' and '*' inside survive az
     assert settings["COSMOS_STATE_CONTAINER"] == "token_refresh_state"
     assert settings["INTEGRATION_MANAGER_URL"] == FULL["INTEGRATION_MANAGER_URL"]
     assert settings["APPLICATIONINSIGHTS_AUTHENTICATION_STRING"] == "ClientId=<identity-client-id>;Authorization=AAD"
