@@ -8,6 +8,11 @@ the trigger's queue name as routing key (= the event type), and invokes `main()`
 inspected. Queues are quorum queues: the broker counts deliveries (`x-delivery-count`) and applies
 the limit, like Service Bus's MaxDeliveryCount.
 
+Like Service Bus scheduled messages, a refresh request whose `notBefore` is in the future is not handed
+to the function before that time, and a transient failure's retry comes back at its time: both wait in
+durable queues of the host (`<queue>.scheduled` and its delay queues) and are delivered by a releasing
+thread (DeliveryScheduler); they survive a restart of the host.
+
 The broker may go away (a restart, a dropped connection): `run` reconnects with a short back-off
 and keeps consuming (unacknowledged messages are redelivered by RabbitMQ); `run --once` does the
 same for up to `reconnect_timeout_s`, then stops with a one-line error and a non-zero exit.
@@ -19,13 +24,11 @@ import contextlib
 import importlib
 import json
 import logging
-import math
 import threading
 import time
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -33,11 +36,29 @@ import azure.functions.servicebus as func_servicebus
 import pika
 from azure.functions.timer import TimerRequest
 
+from localdev.broker import (
+    BROKER_CONNECTION_ERRORS,
+    FATAL_CONNECTION_ERRORS,
+    RECONNECT_INITIAL_S,
+    RECONNECT_MAX_S,
+    connection_parameters,
+    describe_connection_error,
+)
 from localdev.errors import BrokerUnavailableError
+from localdev.scheduled_delivery import (
+    HOLD_MAX_S,
+    NOT_BEFORE_TOLERANCE_MS,
+    RELEASED_HEADER,
+    SCHEDULE_POLL_S,
+    DeliveryScheduler,
+    format_epoch_ms,
+    not_before_ms,
+    wall_clock_ms,
+)
 from shared import runtime
 from shared.errors import PublishError, SettingsError
-from shared.events import CHECK_EXPIRING, CONTENT_TYPE, REFRESH_FAILED, REFRESHED, CloudEvent
-from shared.secrets import Scrubber, scrub_logs
+from shared.events import CHECK_EXPIRING, REFRESH_FAILED, REFRESH_REQUESTED, REFRESHED
+from shared.secrets import scrub_logs
 from shared.settings import Settings
 
 logger = logging.getLogger(__name__)
@@ -45,30 +66,9 @@ logger = logging.getLogger(__name__)
 APP_ROOT = Path(__file__).resolve().parent.parent
 QUEUE_PREFIX = "integration-token-refresh."
 
-# The connection to the broker is gone (dropped, broker restarting): reconnect, redeclare, go on.
-BROKER_CONNECTION_ERRORS = (
-    pika.exceptions.AMQPConnectionError,  # includes StreamLostError, ConnectionClosedByBroker
-    pika.exceptions.ChannelWrongStateError,  # an operation on a channel of a connection that is gone
-    pika.exceptions.ConsumerCancelled,  # the broker cancelled our consumer (e.g. a queue moved)
-)
-# Retrying cannot fix these: stop with a clear message.
-_FATAL_CONNECTION_ERRORS = (
-    pika.exceptions.ProbableAuthenticationError,
-    pika.exceptions.ProbableAccessDeniedError,
-    pika.exceptions.AuthenticationError,
-    pika.exceptions.IncompatibleProtocolError,
-)
-RECONNECT_INITIAL_S = 0.25
-RECONNECT_MAX_S = 5.0
 RECONNECT_TIMEOUT_S = 60.0  # `run --once`: how long a cycle waits for the broker to come back
 # The per-cycle outcome queue outlives a broker restart (durable) but not a crashed run (expires).
 CYCLE_QUEUE_EXPIRES_MS = 30 * 60 * 1000
-RETRY_GRACE_S = 30.0  # a scheduled retry not back this long after it was due is not waited for
-
-
-def describe_connection_error(error: BaseException, scrub: Scrubber | None = None) -> str:
-    text = (scrub.scrub(error) if scrub else str(error)).strip()
-    return f"{error.__class__.__name__}: {text}"[:300] if text else error.__class__.__name__
 
 
 @dataclass(frozen=True)
@@ -116,127 +116,6 @@ def load_function_app(
     return timer_main, queue_functions
 
 
-def longest_invocation_s(settings: Settings) -> float:
-    """An upper bound of one refresh invocation: its retry budget, the last call's timeouts, the wait
-    for an earlier call that may be in flight, and a redelivery's wait to take a claim over."""
-    from shared.token_refresh import TAKE_OVER_MAX_WAIT_MS
-
-    return (
-        settings.integration_manager_retry_budget_ms
-        + settings.integration_manager_connect_timeout_ms
-        + settings.integration_manager_timeout_ms
-        + settings.integration_manager_in_flight_ms
-        + TAKE_OVER_MAX_WAIT_MS
-    ) / 1000
-
-
-def connection_parameters(settings: Settings) -> pika.URLParameters:
-    """The local host's broker connection. A consumer runs each invocation on its connection's thread,
-    so no heartbeat is sent while one runs: a heartbeat timeout shorter than an invocation would make
-    RabbitMQ close the connection and hand the message to another consumer mid-refresh. The heartbeat
-    is therefore at least the longest invocation (whatever the URL or the broker proposes)."""
-    parameters = pika.URLParameters(settings.rabbitmq_url.get_secret_value())
-    needed = math.ceil(longest_invocation_s(settings))
-    asked = parameters.heartbeat
-    if isinstance(asked, int) and 0 < asked < needed:
-        logger.warning("RabbitMQ heartbeat %d s is shorter than the longest invocation; using %d s", asked, needed)
-    parameters.heartbeat = lambda connection, proposed: max(proposed or 0, asked or 0, needed)
-    return parameters
-
-
-class DelayQueueRetries:
-    """Scheduled retries for the local host, as Service Bus schedules messages in Azure: the copy of a
-    request waits in a durable delay queue (one per target queue and retry number, so every message in
-    it waits as long) until its TTL ends, then RabbitMQ dead-letters it into the function's queue. It
-    survives a restart of the host. Thread-safe: invocation threads schedule through one connection."""
-
-    def __init__(self, settings: Settings, queues_by_event_type: dict[str, str]):
-        self._settings = settings
-        self._queues = queues_by_event_type
-        self._lock = threading.Lock()
-        self._connection: Any = None
-        self._channel: Any = None
-        self.delay_queues: set[str] = set()
-        # Retries scheduled by this host and not yet delivered back (message id, when it is due): a
-        # copy that has left its delay queue but is not in the function's queue yet is still pending.
-        # One not back RETRY_GRACE_S after it was due is given up on (another host may have taken it).
-        self._outstanding: list[tuple[str, float]] = []
-
-    def schedule_retry(self, event: CloudEvent, retry: int, at: datetime, attempt_round: int = 0) -> None:
-        """Deliver `event` to its function's queue again at `at` (`attempt_round` is for Service Bus's
-        duplicate detection; RabbitMQ has none: the copy keeps the request's message id)."""
-        target = self._queues[event.type]
-        delay_queue = f"{target}.retry-{retry}"
-        delay_ms = max(1, math.ceil((at - datetime.now(UTC)).total_seconds() * 1000))
-        properties = pika.BasicProperties(
-            message_id=event.id,
-            content_type=CONTENT_TYPE,
-            type=event.type,
-            delivery_mode=pika.DeliveryMode.Persistent,
-            expiration=str(delay_ms),
-        )
-        with self._lock:
-            for attempt in (1, 2):  # once more on a fresh connection if the broker dropped it
-                try:
-                    channel = self._open()
-                    channel.queue_declare(
-                        delay_queue,
-                        durable=True,
-                        arguments={"x-dead-letter-exchange": "", "x-dead-letter-routing-key": target},
-                    )
-                    channel.basic_publish("", delay_queue, event.to_json(), properties, mandatory=True)
-                    self.delay_queues.add(delay_queue)
-                    self._outstanding.append((event.id, time.monotonic() + delay_ms / 1000))
-                    return
-                except BROKER_CONNECTION_ERRORS:
-                    self._reset()
-                    if attempt == 2:
-                        raise
-
-    def delivered(self, message_id: str | None) -> None:
-        """A message came back to a function: if it is a retry this host scheduled, it is no longer pending."""
-        with self._lock:
-            for index, (outstanding_id, _) in enumerate(self._outstanding):
-                if outstanding_id == message_id:
-                    del self._outstanding[index]
-                    return
-
-    def pending(self) -> int:
-        """Retries not delivered back yet: scheduled by this host, or waiting in a delay queue (after a
-        restart of the host)."""
-        with self._lock:
-            now = time.monotonic()
-            self._outstanding = [(m, due) for m, due in self._outstanding if due + RETRY_GRACE_S > now]
-            outstanding = len(self._outstanding)
-            if not self.delay_queues:
-                return outstanding
-            try:
-                channel = self._open()
-                waiting = sum(channel.queue_declare(q, passive=True).method.message_count for q in self.delay_queues)
-            except BROKER_CONNECTION_ERRORS:
-                self._reset()
-                raise
-            return max(outstanding, waiting)
-
-    def _open(self) -> Any:
-        if self._channel is None or not self._channel.is_open:
-            self._reset()
-            self._connection = pika.BlockingConnection(connection_parameters(self._settings))
-            self._channel = self._connection.channel()
-            self._channel.confirm_delivery()  # a retry is only scheduled once the broker has it
-        return self._channel
-
-    def _reset(self) -> None:
-        connection, self._connection, self._channel = self._connection, None, None
-        if connection is not None and connection.is_open:
-            with contextlib.suppress(Exception):
-                connection.close()
-
-    def close(self) -> None:
-        with self._lock:
-            self._reset()
-
-
 class LocalInvocationContext:
     """What the Functions host passes as `context`: a fresh invocation id per call."""
 
@@ -267,6 +146,8 @@ class LocalHost:
         app_root: Path = APP_ROOT,
         reconnect_timeout_s: float = RECONNECT_TIMEOUT_S,
         workers: int = 1,
+        *,
+        schedule_hold_max_s: float = HOLD_MAX_S,
     ):
         if settings.rabbitmq_url is None:
             raise SettingsError("RABBITMQ_URL is not set; the local host needs it: RabbitMQ is its transport")
@@ -283,9 +164,16 @@ class LocalHost:
         self._connection: Any = None
         self._channel: Any = None
         self._stop = threading.Event()
-        self.retries = DelayQueueRetries(settings, {f.event_type: f.queue for f in self.functions})
         # No form of a secret in any log line or in what is dead-lettered (the reason is an exception text).
         self._scrub = scrub_logs(settings)
+        # Refresh requests with a notBefore and the retries of transient failures are delivered later
+        # through it (Azure: Service Bus scheduled messages). None for an app without a refresh function.
+        refresh = next((f for f in self.functions if f.event_type == REFRESH_REQUESTED), None)
+        self.schedule = (
+            DeliveryScheduler(settings, refresh.queue, hold_max_s=schedule_hold_max_s, scrub=self._scrub)
+            if refresh is not None
+            else None
+        )
 
     # Topology -----------------------------------------------------------------------------------
 
@@ -293,7 +181,7 @@ class LocalHost:
         parameters = connection_parameters(self.settings)
         try:
             self._connection = pika.BlockingConnection(parameters)
-        except _FATAL_CONNECTION_ERRORS as error:
+        except FATAL_CONNECTION_ERRORS as error:
             reason = describe_connection_error(error, self._scrub)
             raise BrokerUnavailableError(
                 f"RabbitMQ refused the local host's connection ({reason}); check RABBITMQ_URL"
@@ -301,13 +189,25 @@ class LocalHost:
         self._channel = self._connection.channel()
         self._channel.basic_qos(prefetch_count=1)
         declare_topology(self._channel, self.settings.rabbitmq_exchange, self.functions, self.max_deliveries)
-        runtime.use_retry_scheduler(self.retries)  # transient failures come back through its delay queues
+        if self.schedule is not None:
+            runtime.use_retry_scheduler(self.schedule)  # transient failures come back through its schedule
         return self._channel
 
+    def _start_schedule(self) -> None:
+        """Start delivering scheduled messages (both modes; it keeps going through reconnects until close())."""
+        if self.schedule is not None:
+            self.schedule.start()
+
     def close(self) -> None:
-        if runtime.retry_scheduler_installed() is self.retries:
-            runtime.use_retry_scheduler(None)  # its delay queues are this host's: not without it
-        self.retries.close()
+        if self.schedule is not None:
+            self.schedule.stop()  # what it held goes back to its queue, for the next host
+        self._disconnect()
+
+    def _disconnect(self) -> None:
+        if self.schedule is not None:
+            if runtime.retry_scheduler_installed() is self.schedule:
+                runtime.use_retry_scheduler(None)  # its queues are this host's: not without it
+            self.schedule.close_publisher()
         connection, self._connection, self._channel = self._connection, None, None
         if connection is not None and connection.is_open:
             try:
@@ -318,7 +218,7 @@ class LocalHost:
     def _reconnect(self, error: BaseException, deadline: float | None, what: str = "connection lost") -> bool:
         """After a lost connection: reconnect with a growing back-off (and redeclare the topology).
         Gives up with BrokerUnavailableError at `deadline` (None: never). False when stop() was called."""
-        self.close()
+        self._disconnect()
         delay = RECONNECT_INITIAL_S
         lost_at = time.monotonic()
         # Each failed attempt is one line of ours (pika's own records are at DEBUG: shared.third_party_logs).
@@ -335,7 +235,7 @@ class LocalHost:
             try:
                 self.connect()
             except BROKER_CONNECTION_ERRORS as again:
-                self.close()
+                self._disconnect()
                 error = again
                 delay = min(delay * 2, RECONNECT_MAX_S)
                 logger.info("RabbitMQ still unavailable (%s)", describe_connection_error(again, self._scrub))
@@ -348,11 +248,14 @@ class LocalHost:
 
     def invoke(self, queue: str, method: Any, properties: Any, body: bytes, channel: Any = None) -> bool:
         """Run the queue's function on one message; ack on success, requeue (or dead-letter) on error.
+        A refresh request due later (notBefore) is not run: it goes to the schedule, which delivers it
+        then. True when the function ran and succeeded.
         `channel`: the channel the message came from (a worker thread's own), default the host's."""
         channel = channel or self._channel
+        if self._deferred(queue, method, properties, body, channel):
+            return False
         function = self._by_queue[queue]
         message = trigger_message(body, properties)
-        self.retries.delivered(message.message_id)
         try:
             function.main(message, context=LocalInvocationContext(function.name))
         except Exception as error:
@@ -377,6 +280,32 @@ class LocalHost:
                 channel.basic_nack(method.delivery_tag, requeue=True)
             return False
         channel.basic_ack(method.delivery_tag)
+        return True
+
+    def _deferred(self, queue: str, method: Any, properties: Any, body: bytes, channel: Any) -> bool:
+        """A refresh request whose notBefore is more than NOT_BEFORE_TOLERANCE_MS away moves to the schedule
+        (confirmed there, then acknowledged here), like a Service Bus scheduled message. One the schedule
+        delivered is never deferred again; a body without a valid notBefore goes to the function as is."""
+        if self.schedule is None or queue != self.schedule.target or RELEASED_HEADER in (properties.headers or {}):
+            return False
+        due_ms = not_before_ms(body)
+        if due_ms is None or due_ms - wall_clock_ms() <= NOT_BEFORE_TOLERANCE_MS:
+            return False
+        try:
+            where = self.schedule.deliver_later(body, properties, due_ms)
+        except Exception as error:  # noqa: BLE001 - never early: back to its queue (the broker counts deliveries)
+            logger.error(
+                "Could not schedule refresh request %s (%s); it is put back on %s",
+                properties.message_id,
+                describe_connection_error(error, self._scrub),
+                queue,
+            )
+            channel.basic_nack(method.delivery_tag, requeue=True)
+            return True
+        channel.basic_ack(method.delivery_tag)
+        logger.debug(
+            "Refresh request %s is due at %s: waits in %s", properties.message_id, format_epoch_ms(due_ms), where
+        )
         return True
 
     def _dead_letter(
@@ -410,6 +339,8 @@ class LocalHost:
 
     def run_once(self) -> CycleSummary:
         """One full cycle: timer, every check message, every refresh request, every outcome counted.
+        Scheduled deliveries (requests with a notBefore, retries; also those an earlier host left) are
+        waited for: the cycle ends when the schedule is empty and every queue drained.
 
         A connection lost mid-cycle (e.g. a broker restart) is re-established for up to
         `reconnect_timeout_s` and the cycle goes on: unacknowledged messages come back from their
@@ -417,6 +348,7 @@ class LocalHost:
         try:
             if self._channel is None:
                 self.connect()
+            self._start_schedule()
             cycle_queue = self._declare_cycle_queue()
             dead_letters_before = self._dead_letter_count()
         except BROKER_CONNECTION_ERRORS as error:
@@ -436,9 +368,13 @@ class LocalHost:
         while True:
             try:
                 self._declare_cycle_queue(cycle_queue)
-                self._process_queued_messages(summary, counted)
-                if self.retries.pending():  # scheduled retries are part of the cycle: wait for them
-                    time.sleep(0.05)
+                # Scheduled deliveries (requests with a notBefore, retries) are part of the cycle: wait for
+                # them. Counted before draining: whatever was delivered before the count is handled below.
+                scheduled = self.schedule.pending() if self.schedule is not None else 0
+                if self._process_queued_messages(summary, counted):
+                    continue  # it may have scheduled more
+                if scheduled:
+                    self.schedule.wait_for_release(SCHEDULE_POLL_S)
                     continue
                 self._count_outcomes(cycle_queue, summary, counted)
                 summary.dead_lettered = self._dead_letter_count() - dead_letters_before
@@ -460,10 +396,10 @@ class LocalHost:
             self._channel.queue_bind(name, self.settings.rabbitmq_exchange, routing_key=event_type)
         return name
 
-    def _process_queued_messages(self, summary: CycleSummary, counted: set[str]) -> None:
-        processed = True
-        while processed:
-            processed = False
+    def _process_queued_messages(self, summary: CycleSummary, counted: set[str]) -> bool:
+        """Handle every message in the functions' queues until they are empty; True when there were any."""
+        any_processed = processed = False
+        while True:
             for function in self.functions:  # check-expiring first: it feeds refresh-requested
                 if function.event_type != CHECK_EXPIRING and self.workers > 1:
                     processed |= self._drain_with_workers(function, summary, counted)
@@ -471,6 +407,9 @@ class LocalHost:
                 while (delivery := self._channel.basic_get(function.queue)) != (None, None, None):
                     self._invoke_counted(function, delivery, self._channel, summary, counted)
                     processed = True
+            if not processed:
+                return any_processed
+            any_processed, processed = True, False
 
     def _invoke_counted(  # noqa: PLR0917 - internal helper of the two drain loops
         self,
@@ -493,6 +432,14 @@ class LocalHost:
     def _drain_with_workers(self, function: QueueFunction, summary: CycleSummary, counted: set[str]) -> bool:
         """Empty `function`'s queue with `workers` threads, each on its own connection and channel
         (pika connections must not be shared between threads). True when anything was processed."""
+        waiting = self._channel.queue_declare(function.queue, passive=True).method.message_count
+        if not waiting:
+            return False  # nothing to get: no worker connections for an empty queue
+        if waiting == 1:  # e.g. a scheduled request just delivered: at once, without opening connections
+            if (delivery := self._channel.basic_get(function.queue)) == (None, None, None):
+                return False
+            self._invoke_counted(function, delivery, self._channel, summary, counted)
+            return True
         lock = threading.Lock()
         processed: list[bool] = []
         errors: list[BaseException] = []
@@ -511,7 +458,8 @@ class LocalHost:
             except Exception as error:  # noqa: BLE001 - handed to the main thread, which reconnects or gives up
                 errors.append(error)
 
-        threads = [threading.Thread(target=work, name=f"local-host-worker-{n}") for n in range(self.workers)]
+        workers = min(self.workers, waiting)  # no more connections than messages
+        threads = [threading.Thread(target=work, name=f"local-host-worker-{n}") for n in range(workers)]
         for thread in threads:
             thread.start()
         for thread in threads:
@@ -556,6 +504,7 @@ class LocalHost:
                     if not self._reconnect(error, deadline=None, what="unavailable"):
                         break
                     continue
+                self._start_schedule()
                 if not announced:
                     announced = True
                     logger.info(
@@ -617,6 +566,8 @@ class LocalHost:
 
     def stop(self) -> None:
         self._stop.set()
+        if self.schedule is not None:
+            self.schedule.stop(wait=False)  # close() waits for it
 
     def _dead_letter_count(self) -> int:
         return sum(

@@ -253,6 +253,8 @@ def request_refresh_for_expiring_connections(
         # pages must hand off too, before the function times out.
         if page.continuation and (time.monotonic() - started) * 1000 >= settings.check_time_budget_ms:
             # Hand the rest of the scan to a follow-up invocation before the function times out.
+            if scheduler is not None:
+                scheduler.save(final=True)  # the follow-up continues from it
             follow_up = make_event(check.model_copy(update={"continuation": page.continuation}))
             publisher.publish([follow_up])
             summary.continued = True
@@ -267,6 +269,7 @@ def request_refresh_for_expiring_connections(
         logger.info("Found OAuth connections with expiring tokens (count=0)")
     warn_about_short_token_lifetimes(deferred_lifetimes, settings)
     if scheduler is not None:
+        scheduler.save(final=True)
         scheduler.report()
         summary.schedules = [s for s in scheduler.schedules.values() if s.paced]
         summary.late = sum(s.late for s in summary.schedules)

@@ -4,7 +4,8 @@ paces the whole fleet with no shared state at refresh time: the transport delive
 its time (Service Bus scheduled messages; the local host's schedule queue).
 
 - A limit of R requests/s gives an integration a grid of times 1/R apart, starting where its
-  schedule so far ends (its pacing document in the state store) and never in the past. Each request
+  schedule so far ends (its pacing document in the state store), never sooner than SCHEDULE_LEAD_MS
+  from now. Each request
   takes the first free grid time at or after its target, so no 1-second window holds more than R.
 - The target is now; with a spread, now plus a random delay within TOKEN_REFRESH_SPREAD_MS, but
   never past expiresAt minus SAFETY_MARGIN_MS. A token already inside that margin (or expired) has
@@ -45,6 +46,13 @@ class Waiting:
 
 WAITING = Waiting()
 
+# A grid time is never sooner than this after the check hands it out: the time it takes to publish and deliver
+# a request must not make it late, or it would bunch up with the next one and break the limit.
+SCHEDULE_LEAD_MS = 1000
+
+# Between pages, a check records its schedule at most this often (RefreshScheduler.save).
+SAVE_EVERY_MS = 1000
+
 # customDimensions.alarm of the one warning per integration and check whose backlog runs late.
 BACKLOG_ALARM = "refresh_backlog"
 
@@ -70,6 +78,7 @@ class IntegrationSchedule:
     _next_free: dict[int, int] = field(default_factory=dict)
     _last_index: int = -1
     _earlier: dict[str, Any] | None = None  # the pacing document as this invocation found it
+    _stored: dict[str, Any] | None = None  # ... as this invocation last read or wrote it (its etag saves a read)
     _spread: bool = False
     _unsaved: bool = False
 
@@ -106,6 +115,7 @@ class RefreshScheduler:
         self._clock = clock
         self._rng = rng or random.Random()  # noqa: S311 - spreading load, not a secret
         self.schedules: dict[str, IntegrationSchedule] = {}
+        self._saved_at = clock()
 
     def time_for(self, connection: ExpiringConnection) -> datetime | Waiting | None:
         """The time to deliver `connection`'s refresh request: an aware datetime (now or later) when a limit or the
@@ -123,24 +133,30 @@ class RefreshScheduler:
         self._count(schedule, slot, expires)
         return datetime.fromtimestamp(slot / 1000, UTC) if schedule.paced else None
 
-    def save(self) -> None:
-        """Record how far each integration's schedule reaches (after the requests were published: a crash before
-        this only makes the next check schedule them again, under the same ids)."""
+    def save(self, *, final: bool = False) -> None:
+        """Record how far each integration's schedule reaches, after its requests were published. Between pages at
+        most once per SAVE_EVERY_MS; `final` (the end of the invocation, a hand-off to a follow-up check) always. A
+        crash before a save only makes the retried check schedule those requests again, under the same ids (Service
+        Bus drops the copies; the refresh step recognises requests it has handled)."""
+        now = self._clock()
+        if not final and now - self._saved_at < SAVE_EVERY_MS:
+            return
+        self._saved_at = now
         for schedule in self.schedules.values():
             if not schedule._unsaved or not schedule.paced:
                 continue
-            now = self._clock()
             if schedule.spacing_ms is None:
                 next_slot = schedule.last_ms or now
             else:
                 next_slot = math.ceil(schedule._origin_ms + (schedule._last_index + 1) * schedule.spacing_ms)
             ttl_s = (max(0, next_slot - now) + self._settings.expiration_threshold_ms) // 1000 + 3600
-            self._states.save_pacing(
+            schedule._stored = self._states.save_pacing(
                 schedule.integration_id,
                 next_slot_ms=next_slot,
                 scheduled_through_ms=schedule.latest_expiry_ms,
                 scan=self._scan,
                 ttl_s=ttl_s,
+                stored=schedule._stored,
             )
             schedule._unsaved = False
 
@@ -194,9 +210,11 @@ class RefreshScheduler:
             earlier = None
             if rate is not None or self._settings.spread_ms > 0:
                 earlier = self._states.pacing(integration_id)
-            schedule = IntegrationSchedule(integration_id, rate, _earlier=earlier, _spread=self._settings.spread_ms > 0)
-            # Continue where the schedule so far ends, or start now.
-            schedule._origin_ms = float(max(now, (earlier or {}).get("nextSlotMs") or 0))
+            schedule = IntegrationSchedule(
+                integration_id, rate, _earlier=earlier, _stored=earlier, _spread=self._settings.spread_ms > 0
+            )
+            # Continue where the schedule so far ends, or start now (plus the lead).
+            schedule._origin_ms = float(max(now + SCHEDULE_LEAD_MS, (earlier or {}).get("nextSlotMs") or 0))
             self.schedules[integration_id] = schedule
         return schedule
 
@@ -229,7 +247,7 @@ class RefreshScheduler:
         """The first free grid time at or after `target`; if that is past `window_end` (taken by others), the
         earliest free one from now instead, when earlier."""
         origin = schedule._origin_ms
-        earliest = max(0, math.ceil((now - origin) / spacing))  # never a time already past
+        earliest = max(0, math.ceil((now + SCHEDULE_LEAD_MS - origin) / spacing))  # never one already (nearly) past
         wanted = max(earliest, math.ceil((target - origin) / spacing))
         index = self._free_index(schedule, wanted)
         if window_end is not None and origin + index * spacing > window_end and wanted > earliest:

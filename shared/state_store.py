@@ -315,11 +315,20 @@ class StateStore:
         return self._get("pacing-" + text_key(integration_id))
 
     def save_pacing(
-        self, integration_id: str, *, next_slot_ms: int, scheduled_through_ms: int | None, scan: str, ttl_s: int
-    ) -> None:
+        self,
+        integration_id: str,
+        *,
+        next_slot_ms: int,
+        scheduled_through_ms: int | None,
+        scan: str,
+        ttl_s: int,
+        stored: dict[str, Any] | None = None,
+    ) -> dict[str, Any] | None:
         """Record how far a check scheduled `integration_id`: its next free slot, the latest expiry it scheduled, and
         the check (`scan`) that did. Merged with what another check wrote meanwhile (etag-guarded): the later slot
-        and expiry win, so two checks never hand out the same time twice to a third. Best effort."""
+        and expiry win, so two checks never hand out the same time twice to a third. `stored`: the document as the
+        caller last saw it, so an unchanged one is replaced without reading it first. Returns the document as
+        written (pass it back next time), None when the store kept refusing (best effort)."""
 
         def merged(existing: dict[str, Any] | None) -> dict[str, Any]:
             earlier = existing or {}
@@ -333,30 +342,34 @@ class StateStore:
                 "ttl": max(60, ttl_s),
             }
 
-        if self._update_guarded("pacing-" + text_key(integration_id), merged) is None:
+        written = self._update_guarded("pacing-" + text_key(integration_id), merged, stored)
+        if written is None:
             logger.warning("Could not record the refresh schedule of integration %r (contention)", integration_id)
+        return written
 
     def _update_guarded(
-        self, item_id: str, update: Callable[[dict[str, Any] | None], dict[str, Any]]
+        self,
+        item_id: str,
+        update: Callable[[dict[str, Any] | None], dict[str, Any]],
+        known: dict[str, Any] | None = None,
     ) -> dict[str, Any] | None:
         """Write `update(the document as stored, None if none)` under `item_id`, unless another writer got in between
-        (etag): then read again and update on top of theirs. The item written, or None after 8 tries."""
+        (etag): then read again and update on top of theirs. `known`: the document as the caller last saw it, tried
+        first without a read. The document as written (with its new etag), or None after 8 tries."""
         from azure.core import MatchConditions
         from azure.cosmos.exceptions import CosmosAccessConditionFailedError, CosmosResourceExistsError
 
-        for _ in range(8):
-            existing = self._get(item_id)
+        for attempt in range(8):
+            existing = known if attempt == 0 and known is not None else self._get(item_id)
             item = {"id": item_id} | update(existing)
             try:
                 if existing is None:
-                    self._container.create_item(item)
-                else:
-                    self._container.replace_item(
-                        item_id, item, etag=existing["_etag"], match_condition=MatchConditions.IfNotModified
-                    )
+                    return self._container.create_item(item)
+                return self._container.replace_item(
+                    item_id, item, etag=existing["_etag"], match_condition=MatchConditions.IfNotModified
+                )
             except (CosmosAccessConditionFailedError, CosmosResourceExistsError):
                 continue  # another writer got in between: update on top of what it wrote
-            return item
         return None
 
 

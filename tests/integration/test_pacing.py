@@ -13,7 +13,7 @@ from shared.events import CHECK_EXPIRING, REFRESH_REQUESTED, CheckExpiringData, 
 from shared.refresh_schedule import BACKLOG_ALARM
 from shared.times import parse_time
 from tests.support.documents import seed_expiring
-from tests.support.helpers import invoke, trigger
+from tests.support.helpers import invoke, most_in_any_window, trigger
 
 
 def run_check(event_tap, now=None):
@@ -34,15 +34,6 @@ def run_check(event_tap, now=None):
 
 def ms(text: str) -> int:
     return round(parse_time(text).timestamp() * 1000)
-
-
-def max_in_any_second(times: list[int]) -> int:
-    times, most, start = sorted(times), 0, 0
-    for end, moment in enumerate(times):
-        while moment - times[start] >= 1000:
-            start += 1
-        most = max(most, end - start + 1)
-    return most
 
 
 def summary_line(caplog) -> str:
@@ -74,7 +65,7 @@ def test_the_schedule_holds_each_limit_soonest_expiring_first_across_pages_and_f
     for integration, limit in (("salesforce", 20), ("hubspot", 50)):
         paced = by_integration[integration]
         times = [ms(r["notBefore"]) for r in paced]
-        assert max_in_any_second(times) <= limit
+        assert most_in_any_window(times, 1000) <= limit
         in_time_order = [r["expiresAt"] for r in sorted(paced, key=lambda r: ms(r["notBefore"]))]
         assert in_time_order == sorted(in_time_order)  # soonest-expiring first, across pages and checks
         gaps = [b - a for a, b in zip(sorted(times), sorted(times)[1:], strict=False)]

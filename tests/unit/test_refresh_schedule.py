@@ -11,10 +11,12 @@ from datetime import UTC, datetime, timedelta
 import pytest
 
 from shared.connection_store import ExpiringConnection
-from shared.refresh_schedule import BACKLOG_ALARM, WAITING, RefreshScheduler, describe_rate
+from shared.refresh_schedule import BACKLOG_ALARM, SCHEDULE_LEAD_MS, WAITING, RefreshScheduler, describe_rate
 from shared.settings import SAFETY_MARGIN_MS, load_settings
+from tests.support.helpers import most_in_any_window
 
 NOW_MS = 1_800_000_000_000
+START = NOW_MS + SCHEDULE_LEAD_MS  # the first grid time of a schedule
 
 
 class Clock:
@@ -34,7 +36,7 @@ class PacingDocuments:
     def pacing(self, integration_id):
         return self.documents.get(integration_id)
 
-    def save_pacing(self, integration_id, *, next_slot_ms, scheduled_through_ms, scan, ttl_s):
+    def save_pacing(self, integration_id, *, next_slot_ms, scheduled_through_ms, scan, ttl_s, stored=None):
         earlier = self.documents.get(integration_id, {})
         through = max(filter(None, [scheduled_through_ms, earlier.get("scheduledThroughMs")]), default=None)
         self.documents[integration_id] = {
@@ -65,26 +67,16 @@ def ms(moment: datetime | None, now_ms: int = NOW_MS) -> int:
     return now_ms if moment is None else round(moment.timestamp() * 1000)
 
 
-def max_in_any_second(times_ms: list[int]) -> int:
-    times = sorted(times_ms)
-    most, start = 0, 0
-    for end, time in enumerate(times):
-        while time - times[start] >= 1000:
-            start += 1
-        most = max(most, end - start + 1)
-    return most
-
-
 def test_a_limit_spaces_an_integrations_requests_evenly_from_now():
     pacer = scheduler({"TOKEN_REFRESH_RATE_LIMITS": "salesforce=5/s,*=50/s"})
     times = [ms(pacer.time_for(connection(n))) for n in range(100)]
-    assert times[0] == NOW_MS  # the first one at once
+    assert times[0] == START  # the first one at once (after the lead for publishing and delivery)
     assert [b - a for a, b in itertools.pairwise(times)] == [200] * 99
-    assert max_in_any_second(times) == 5
+    assert most_in_any_window(times, 1000) == 5
     other = [ms(pacer.time_for(connection(n, "hubspot"))) for n in range(100)]
     assert other[1] - other[0] == 20  # `*` covers the others
     assert pacer.schedules["salesforce"].scheduled == 100
-    assert pacer.schedules["salesforce"].last_ms == NOW_MS + 99 * 200
+    assert pacer.schedules["salesforce"].last_ms == START + 99 * 200
 
 
 def test_without_a_limit_or_spread_for_its_integration_a_request_is_due_at_once():
@@ -96,10 +88,10 @@ def test_without_a_limit_or_spread_for_its_integration_a_request_is_due_at_once(
 def test_a_request_never_gets_a_time_already_past_when_the_scan_is_slow():
     clock = Clock()
     pacer = scheduler({"TOKEN_REFRESH_RATE_LIMITS": "*=10/s"}, clock=clock)
-    assert ms(pacer.time_for(connection(1))) == NOW_MS
+    assert ms(pacer.time_for(connection(1))) == START
     clock.now += 5_000  # the next page comes 5 s later: the grid times in between have passed
-    assert ms(pacer.time_for(connection(2))) == NOW_MS + 5_000  # the first grid time not yet past
-    assert ms(pacer.time_for(connection(3))) == NOW_MS + 5_100
+    assert ms(pacer.time_for(connection(2))) == START + 5_000  # the first grid time not yet past
+    assert ms(pacer.time_for(connection(3))) == START + 5_100
 
 
 def test_the_spread_delays_requests_randomly_but_never_past_expiry_minus_the_margin():
@@ -122,7 +114,7 @@ def test_with_a_limit_and_a_spread_the_limit_still_holds_in_every_second():
     connections = [connection(n, expires_in_ms=3_600_000) for n in range(250)]
     times = [ms(pacer.time_for(c)) for c in connections]
     assert len(set(times)) == 250
-    assert max_in_any_second(times) <= 5
+    assert most_in_any_window(times, 1000) <= 5
     assert max(times) <= NOW_MS + 60_000  # 250 requests at 5/s fit in the 60 s window: all of them in it
 
 
@@ -157,11 +149,11 @@ def test_a_follow_up_of_the_same_scan_continues_the_schedule():
     states = PacingDocuments()
     first = scheduler({"TOKEN_REFRESH_RATE_LIMITS": "*=10/s"}, states=states)
     times = [ms(first.time_for(connection(n))) for n in range(50)]
-    first.save()
+    first.save(final=True)
     follow_up = scheduler({"TOKEN_REFRESH_RATE_LIMITS": "*=10/s"}, states=states, continuing=True)
     more = [ms(follow_up.time_for(connection(n, expires_in_ms=3_600_000))) for n in range(50, 100)]
     assert more[0] == times[-1] + 100
-    assert max_in_any_second(times + more) == 10
+    assert most_in_any_window(times + more, 1000) == 10
 
 
 def test_a_later_check_leaves_requests_an_earlier_schedule_still_holds_and_paces_new_ones_after_it():
@@ -170,24 +162,24 @@ def test_a_later_check_leaves_requests_an_earlier_schedule_still_holds_and_paces
     first = scheduler(environ, states=states, clock=clock, scan="check-1")
     wave = [connection(n, expires_in_ms=600_000 + n) for n in range(100)]  # 10 s of requests
     [first.time_for(c) for c in wave]
-    first.save()
+    first.save(final=True)
 
     clock.now += 3_000  # the next check comes while the wave is being delivered
     second = scheduler(environ, states=states, clock=clock, scan="check-2")
     assert [second.time_for(c) for c in wave] == [WAITING] * 100
     newcomer = connection(500, expires_in_ms=900_000)
-    assert ms(second.time_for(newcomer)) == NOW_MS + 10_000  # after the wave, not on top of it
+    assert ms(second.time_for(newcomer)) == START + 10_000  # after the wave, not on top of it
     assert second.schedules["salesforce"].waiting == 100
 
     clock.now += 60_000  # the wave has run: whatever is still due is asked for again
     third = scheduler(environ, states=states, clock=clock, scan="check-3")
-    assert ms(third.time_for(wave[0])) == clock.now  # at once
+    assert ms(third.time_for(wave[0])) == clock.now + SCHEDULE_LEAD_MS  # at once
 
 
 def test_tokens_without_expiry_are_scheduled_and_never_late():
     pacer = scheduler({"TOKEN_REFRESH_RATE_LIMITS": "*=2/s"})
     times = [pacer.time_for(connection(n, expires_in_ms=None)) for n in range(3)]
-    assert ms(times[0]) == NOW_MS and ms(times[2]) == NOW_MS + 1000
+    assert ms(times[0]) == START and ms(times[2]) == START + 1000
     assert pacer.schedules["salesforce"].late == 0
 
 
@@ -199,7 +191,7 @@ def test_many_integrations_are_paced_independently():
         integration = "abc"[n % 3]
         times.setdefault(integration, []).append(ms(pacer.time_for(connection(n, integration))))
         calls[integration] += 1
-    assert {i: max_in_any_second(t) for i, t in times.items()} == {"a": 4, "b": 8, "c": 2}
+    assert {i: most_in_any_window(t, 1000) for i, t in times.items()} == {"a": 4, "b": 8, "c": 2}
 
 
 @pytest.mark.parametrize(
@@ -213,4 +205,4 @@ def test_now_is_the_default_target_with_timezone_aware_times():
     pacer = scheduler({"TOKEN_REFRESH_RATE_LIMITS": "*=1/s"})
     pacer.time_for(connection(1))
     second = pacer.time_for(connection(2))
-    assert second.tzinfo is not None and second - datetime.fromtimestamp(NOW_MS / 1000, UTC) == timedelta(seconds=1)
+    assert second.tzinfo is not None and second - datetime.fromtimestamp(START / 1000, UTC) == timedelta(seconds=1)
