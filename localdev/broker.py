@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 import math
+from typing import Any
 
 import pika
 
@@ -62,3 +63,22 @@ def connection_parameters(settings: Settings) -> pika.URLParameters:
         logger.warning("RabbitMQ heartbeat %d s is shorter than the longest invocation; using %d s", asked, needed)
     parameters.heartbeat = lambda connection, proposed: max(proposed or 0, asked or 0, needed)
     return parameters
+
+
+def persistent_copy(properties: Any, headers: dict[str, Any] | None, **changed: Any) -> pika.BasicProperties:
+    """A message's properties for publishing it again: persistent, with `headers` in place of its own and the
+    `changed` fields; user_id is dropped (RabbitMQ checks it against the publishing user)."""
+    fields = {
+        "content_type": properties.content_type,
+        "content_encoding": properties.content_encoding,
+        "headers": headers,
+        "delivery_mode": pika.DeliveryMode.Persistent,
+        "priority": properties.priority,
+        "correlation_id": properties.correlation_id,
+        "reply_to": properties.reply_to,
+        "message_id": properties.message_id,
+        "timestamp": properties.timestamp,
+        "type": properties.type,
+        "app_id": properties.app_id,
+    }
+    return pika.BasicProperties(**(fields | changed))

@@ -46,6 +46,7 @@ from localdev.broker import (
 )
 from localdev.errors import BrokerUnavailableError
 from localdev.scheduled_delivery import (
+    DUE_SUFFIX,
     HOLD_MAX_S,
     NOT_BEFORE_TOLERANCE_MS,
     RELEASED_HEADER,
@@ -83,6 +84,16 @@ class QueueFunction:
     @property
     def dead_letter_queue(self) -> str:
         return self.queue + ".dead-letter"
+
+    @property
+    def due_queue(self) -> str:
+        """Where the schedule delivers this function's messages at their time; consumed ahead of `queue`."""
+        return self.queue + DUE_SUFFIX
+
+    @property
+    def queues(self) -> tuple[str, str]:
+        """The queues that trigger this function, the due one first."""
+        return (self.due_queue, self.queue)
 
 
 @dataclass
@@ -160,7 +171,7 @@ class LocalHost:
         # connection and prefetch 1 (Azure: host.json maxConcurrentCalls / maxConcurrentSessions).
         self.workers = max(1, workers)
         self.timer_main, self.functions = load_function_app(app_root, queue_prefix)
-        self._by_queue = {function.queue: function for function in self.functions}
+        self._by_queue = {queue: function for function in self.functions for queue in function.queues}
         self._connection: Any = None
         self._channel: Any = None
         self._stop = threading.Event()
@@ -401,12 +412,13 @@ class LocalHost:
         any_processed = processed = False
         while True:
             for function in self.functions:  # check-expiring first: it feeds refresh-requested
-                if function.event_type != CHECK_EXPIRING and self.workers > 1:
-                    processed |= self._drain_with_workers(function, summary, counted)
-                    continue
-                while (delivery := self._channel.basic_get(function.queue)) != (None, None, None):
-                    self._invoke_counted(function, delivery, self._channel, summary, counted)
-                    processed = True
+                for queue in function.queues:  # what the schedule delivered first
+                    if function.event_type != CHECK_EXPIRING and self.workers > 1:
+                        processed |= self._drain_with_workers(function, queue, summary, counted)
+                        continue
+                    while (delivery := self._channel.basic_get(queue)) != (None, None, None):
+                        self._invoke_counted(function, queue, delivery, self._channel, summary, counted)
+                        processed = True
             if not processed:
                 return any_processed
             any_processed, processed = True, False
@@ -414,6 +426,7 @@ class LocalHost:
     def _invoke_counted(  # noqa: PLR0917 - internal helper of the two drain loops
         self,
         function: QueueFunction,
+        queue: str,
         delivery: Any,
         channel: Any,
         summary: CycleSummary,
@@ -421,7 +434,7 @@ class LocalHost:
         lock: Any = None,
     ) -> None:
         method, properties, body = delivery
-        if not self.invoke(function.queue, method, properties, body, channel):
+        if not self.invoke(queue, method, properties, body, channel):
             return
         with lock or contextlib.nullcontext():
             if function.event_type == CHECK_EXPIRING:
@@ -429,16 +442,18 @@ class LocalHost:
             elif _first_time(counted, "request", properties.message_id):
                 summary.found += 1  # a re-run check requests the same ids again
 
-    def _drain_with_workers(self, function: QueueFunction, summary: CycleSummary, counted: set[str]) -> bool:
-        """Empty `function`'s queue with `workers` threads, each on its own connection and channel
+    def _drain_with_workers(
+        self, function: QueueFunction, queue: str, summary: CycleSummary, counted: set[str]
+    ) -> bool:
+        """Empty `queue` (one of `function`'s) with `workers` threads, each on its own connection and channel
         (pika connections must not be shared between threads). True when anything was processed."""
-        waiting = self._channel.queue_declare(function.queue, passive=True).method.message_count
+        waiting = self._channel.queue_declare(queue, passive=True).method.message_count
         if not waiting:
             return False  # nothing to get: no worker connections for an empty queue
         if waiting == 1:  # e.g. a scheduled request just delivered: at once, without opening connections
-            if (delivery := self._channel.basic_get(function.queue)) == (None, None, None):
+            if (delivery := self._channel.basic_get(queue)) == (None, None, None):
                 return False
-            self._invoke_counted(function, delivery, self._channel, summary, counted)
+            self._invoke_counted(function, queue, delivery, self._channel, summary, counted)
             return True
         lock = threading.Lock()
         processed: list[bool] = []
@@ -450,10 +465,10 @@ class LocalHost:
                     channel = conn.channel()
                     channel.basic_qos(prefetch_count=1)
                     while not self._stop.is_set():
-                        delivery = channel.basic_get(function.queue)
+                        delivery = channel.basic_get(queue)
                         if delivery == (None, None, None):
                             return
-                        self._invoke_counted(function, delivery, channel, summary, counted, lock)
+                        self._invoke_counted(function, queue, delivery, channel, summary, counted, lock)
                         processed.append(True)
             except Exception as error:  # noqa: BLE001 - handed to the main thread, which reconnects or gives up
                 errors.append(error)
@@ -535,10 +550,13 @@ class LocalHost:
                 try:
                     channel = connection.channel()
                     channel.basic_qos(prefetch_count=1)
-                    channel.basic_consume(
-                        function.queue,
-                        lambda ch, method, properties, body: self.invoke(function.queue, method, properties, body, ch),
-                    )
+                    for queue in function.queues:
+                        channel.basic_consume(
+                            queue,
+                            lambda ch, method, properties, body, queue=queue: self.invoke(
+                                queue, method, properties, body, ch
+                            ),
+                        )
                     delay = RECONNECT_INITIAL_S
                     while not self._stop.is_set():
                         connection.process_data_events(time_limit=0.5)
@@ -551,10 +569,11 @@ class LocalHost:
 
     def _subscribe(self) -> None:
         for function in self.functions:
-            self._channel.basic_consume(
-                function.queue,
-                lambda ch, method, properties, body, queue=function.queue: self.invoke(queue, method, properties, body),
-            )
+            for queue in function.queues:
+                self._channel.basic_consume(
+                    queue,
+                    lambda ch, method, properties, body, queue=queue: self.invoke(queue, method, properties, body),
+                )
 
     def _tick_timer_logging_failures(self) -> None:
         """Like the Functions host: a failed timer invocation is logged; the next tick runs as usual."""
@@ -590,15 +609,16 @@ def declare_topology(channel: Any, exchange: str, functions: list[QueueFunction]
     channel.exchange_declare(exchange, exchange_type="topic", durable=True)
     for function in functions:
         channel.queue_declare(function.dead_letter_queue, durable=True)
-        channel.queue_declare(
-            function.queue,
-            durable=True,
-            arguments={
-                "x-queue-type": "quorum",
-                # Safety net for a host that dies mid-message over and over; failures dead-letter in invoke().
-                "x-delivery-limit": max_deliveries,
-                "x-dead-letter-exchange": "",
-                "x-dead-letter-routing-key": function.dead_letter_queue,
-            },
-        )
+        for queue in function.queues:  # the due queue only gets what the schedule delivers: not bound
+            channel.queue_declare(
+                queue,
+                durable=True,
+                arguments={
+                    "x-queue-type": "quorum",
+                    # Safety net for a host that dies mid-message over and over; failures dead-letter in invoke().
+                    "x-delivery-limit": max_deliveries,
+                    "x-dead-letter-exchange": "",
+                    "x-dead-letter-routing-key": function.dead_letter_queue,
+                },
+            )
         channel.queue_bind(function.queue, exchange, routing_key=function.event_type)

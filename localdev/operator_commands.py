@@ -357,23 +357,11 @@ def rabbitmq_dead_letter(properties: Any, body: bytes) -> DeadLetter:
 def replay_properties(properties: Any) -> Any:
     """The original message properties minus the dead-letter headers (and user_id, which RabbitMQ
     checks against the publishing user)."""
-    import pika
+    from localdev.broker import persistent_copy
 
     headers = {k: v for k, v in (properties.headers or {}).items() if k not in DEAD_LETTER_HEADERS}
-    return pika.BasicProperties(
-        content_type=properties.content_type,
-        content_encoding=properties.content_encoding,
-        headers=headers or None,
-        delivery_mode=pika.DeliveryMode.Persistent,
-        priority=properties.priority,
-        correlation_id=properties.correlation_id,
-        reply_to=properties.reply_to,
-        expiration=properties.expiration,
-        message_id=properties.message_id,
-        timestamp=properties.timestamp,
-        type=properties.type,
-        app_id=properties.app_id,
-        cluster_id=properties.cluster_id,
+    return persistent_copy(
+        properties, headers or None, expiration=properties.expiration, cluster_id=properties.cluster_id
     )
 
 

@@ -24,6 +24,7 @@ from localdev.broker import (
     RECONNECT_MAX_S,
     connection_parameters,
     describe_connection_error,
+    persistent_copy,
 )
 from shared.events import CONTENT_TYPE, CloudEvent
 from shared.secrets import Scrubber
@@ -33,6 +34,7 @@ from shared.times import format_time, parse_time
 logger = logging.getLogger(__name__)
 
 # Scheduled deliveries (DeliveryScheduler): refresh requests with a notBefore, retries of transient failures.
+DUE_SUFFIX = ".due"  # <queue>.due: where the schedule delivers, consumed ahead of <queue> (LocalHost)
 SCHEDULED_SUFFIX = ".scheduled"  # <refresh queue>.scheduled: where they wait, held by the releasing thread
 NOT_BEFORE_TOLERANCE_MS = 10  # a request due within this is handed to the function at once
 # Held (unacknowledged) at most this long before it is due; further off, a message waits in delay queues.
@@ -98,6 +100,9 @@ class DeliveryScheduler:
     ):
         self._settings = settings
         self.target = target_queue
+        # Released messages go to <queue>.due, which the host consumes alongside <queue>: a due request
+        # never waits behind a flood of new ones still to be scheduled.
+        self.release_queue = target_queue + DUE_SUFFIX
         self.queue = target_queue + SCHEDULED_SUFFIX
         self.hold_max_ms = hold_max_s * 1000
         self.prefetch = prefetch
@@ -320,12 +325,12 @@ class DeliveryScheduler:
             due_ms, _, tag, properties, body = heapq.heappop(self._heap)
             released = _copy_properties(properties, {RELEASED_HEADER: int(now)})
             try:
-                channel.basic_publish("", self.target, body, released, mandatory=True)
+                channel.basic_publish("", self.release_queue, body, released, mandatory=True)
             except (pika.exceptions.UnroutableError, pika.exceptions.NackError) as error:
                 logger.error(
                     "Could not deliver scheduled message %s to %s (%s); trying again in 1 s",
                     properties.message_id,
-                    self.target,
+                    self.release_queue,
                     describe_connection_error(error, self._scrub),
                 )
                 heapq.heappush(self._heap, (now + 1000, next(self._sequence), tag, properties, body))
@@ -335,7 +340,7 @@ class DeliveryScheduler:
             logger.debug(
                 "Scheduled message %s delivered to %s %.1f ms after its time",
                 properties.message_id,
-                self.target,
+                self.release_queue,
                 wall_clock_ms() - due_ms,
             )
 
@@ -412,16 +417,4 @@ def _copy_properties(properties: Any, headers: dict[str, Any]) -> pika.BasicProp
     """A persistent copy of a message's properties (message id, type, content type...) with these headers
     in place of the broker's and the schedule's."""
     kept = {k: v for k, v in (properties.headers or {}).items() if not k.startswith(_NOT_COPIED_HEADERS)}
-    return pika.BasicProperties(
-        content_type=properties.content_type,
-        content_encoding=properties.content_encoding,
-        headers=kept | headers,
-        delivery_mode=pika.DeliveryMode.Persistent,
-        priority=properties.priority,
-        correlation_id=properties.correlation_id,
-        reply_to=properties.reply_to,
-        message_id=properties.message_id,
-        timestamp=properties.timestamp,
-        type=properties.type,
-        app_id=properties.app_id,
-    )
+    return persistent_copy(properties, kept | headers)

@@ -51,7 +51,7 @@ WAITING = Waiting()
 SCHEDULE_LEAD_MS = 1000
 
 # Between pages, a check records its schedule at most this often (RefreshScheduler.save).
-SAVE_EVERY_MS = 1000
+SAVE_EVERY_MS = 5000
 
 # customDimensions.alarm of the one warning per integration and check whose backlog runs late.
 BACKLOG_ALARM = "refresh_backlog"

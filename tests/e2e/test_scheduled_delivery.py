@@ -123,6 +123,7 @@ class Queues:
         self.channel = self.connection.channel()
         self.refresh = f"{prefix}refresh-requested"
         self.scheduled = f"{self.refresh}.scheduled"
+        self.due = f"{self.refresh}.due"  # where the schedule delivers (consumed ahead of the refresh queue)
 
     def state(self, name: str) -> tuple[int, int] | None:
         """(messages ready, consumers), None when the queue does not exist (yet)."""
@@ -384,7 +385,7 @@ def test_a_scheduled_request_keeps_its_deliveries_transient_failures_retry_and_r
     assert (failed["data"]["retryable"], failed["data"]["attempts"]) == (True, 6)
 
 
-def test_the_refresh_queue_gets_a_released_request_with_its_properties_and_no_schedule_headers(
+def test_the_due_queue_gets_a_released_request_with_its_properties_and_no_schedule_headers(
     scheduled_env, rabbitmq, exchange, cosmos_container
 ):
     """What the schedule hands on: same body, message id, type and content type, persistent, marked as
@@ -401,7 +402,7 @@ def test_the_refresh_queue_gets_a_released_request_with_its_properties_and_no_sc
         method, properties, body = host._channel.basic_get(queues.refresh)
         assert host.invoke(queues.refresh, method, properties, body) is False  # deferred, not run
         deadline = time.monotonic() + 5
-        while (delivery := queues.channel.basic_get(queues.refresh, auto_ack=True))[0] is None:
+        while (delivery := queues.channel.basic_get(queues.due, auto_ack=True))[0] is None:
             assert time.monotonic() < deadline
             time.sleep(0.005)
         released_at = time.time()

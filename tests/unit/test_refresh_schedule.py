@@ -11,7 +11,14 @@ from datetime import UTC, datetime, timedelta
 import pytest
 
 from shared.connection_store import ExpiringConnection
-from shared.refresh_schedule import BACKLOG_ALARM, SCHEDULE_LEAD_MS, WAITING, RefreshScheduler, describe_rate
+from shared.refresh_schedule import (
+    BACKLOG_ALARM,
+    SAVE_EVERY_MS,
+    SCHEDULE_LEAD_MS,
+    WAITING,
+    RefreshScheduler,
+    describe_rate,
+)
 from shared.settings import SAFETY_MARGIN_MS, load_settings
 from tests.support.helpers import most_in_any_window
 
@@ -206,3 +213,18 @@ def test_now_is_the_default_target_with_timezone_aware_times():
     pacer.time_for(connection(1))
     second = pacer.time_for(connection(2))
     assert second.tzinfo is not None and second - datetime.fromtimestamp(START / 1000, UTC) == timedelta(seconds=1)
+
+
+def test_between_pages_the_schedule_is_recorded_at_most_every_few_seconds_and_always_at_the_end():
+    states, clock = PacingDocuments(), Clock()
+    pacer = scheduler({"TOKEN_REFRESH_RATE_LIMITS": "*=10/s"}, states=states, clock=clock)
+    pacer.time_for(connection(1))
+    pacer.save()  # a page published right away: not recorded yet
+    assert states.documents == {}
+    clock.now += SAVE_EVERY_MS
+    pacer.time_for(connection(2))
+    pacer.save()
+    assert states.documents["salesforce"]["nextSlotMs"] == START + SAVE_EVERY_MS + 100  # after the 2nd
+    pacer.time_for(connection(3))
+    pacer.save(final=True)  # the end of the invocation, or a hand-off to a follow-up check
+    assert states.documents["salesforce"]["nextSlotMs"] == START + SAVE_EVERY_MS + 200
