@@ -15,8 +15,8 @@ from shared.settings import load_settings
 from tests.support.documents import seed_expiring
 from tests.support.helpers import most_in_any_window
 
-LIMITS = {"salesforce": 4, "hubspot": 8}
-DELIVERY_JITTER_S = 0.06  # the host's delivery and the refresh's own work before the call, either way
+LIMITS = {"salesforce": 2, "hubspot": 4}  # calls 0.5 s and 0.25 s apart: more than the delivery jitter
+DELIVERY_JITTER_S = 0.2  # the host's delivery and the refresh's own work before the call (a loaded machine)
 
 
 def test_a_wave_reaches_integration_manager_at_each_limit_soonest_expiring_first(
@@ -27,7 +27,7 @@ def test_a_wave_reaches_integration_manager_at_each_limit_soonest_expiring_first
     runtime.reset()
     now = datetime.now(UTC)
     expiries = {}
-    plan = [(f"sf-{n}", "salesforce") for n in range(10)] + [(f"hs-{n}", "hubspot") for n in range(16)]
+    plan = [(f"sf-{n}", "salesforce") for n in range(6)] + [(f"hs-{n}", "hubspot") for n in range(10)]
     random.Random(5).shuffle(plan)  # stored in no particular order
     for minute, (connection_id, integration) in enumerate(plan):
         expiries[connection_id] = now + timedelta(minutes=10 + minute)
@@ -40,7 +40,7 @@ def test_a_wave_reaches_integration_manager_at_each_limit_soonest_expiring_first
         host.close()
         runtime.reset()
 
-    assert (summary.found, summary.refreshed, summary.failed) == (26, 26, 0)
+    assert (summary.found, summary.refreshed, summary.failed) == (16, 16, 0)
     assert Counter(call.connection_id for call in manager.calls) == Counter(c for c, _ in plan)  # once each
     calls = defaultdict(list)
     for call in sorted(manager.calls, key=lambda call: call.received_at):

@@ -30,7 +30,9 @@ from shared.times import format_time, parse_time, utc_now
 from tests.support.host_process import Host
 
 EARLY_S = 0.005  # a refresh may not happen earlier than its notBefore (ms precision) minus this
-LATE_S = 0.3  # ... nor later than this after it, with the host idle
+# ... nor later than this after it. Idle, the host calls within ~35 ms (p50; docs/running-locally.md); the
+# bound leaves room for a loaded CI machine: what the tests pin is "never early" and "at its time, not later".
+LATE_S = 1.0
 TOKEN_LIFETIME = timedelta(hours=3)
 
 
@@ -227,7 +229,7 @@ def test_a_request_due_later_is_refreshed_at_its_time_and_one_without_not_before
 def test_requests_published_out_of_order_are_refreshed_in_not_before_order_at_their_times(
     scheduled_env, rabbitmq, exchange, cosmos_container, manager
 ):
-    offsets = {"c-a": 1.2, "c-b": 0.5, "c-c": 1.8, "c-d": 0.8, "c-e": 0.25}
+    offsets = {"c-a": 1.9, "c-b": 0.7, "c-c": 2.5, "c-d": 1.3, "c-e": 0.3}  # 0.6 s apart: more than any jitter
     expiries = seed(cosmos_container, *offsets)
     manager.script = clock = CallClock()
     with running_host(rabbitmq):
