@@ -87,14 +87,28 @@ def plan_check(store: ConnectionStore, states: StateStore, threshold: datetime, 
     scheduler = RefreshScheduler(settings, states, scan="dry-run") if settings.scheduling else None
     dry_run = DryRun([], [], 0)
     for page in store.expiring_connection_pages(threshold, settings.skip_statuses, soonest_first=settings.scheduling):
-        for connection in soonest_expiring_first(select_for_refresh(page.connections, states, settings).requested):
-            when = scheduler.time_for(connection) if scheduler else None
-            if when is WAITING:
-                dry_run.waiting += 1
-                continue
-            dry_run.requests.append((connection, when))
+        timed, waiting = timed_requests(select_for_refresh(page.connections, states, settings).requested, scheduler)
+        dry_run.requests.extend(timed)
+        dry_run.waiting += waiting
     dry_run.schedules = list(scheduler.schedules.values()) if scheduler else []
     return dry_run
+
+
+def timed_requests(
+    connections: list[ExpiringConnection], scheduler: RefreshScheduler | None
+) -> tuple[list[tuple[ExpiringConnection, datetime | None]], int]:
+    """A page's connections to request, each with the time `scheduler` gives it (None: at once; without a scheduler,
+    all at once, in the page's order), and how many an earlier check's schedule still holds (left out)."""
+    if scheduler is None:
+        return [(connection, None) for connection in connections], 0
+    timed, waiting = [], 0
+    for connection in soonest_expiring_first(connections):
+        when = scheduler.time_for(connection)
+        if when is WAITING:
+            waiting += 1
+        else:
+            timed.append((connection, when))
+    return timed, waiting
 
 
 def soonest_expiring_first(connections: list[ExpiringConnection]) -> list[ExpiringConnection]:
@@ -227,17 +241,10 @@ def request_refresh_for_expiring_connections(
         summary.suppressed += selection.suppressed
         summary.deferred += len(selection.deferred_lifetimes_ms)
         deferred_lifetimes.extend(selection.deferred_lifetimes_ms)
+        timed, waiting = timed_requests(selection.requested, scheduler)
+        summary.waiting += waiting
         requested_at = utc_now()
-        if scheduler is None:
-            events = [refresh_requested_event(connection, requested_at) for connection in selection.requested]
-        else:
-            events = []
-            for connection in soonest_expiring_first(selection.requested):
-                when = scheduler.time_for(connection)
-                if when is WAITING:
-                    summary.waiting += 1
-                    continue
-                events.append(refresh_requested_event(connection, requested_at, not_before=when))
+        events = [refresh_requested_event(connection, requested_at, not_before=when) for connection, when in timed]
         if events:
             summary.found += len(events)
             logger.info(

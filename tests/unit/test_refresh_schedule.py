@@ -5,7 +5,6 @@ tests/integration/test_pacing.py)."""
 import itertools
 import logging
 import random
-from collections import Counter
 from datetime import UTC, datetime, timedelta
 
 import pytest
@@ -145,11 +144,26 @@ def test_soonest_expiring_first_and_late_tokens_are_counted_and_warned_once(capl
     assert "TOKEN_REFRESH_RATE_LIMITS" in warning.getMessage()
 
 
-def test_a_jittered_request_that_would_run_late_takes_the_earliest_free_time_instead():
-    pacer = scheduler({"TOKEN_REFRESH_RATE_LIMITS": "*=1/s", "TOKEN_REFRESH_SPREAD_MS": "3600000"}, seed=1)
-    # Fill the grid around the target of a later request, then ask for one that expires soon after it.
-    soon = connection(1, expires_in_ms=SAFETY_MARGIN_MS + 10_000)
-    assert ms(pacer.time_for(soon)) <= NOW_MS + 10_000 + SAFETY_MARGIN_MS
+class ScriptedRandom:
+    """random.Random's random() answering the given values in turn: a spread target chosen by the test."""
+
+    def __init__(self, *values: float):
+        self.values = list(values)
+
+    def random(self) -> float:
+        return self.values.pop(0)
+
+
+def test_a_spread_request_whose_window_is_taken_gets_the_earliest_free_time_not_one_past_its_window():
+    # 1/s, spread 60 s: grid times START + k s. Five requests with room take k = 5..9 (targets +6 .. +10 s).
+    pacer = scheduler({"TOKEN_REFRESH_RATE_LIMITS": "*=1/s", "TOKEN_REFRESH_SPREAD_MS": "60000"})
+    pacer._rng = ScriptedRandom(0.1, 0.11667, 0.13334, 0.15, 0.16667, 0.55)
+    taken = [ms(pacer.time_for(connection(n))) for n in range(5)]
+    assert taken == [START + k * 1000 for k in range(5, 10)]
+    # Its window ends at +10 s (expiry - margin); its target +5.5 s wants k = 5: taken up to k = 9, and
+    # k = 10 (+11 s) is past the window. It gets the earliest free time instead: k = 0.
+    soon = connection(9, expires_in_ms=SAFETY_MARGIN_MS + 10_000)
+    assert ms(pacer.time_for(soon)) == START
 
 
 def test_a_follow_up_of_the_same_scan_continues_the_schedule():
@@ -192,12 +206,10 @@ def test_tokens_without_expiry_are_scheduled_and_never_late():
 
 def test_many_integrations_are_paced_independently():
     pacer = scheduler({"TOKEN_REFRESH_RATE_LIMITS": "a=4/s,b=8/s,*=2/s"})
-    calls = Counter()
     times: dict[str, list[int]] = {}
     for n in range(300):
         integration = "abc"[n % 3]
         times.setdefault(integration, []).append(ms(pacer.time_for(connection(n, integration))))
-        calls[integration] += 1
     assert {i: most_in_any_window(t, 1000) for i, t in times.items()} == {"a": 4, "b": 8, "c": 2}
 
 
