@@ -21,13 +21,14 @@ same for up to `reconnect_timeout_s`, then stops with a one-line error and a non
 from __future__ import annotations
 
 import contextlib
+import functools
 import importlib
 import json
 import logging
 import threading
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -70,6 +71,10 @@ QUEUE_PREFIX = "integration-token-refresh."
 RECONNECT_TIMEOUT_S = 60.0  # `run --once`: how long a cycle waits for the broker to come back
 # The per-cycle outcome queue outlives a broker restart (durable) but not a crashed run (expires).
 CYCLE_QUEUE_EXPIRES_MS = 30 * 60 * 1000
+# `run --once` workers consume (prefetch 1) until nothing has come for this long: the queue is drained.
+DRAIN_IDLE_S = 0.2
+# Outcomes are counted from the cycle queue this many at a time (a consumer with this prefetch).
+COUNT_PREFETCH = 500
 
 
 @dataclass(frozen=True)
@@ -127,13 +132,18 @@ def load_function_app(
     return timer_main, queue_functions
 
 
+@functools.cache
+def _function_directory(function_name: str) -> str:
+    return str(APP_ROOT / function_name)  # once per function, not per invocation
+
+
 class LocalInvocationContext:
     """What the Functions host passes as `context`: a fresh invocation id per call."""
 
     def __init__(self, function_name: str):
         self.invocation_id = str(uuid.uuid4())
         self.function_name = function_name
-        self.function_directory = str(APP_ROOT / function_name)
+        self.function_directory = _function_directory(function_name)
 
 
 def trigger_message(body: bytes, properties: pika.BasicProperties) -> func_servicebus.ServiceBusMessage:
@@ -464,12 +474,16 @@ class LocalHost:
                 with pika.BlockingConnection(connection_parameters(self.settings)) as conn:
                     channel = conn.channel()
                     channel.basic_qos(prefetch_count=1)
-                    while not self._stop.is_set():
-                        delivery = channel.basic_get(queue)
-                        if delivery == (None, None, None):
-                            return
+                    # Consumed, not polled: the broker pushes the next message as this one is acked
+                    # instead of a basic_get round trip per message.
+                    for delivery in channel.consume(queue, inactivity_timeout=DRAIN_IDLE_S):
+                        if delivery[0] is None or self._stop.is_set():
+                            break  # drained (what is left is held by the other workers), or stopping
                         self._invoke_counted(function, queue, delivery, channel, summary, counted, lock)
                         processed.append(True)
+                    # A message pushed in the instant between the idle timeout and this cancel goes back to
+                    # its queue (the next drain pass takes it); the quorum queue counts that as a delivery.
+                    channel.cancel()
             except Exception as error:  # noqa: BLE001 - handed to the main thread, which reconnects or gives up
                 errors.append(error)
 
@@ -484,8 +498,7 @@ class LocalHost:
         return bool(processed)
 
     def _count_outcomes(self, cycle_queue: str, summary: CycleSummary, counted: set[str]) -> None:
-        while (delivery := self._channel.basic_get(cycle_queue, auto_ack=True)) != (None, None, None):
-            _, properties, body = delivery
+        for _, properties, body in self._drain_outcomes(cycle_queue):
             if not _first_time(counted, "outcome", properties.message_id):
                 continue  # at-least-once: the same event published again after a failure
             if properties.type == REFRESHED:
@@ -493,6 +506,25 @@ class LocalHost:
             else:
                 summary.failed += 1
                 summary.failures.append(json.loads(body)["data"])
+
+    def _drain_outcomes(self, cycle_queue: str) -> Iterator[tuple[Any, Any, bytes]]:
+        """Every message in the cycle queue, removed from it: consumed up to COUNT_PREFETCH at a time, not one
+        basic_get round trip each (thousands after a large cycle). Each is acked once handed on; what the
+        consumer held beyond that goes back to the queue when it is cancelled."""
+        channel = self._channel
+        while waiting := channel.queue_declare(cycle_queue, passive=True).method.message_count:
+            channel.basic_qos(prefetch_count=COUNT_PREFETCH)
+            try:
+                for taken, delivery in enumerate(channel.consume(cycle_queue, inactivity_timeout=1), start=1):
+                    if delivery[0] is None:
+                        break
+                    yield delivery
+                    channel.basic_ack(delivery[0].delivery_tag)
+                    if taken >= waiting:
+                        break
+            finally:
+                channel.cancel()
+                channel.basic_qos(prefetch_count=1)
 
     def run_forever(self, tick_seconds: float | None = None) -> None:
         """Consume until stop() or Ctrl-C; tick the timer so TOKEN_REFRESH_INTERVAL_MS sets the cadence.
