@@ -10,9 +10,10 @@ import json
 import logging
 import uuid
 from datetime import UTC, datetime
-from typing import Any, ClassVar, Literal
+from functools import cached_property
+from typing import Annotated, Any, ClassVar, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_serializer, field_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, PlainSerializer, ValidationError
 from pydantic.alias_generators import to_camel
 
 from shared.errors import InvalidEventError
@@ -34,22 +35,19 @@ SYSTEMIC_FAILURE = "integration.token.refresh.systemic-failure"
 MAX_EVENT_BYTES = 64 * 1024
 
 
+def _as_utc(value: datetime) -> datetime:
+    return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
+
+
+# A payload time: taken as UTC when it has no offset, written with milliseconds and a Z. A type of its
+# own, so only time fields run Python code when an event is parsed or written (the refresh stage does
+# both for every message).
+UtcTime = Annotated[datetime, AfterValidator(_as_utc), PlainSerializer(format_time, return_type=str, when_used="json")]
+
+
 class _Payload(BaseModel):
     model_config = ConfigDict(alias_generator=to_camel, populate_by_name=True, extra="ignore", frozen=True)
     event_type: ClassVar[str]
-
-    @field_serializer("*", when_used="json")
-    def _serialize_times(self, value: Any) -> Any:
-        return format_time(value) if isinstance(value, datetime) else value
-
-    @field_validator("*", mode="after")
-    @classmethod
-    def _times_are_utc(cls, value: Any) -> Any:
-        if isinstance(value, datetime):
-            if value.tzinfo is None:
-                value = value.replace(tzinfo=UTC)
-            return value.astimezone(UTC)
-        return value
 
 
 class CheckExpiringData(_Payload):
@@ -57,8 +55,8 @@ class CheckExpiringData(_Payload):
     `continuation` is set only on a follow-up check that resumes a scan which ran out of its time budget."""
 
     event_type: ClassVar[str] = CHECK_EXPIRING
-    timestamp: datetime
-    threshold_time: datetime
+    timestamp: UtcTime
+    threshold_time: UtcTime
     # Set on a follow-up check that resumes a scan which reached its time budget (Cosmos continuation token).
     continuation: str | None = Field(None, max_length=48 * 1024)
 
@@ -79,11 +77,11 @@ class RefreshRequestedData(ConnectionRef):
     the document's `_ts`, which the claim checks instead."""
 
     event_type: ClassVar[str] = REFRESH_REQUESTED
-    expires_at: datetime | None = None  # absent for tokens without expiry (TOKEN_REFRESH_MAX_AGE_MS)
-    requested_at: datetime
+    expires_at: UtcTime | None = None  # absent for tokens without expiry (TOKEN_REFRESH_MAX_AGE_MS)
+    requested_at: UtcTime
     # When the check scheduled the refresh (TOKEN_REFRESH_RATE_LIMITS / TOKEN_REFRESH_SPREAD_MS): the transport that
     # triggers the refresh function delivers it then; absent when it is due at once. Not part of the event id.
-    not_before: datetime | None = None
+    not_before: UtcTime | None = None
 
 
 class RefreshedData(ConnectionRef):
@@ -91,8 +89,8 @@ class RefreshedData(ConnectionRef):
     answer, or the connection document when the token had been refreshed already)."""
 
     event_type: ClassVar[str] = REFRESHED
-    refreshed_at: datetime
-    expires_at: datetime | None = None
+    refreshed_at: UtcTime
+    expires_at: UtcTime | None = None
 
 
 class RefreshError(_Payload):
@@ -109,7 +107,7 @@ class RefreshFailedData(ConnectionRef):
     itself (shared.failure_classes); `attempts` counts the calls made for the request, over all its deliveries."""
 
     event_type: ClassVar[str] = REFRESH_FAILED
-    failed_at: datetime
+    failed_at: UtcTime
     error: RefreshError
     retryable: bool
     attempts: int = Field(ge=1)
@@ -120,8 +118,8 @@ class SystemicFailureData(_Payload):
     (e.g. a stale INTEGRATION_MANAGER_TOKEN), not of the connections. One per kind of failure and window."""
 
     event_type: ClassVar[str] = SYSTEMIC_FAILURE
-    detected_at: datetime
-    window_started_at: datetime
+    detected_at: UtcTime
+    window_started_at: UtcTime
     code: str
     http_status: int | None = None
     connections: int = Field(ge=1)  # different connections that failed this way in the window so far
@@ -149,10 +147,18 @@ class CloudEvent(BaseModel):
 
     def to_json(self) -> bytes:
         """The event as sent on both transports: compact UTF-8 JSON (structured mode), `time` in milliseconds with
-        a Z."""
+        a Z. Built once per event (the event is immutable): Service Bus and RabbitMQ send the same bytes."""
+        return self._wire_json
+
+    @cached_property
+    def _wire_json(self) -> bytes:
+        return json.dumps(self.wire_dict(), separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+
+    def wire_dict(self) -> dict[str, Any]:
+        """The event as a JSON-ready dict, as it goes on the wire (what a claim stores as the outcome)."""
         body = self.model_dump(mode="json")
         body["time"] = format_time(self.time)
-        return json.dumps(body, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+        return body
 
     def payload(self) -> _Payload:
         """`data` validated as its type's payload model. Raises InvalidEventError for a type the app does not know,

@@ -25,14 +25,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
-from tenacity import (
-    Retrying,
-    retry_if_result,
-    stop_after_attempt,
-    stop_before_delay,
-    wait_exponential,
-    wait_random,
-)
+from tenacity import Retrying, retry_if_result, stop_after_attempt, wait_exponential, wait_random
 
 from shared import runtime, telemetry
 from shared.connection_store import ConnectionState, ConnectionStore
@@ -99,24 +92,35 @@ def call_with_retries(
     Waits grow exponentially from `initial_backoff_s` (up to 10 s) with as much jitter, or follow the
     callee's Retry-After when that is longer; after a call that may still be in flight, at least
     `in_flight_s`. Returns the last outcome and the number of calls made."""
+    started = time.monotonic()
+    first = call()
+    if not first.transient or max_attempts <= 1:
+        return first, 1  # the usual case: no retry machinery to set up
     backoff = wait_exponential(multiplier=initial_backoff_s, max=BACKOFF_MAX_S) + wait_random(0, initial_backoff_s)
 
     def wait(state: Any) -> float:
         last = state.outcome.result()
         return max(backoff(state), last.retry_after_s or 0.0, in_flight_s if last.may_be_in_flight else 0.0)
 
+    def out_of_budget(state: Any) -> bool:
+        # tenacity's stop_before_delay, timed from the first call (made above, before tenacity's clock started).
+        return time.monotonic() - started + (state.upcoming_sleep or 0.0) >= budget_s
+
     retrying = Retrying(
         retry=retry_if_result(lambda outcome: outcome.transient),
         wait=wait,
-        stop=stop_after_attempt(max_attempts) | stop_before_delay(budget_s),
+        stop=stop_after_attempt(max_attempts) | out_of_budget,
         sleep=sleep,
         retry_error_callback=lambda state: state.outcome.result(),
         reraise=True,
     )
-    calls = 0
+    made = [first]
+    calls = 1
 
     def counted() -> RefreshOutcome:
         nonlocal calls
+        if made:  # tenacity's first attempt: the call made above
+            return made.pop()
         calls += 1
         return call()
 
@@ -527,7 +531,7 @@ class _RefreshJob:
         calling integration-manager again."""
         event = outcome_event(self.request, outcome, attempts, self.event.id, claim.get("round", 0))
         state = ClaimState.REFRESHED if outcome.succeeded else ClaimState.FAILED
-        stored = event.model_dump(mode="json")
+        stored = event.wire_dict()
         if outcome.about_connection:
             self._record_permanent_failure(outcome, current)
         try:

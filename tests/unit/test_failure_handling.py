@@ -2,6 +2,7 @@
 budget) and the Service Bus session of a refresh request. The same rules against the real services are
 in tests/integration/test_failure_handling.py."""
 
+import time
 from datetime import UTC, datetime, timedelta
 
 import pytest
@@ -43,6 +44,24 @@ def test_a_wait_that_would_pass_the_budget_ends_the_invocation_instead():
     waits = []
     result, calls = call_with_retries(lambda: outcome(429, retry_after=120.0), 5, 30, 0.5, waits.append)
     assert (result.succeeded, calls, waits) == (False, 1, [])
+
+
+def test_the_budget_counts_the_time_the_first_call_took():
+    # The first call is made before the retry machinery is set up (the usual call succeeds): its time
+    # still counts. 0.2 s spent + a 0.1 s back-off passes a 0.25 s budget, so no second call.
+    def slow_failure():
+        time.sleep(0.2)
+        return outcome(503)
+
+    waits = []
+    result, calls = call_with_retries(slow_failure, 5, 0.25, 0.1, waits.append)
+    assert (result.transient, calls, waits) == (True, 1, [])
+
+
+def test_a_success_at_once_is_one_call_and_no_wait():
+    waits = []
+    result, calls = call_with_retries(lambda: outcome(None), 5, 60, 0.5, waits.append)
+    assert (result.succeeded, calls, waits) == (True, 1, [])
 
 
 def test_permanent_failures_are_not_retried():
