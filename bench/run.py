@@ -74,9 +74,9 @@ RSS_SMALL, RSS_LARGE = 2_000, 50_000
 # half an hour. Pages of 2,000 keep it to minutes, and both sizes then run full pages: a page's
 # transient memory is the same, and any growth left is what the scan keeps.
 RSS_PAGE_SIZE = 2_000
-REFRESH_MESSAGES = int(os.environ.get("BENCH_REFRESH_MESSAGES", "2000"))
+REFRESH_MESSAGES = 2_000
 REFRESH_LATENCY_S = 0.020
-REFRESH_WORKERS = int(os.environ.get("BENCH_REFRESH_WORKERS", "16"))
+REFRESH_WORKERS = 16
 REFRESH_ROUNDS = 5  # the local host and the same-guarantees baseline, alternating
 INVOCATIONS = 500
 PAGE_SIZE = 1000  # the emulator re-runs a query per page: bigger pages keep a 50,000-row scan in minutes
