@@ -24,16 +24,15 @@ from shared.connection_store import ExpiringConnection
 from shared.connection_store import connection_from_row as shared_connection_from_row
 from shared.errors import (
     InvalidConnectionDocumentError,
-    InvalidEventError,
     PublishError,
     SettingsError,
     UnroutableEventsError,
 )
-from shared.events import CHECK_EXPIRING, MAX_EVENT_BYTES, REFRESH_REQUESTED, CloudEvent, parse_event
-from shared.messaging import SERVICE_BUS_QUEUES, EventPublisher, service_bus_client, session_id
+from shared.events import CHECK_EXPIRING, MAX_EVENT_BYTES, REFRESH_REQUESTED, CloudEvent
+from shared.messaging import SERVICE_BUS_QUEUES, EventPublisher, service_bus_client
 from shared.secrets import Scrubber
 from shared.settings import Settings
-from shared.times import format_time, parse_time, utc_now
+from shared.times import format_time, utc_now
 
 logger = logging.getLogger(__name__)
 
@@ -196,7 +195,8 @@ def request_refresh(
     The clients are passed as factories: building them may already talk to Azure."""
     from azure.core.exceptions import AzureError
 
-    from shared.expiring_check import refresh_requested_event
+    from shared.expiring_check import refresh_requested_event, request_id_of
+    from shared.messaging import service_bus_message_id
 
     scrub = Scrubber(settings)
     try:
@@ -219,8 +219,10 @@ def request_refresh(
             f"published anyway (--force); sync_refresh_handler re-reads the connection and skips it while its "
             f"status is {connection.status!r}."
         )
-    event = refresh_requested_event(connection, utc_now())
-    notes.extend(_earlier_request_notes(state_store, event, scrub))
+    requested_at = utc_now()
+    claim, claim_notes = _earlier_request(state_store, request_id_of(connection), requested_at, scrub)
+    event = refresh_requested_event(connection, requested_at, attempt_round=_attempt_round(claim, requested_at))
+    notes.extend(claim_notes)
     _publish(publisher(), event, scrub)
     data = event.data
     print(
@@ -235,8 +237,9 @@ def request_refresh(
     print(f"  to: {destinations(settings, REFRESH_REQUESTED)}")
     if settings.service_bus_configured:
         notes.append(
-            "Service Bus duplicate detection drops this request if one with the same id (same connection and "
-            "expiresAt) reached the queue within its DuplicateDetectionHistoryTimeWindow."
+            f"Service Bus duplicate detection drops this request if a message with its MessageId "
+            f"{service_bus_message_id(event)} (same connection, expiresAt and attempt round) reached the queue "
+            "within its DuplicateDetectionHistoryTimeWindow: that request is still pending or already handled."
         )
     if not settings.enabled:
         notes.append(
@@ -247,30 +250,41 @@ def request_refresh(
     return 0
 
 
-def _earlier_request_notes(state_store: Callable[[], Any] | None, event: CloudEvent, scrub: Scrubber) -> list[str]:
-    """What the handler will do with a request id it has seen before (deterministic ids)."""
+def _attempt_round(claim: dict[str, Any] | None, requested_at: datetime) -> int:
+    """The attempt round of a request published now for this claim (shared.state_store.next_attempt_round)."""
+    from shared.state_store import next_attempt_round
+
+    return next_attempt_round(claim, int(requested_at.timestamp() * 1000)) if claim else 0
+
+
+def _earlier_request(
+    state_store: Callable[[], Any] | None, request_id: str, requested_at: datetime, scrub: Scrubber
+) -> tuple[dict[str, Any] | None, list[str]]:
+    """The claim of a request id seen before (deterministic ids), and what the handler will do with it."""
     if state_store is None:
-        return []
+        return None, []
     from shared.state_store import TERMINAL_STATES, ClaimState, superseded
 
     try:
-        claim = state_store().get_claim(event.id)
+        claim = state_store().get_claim(request_id)
     except Exception as error:  # informational only: the request is published either way
         logger.debug("reading the claim failed", exc_info=True)
-        return [f"could not look up earlier attempts of this request ({describe_error(error, scrub)})."]
+        return None, [f"could not look up earlier attempts of this request ({describe_error(error, scrub)})."]
     if claim is None:
-        return []
-    requested_at_ms = int(parse_time(event.data["requestedAt"]).timestamp() * 1000)
+        return None, []
+    requested_at_ms = int(requested_at.timestamp() * 1000)
     state = claim.get("state")
     if state in TERMINAL_STATES and not superseded(claim, requested_at_ms):
-        return [
+        return claim, [
             f"this request id already ended ({state}); sync_refresh_handler will not call integration-manager "
             "for it again (it logs 'this request was already handled'). A new request id needs a changed "
             "oauth.expiresAt (e.g. after the user reconnects)."
         ]
     if state == ClaimState.IN_PROGRESS and claim.get("leaseUntil", 0) > requested_at_ms:
-        return ["another invocation is refreshing this connection right now; this request is skipped while it does."]
-    return []
+        return claim, [
+            "another invocation is refreshing this connection right now; this request is skipped while it does."
+        ]
+    return claim, []
 
 
 # dead letters --------------------------------------------------------------------------------------
@@ -514,8 +528,11 @@ def service_bus_dead_letter(message: Any) -> DeadLetter:
 
 
 def replay_message(message: Any, queue: str) -> Any:
-    """A new message with the dead letter's body, message id, content type, application properties
-    (minus the dead-letter reason/description) and session id: the same message, sent again."""
+    """A new message with the dead letter's body, content type, application properties (minus the dead-letter
+    reason/description) and session id: the same message, sent again. Its MessageId is the original's plus
+    `.replay-<sequence number>`: duplicate detection (the refresh queue's) would drop the original MessageId for its
+    whole history window, while replaying one dead letter twice is still absorbed. The event id in the body, which
+    the handler's claim keys on, is unchanged."""
     from azure.servicebus import ServiceBusMessage
 
     body = _message_body(message)
@@ -524,20 +541,23 @@ def replay_message(message: Any, queue: str) -> Any:
         for k, v in (message.application_properties or {}).items()
         if _text(k) not in SERVICE_BUS_DEAD_LETTER_PROPERTIES
     }
-    session = _text(message.session_id)
-    if session is None and queue == REFRESH_REQUESTED:
-        # The refresh queue is session-enabled: a request needs its connection's session id.
-        with contextlib.suppress(InvalidEventError):
-            session = session_id(parse_event(body, REFRESH_REQUESTED)[0])
+    original_id = _text(message.message_id)
     return ServiceBusMessage(
         body,
-        message_id=_text(message.message_id),
+        message_id=replayed_message_id(original_id, message.sequence_number, queue),
         content_type=_text(message.content_type),
         correlation_id=_text(message.correlation_id),
         subject=_text(message.subject),
         application_properties=properties or None,
-        session_id=session,
+        session_id=_text(message.session_id),
     )
+
+
+def replayed_message_id(original_id: str | None, sequence_number: int | None, queue: str) -> str | None:
+    """The MessageId a replayed dead letter is sent with (see replay_message); None lets the SDK choose one."""
+    if original_id is None:
+        return None
+    return f"{original_id}.replay-{sequence_number or 0}"[:128]
 
 
 class ServiceBusDeadLetters:
@@ -701,6 +721,7 @@ def _replay_queue(store: RabbitMqDeadLetters | ServiceBusDeadLetters, short: str
     print(f"{short}: replayed {replayed} message(s) to '{source}'{left}")
     if isinstance(store, ServiceBusDeadLetters) and short == "refresh-requested":
         print(
-            "  note: the refresh queue's duplicate detection drops a replayed message whose MessageId it saw within "
-            "DuplicateDetectionHistoryTimeWindow; such a replay is accepted but not delivered."
+            "  note: replayed with MessageId <original>.replay-<sequence number>, which the refresh queue's duplicate "
+            "detection lets through once (a second replay of the same dead letter is absorbed); the request's claim "
+            "decides whether integration-manager is called again."
         )

@@ -13,12 +13,12 @@ Usage: RESOURCE_GROUP=... LOCATION=... APP_NAME=... COSMOS_ACCOUNT=... scripts/d
        scripts/deploy.sh --help
 
 Creates or updates, in RESOURCE_GROUP: a storage account, a Service Bus namespace (Standard) with the
-app's four queues, Log Analytics + Application Insights, a user-assigned managed identity and its role
-assignments, a Key Vault, a Flex Consumption function app (Python 3.13) with identity-based
-connections and no keys in its settings, the Cosmos DB state container in the existing COSMOS_ACCOUNT,
-and an alert on dead-lettered messages; then publishes the code (a zip of host.json, requirements.txt,
-the function folders and shared/: the files git tracks; remote build). Needs `az login` and rights to
-create role assignments.
+queues of localdev/service_bus_queues.json, Log Analytics + Application Insights, a user-assigned
+managed identity and its role assignments, a Key Vault, a Flex Consumption function app (Python 3.13)
+with identity-based connections and no keys in its settings, the Cosmos DB state container in the
+existing COSMOS_ACCOUNT, and an alert on dead-lettered messages; then publishes the code (a zip of
+host.json, requirements.txt, the function folders and shared/: the files git tracks; remote build).
+Needs `az login` and rights to create role assignments.
 
 Options:
   --dry-run         print every az command (one per line, shell-quoted) instead of running it; values
@@ -50,7 +50,8 @@ Optional environment (default):
   TOKEN_REFRESH_INTERVAL_MS              (3600000)
   TOKEN_REFRESH_EXPIRATION_THRESHOLD_MS  (3900000)
   TOKEN_REFRESH_MAX_DELIVERY_COUNT       also the refresh queue's max delivery count (10)
-  DUPLICATE_DETECTION_WINDOW             refresh queue duplicate detection, >= the interval (PT2H)
+  DUPLICATE_DETECTION_WINDOW             the refresh queue's duplicate detection history window, an ISO 8601
+                                         duration from PT20S to P7D (the queue file's, PT2H)
   RABBITMQ_EXCHANGE                      (integration.events)
   INTEGRATION_MANAGER_URL                base URL of integration-manager; when not given the app keeps
                                          its current value, or gets https://integration-manager.invalid
@@ -61,6 +62,7 @@ Optional environment (default):
   DEPLOYER_OBJECT_ID, DEPLOYER_PRINCIPAL_TYPE
                                          who may write the secrets (the signed-in user, User)
   AZURE_CLI                              the az executable (az)
+  PYTHON                                 the python3 that reads the queue file and builds the zip (python3)
   DEPLOY_ZIP, DEPLOYMENT_CONTAINER       the zip built (.local/deploy/APP_NAME.zip) and the blob
                                          container Flex Consumption deploys from (app-package)
   TOKEN_REFRESH_ENABLED, TOKEN_REFRESH_SKIP_STATUSES, TOKEN_REFRESH_PAGE_SIZE,
@@ -129,6 +131,7 @@ step() { note "--- $*"; }
 warn() { printf 'deploy: warning: %s\n' "$*" >&2; }
 
 az_bin="${AZURE_CLI:-az}"
+python="${PYTHON:-python3}"
 
 # az_run ARGS...: run an az command (its output is discarded) or, in a dry run, print it.
 az_run() {
@@ -159,6 +162,32 @@ az_value() {
     printf -v "$__var" '%s' "$__value"
 }
 
+# az_lookup VAR ARGS...: VAR = the output (tsv) of a `show` command whose resource may be missing: empty when
+# az answers "not found" (exit code 3); any other failure stops the script. A dry run prints the command and
+# assumes the resource is missing (VAR empty).
+az_lookup() {
+    local __var="$1" __value __errors __status=0
+    shift
+    printf -v "$__var" '%s' ""
+    if ((dry_run)); then
+        command_line "$@"
+        printf '\n'
+        return 0
+    fi
+    printf 'deploy: + %s\n' "$(command_line "$@")" >&2
+    __errors="$(mktemp)"
+    __value="$("$az_bin" "$@" 2>"$__errors")" || __status=$?
+    if ((__status == 3)); then
+        __value=""
+    elif ((__status != 0)); then
+        cat "$__errors" >&2
+        rm -f "$__errors"
+        die "failed ($__status): $(command_line "$@")"
+    fi
+    rm -f "$__errors"
+    printf -v "$__var" '%s' "${__value%$'\r'}"
+}
+
 # az_exists ARGS...: true when the `show` command finds the resource. A dry run assumes it does not.
 az_exists() {
     if ((dry_run)); then
@@ -176,7 +205,7 @@ az_exists() {
 # local settings and untracked files can never slip in. Entries are sorted and dated 1980-01-01, so
 # the same commit always gives the same zip.
 build_package() {
-    local zip_path="$1" python="${PYTHON:-python3}"
+    local zip_path="$1"
     command -v "$python" >/dev/null 2>&1 || die "building the zip needs python3 (or PYTHON=...)"
     command -v git >/dev/null 2>&1 || die "building the zip needs git (it packs the files git tracks)"
     mkdir -p "$(dirname "$zip_path")"
@@ -270,7 +299,7 @@ PYTHON_RUNTIME_VERSION="${PYTHON_RUNTIME_VERSION:-3.13}"
 TOKEN_REFRESH_INTERVAL_MS="${TOKEN_REFRESH_INTERVAL_MS:-3600000}"
 TOKEN_REFRESH_EXPIRATION_THRESHOLD_MS="${TOKEN_REFRESH_EXPIRATION_THRESHOLD_MS:-3900000}"
 TOKEN_REFRESH_MAX_DELIVERY_COUNT="${TOKEN_REFRESH_MAX_DELIVERY_COUNT:-10}"
-DUPLICATE_DETECTION_WINDOW="${DUPLICATE_DETECTION_WINDOW:-PT2H}"
+DUPLICATE_DETECTION_WINDOW="${DUPLICATE_DETECTION_WINDOW:-}"  # empty: the queue file's window
 RABBITMQ_EXCHANGE="${RABBITMQ_EXCHANGE:-integration.events}"
 INTEGRATION_MANAGER_URL="${INTEGRATION_MANAGER_URL:-}"
 ALERT_EMAIL="${ALERT_EMAIL:-}"
@@ -294,6 +323,22 @@ done
     && "$SERVICEBUS_NAMESPACE" != *-mgmt ]] \
     || usage_error "SERVICEBUS_NAMESPACE must have 6-50 letters, digits and hyphens, start with a letter and not end" \
         "with -sb or -mgmt (set it when APP_NAME starts with a digit)"
+# iso_seconds DURATION: the seconds of an ISO 8601 duration in days, hours, minutes and seconds (P1D, PT2H,
+# P1DT12H, PT90S); fails for any other form.
+iso_seconds() {
+    [[ "$1" =~ ^P([0-9]{1,6}D)?(T([0-9]{1,9}H)?([0-9]{1,9}M)?([0-9]{1,9}S)?)?$ && "$1" != P && "$1" != *T ]] \
+        || return 1
+    local days="${BASH_REMATCH[1]%D}" hours="${BASH_REMATCH[3]%H}" minutes="${BASH_REMATCH[4]%M}"
+    local seconds="${BASH_REMATCH[5]%S}"
+    printf '%s' $((10#${days:-0} * 86400 + 10#${hours:-0} * 3600 + 10#${minutes:-0} * 60 + 10#${seconds:-0}))
+}
+if [[ -n "$DUPLICATE_DETECTION_WINDOW" ]]; then
+    # Service Bus keeps a duplicate detection history of 20 seconds to 7 days.
+    window_seconds="$(iso_seconds "$DUPLICATE_DETECTION_WINDOW")" \
+        && ((window_seconds >= 20 && window_seconds <= 604800)) \
+        || usage_error "DUPLICATE_DETECTION_WINDOW must be an ISO 8601 duration from PT20S to P7D, like PT2H or" \
+            "P1DT12H (got $(printf '%q' "$DUPLICATE_DETECTION_WINDOW"))"
+fi
 if ((TOKEN_REFRESH_EXPIRATION_THRESHOLD_MS < TOKEN_REFRESH_INTERVAL_MS + 300000)); then
     warn "TOKEN_REFRESH_EXPIRATION_THRESHOLD_MS is shorter than TOKEN_REFRESH_INTERVAL_MS + 5 min:" \
         "a token can expire between two checks"
@@ -323,9 +368,109 @@ if ((!dry_run)); then
     command -v "$az_bin" >/dev/null 2>&1 || die "the Azure CLI ($az_bin) is not on PATH; see docs/deploy.md"
 fi
 
+# --- the Service Bus queues: localdev/service_bus_queues.json -------------------------------------
+# The one list of the app's queues and their properties (the Service Bus model the tests and the local
+# host run on reads it too). Each line of queue_plan: the tab-separated `az servicebus queue create`
+# arguments of one queue after the resource group and namespace, with the overrides for the refresh
+# queue: maxDeliveryCount = TOKEN_REFRESH_MAX_DELIVERY_COUNT, duplicateDetectionHistoryTimeWindow =
+# DUPLICATE_DETECTION_WINDOW (when set).
+queue_file="$repo_root/localdev/service_bus_queues.json"
+refresh_queue=integration.token.refresh-requested
+command -v "$python" >/dev/null 2>&1 || die "reading $queue_file needs python3 (or PYTHON=...)"
+queue_plan="$("$python" - "$queue_file" "$refresh_queue" "$TOKEN_REFRESH_MAX_DELIVERY_COUNT" \
+    "$DUPLICATE_DETECTION_WINDOW" <<'PY'
+import json
+import re
+import sys
+
+path, refresh_queue, max_delivery_count, window = sys.argv[1:]
+DURATION = re.compile(r"P(?:([0-9]+)D)?(?:T(?:([0-9]+)H)?(?:([0-9]+)M)?(?:([0-9]+)S)?)?")
+KEYS = {
+    "maxDeliveryCount",
+    "lockDuration",
+    "defaultMessageTimeToLive",
+    "requiresSession",
+    "requiresDuplicateDetection",
+    "duplicateDetectionHistoryTimeWindow",
+    "deadLetteringOnMessageExpiration",
+}
+
+
+def fail(message):
+    sys.exit(f"deploy: error: {path}: {message}")
+
+
+def duration(queue, key, value, low, high):  # in seconds (Service Bus's limits)
+    match = DURATION.fullmatch(value) if isinstance(value, str) else None
+    if not match or value in ("P", "PT") or value.endswith("T"):
+        fail(f"{queue}: {key} must be an ISO 8601 duration like PT5M, not {value!r}")
+    d, h, m, s = (int(group or 0) for group in match.groups())
+    if not low <= d * 86400 + h * 3600 + m * 60 + s <= high:
+        fail(f"{queue}: {key} is out of range: {value}")
+    return value
+
+
+def flag(queue, key, value):
+    if not isinstance(value, bool):
+        fail(f"{queue}: {key} must be true or false, not {value!r}")
+    return "true" if value else "false"
+
+
+try:
+    with open(path, encoding="utf-8") as handle:
+        queues = json.load(handle)["queues"]
+    items = list(queues.items())
+except (OSError, ValueError, KeyError, TypeError, AttributeError) as error:
+    fail(f"cannot read the queues: {error!r}")
+if refresh_queue not in queues:
+    fail(f"the refresh queue {refresh_queue} is missing")
+for name, properties in items:
+    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", name) or not isinstance(properties, dict):
+        fail(f"bad queue entry {name!r}")
+    if "maxMessageSizeInKilobytes" in properties:
+        fail(f"{name}: maxMessageSizeInKilobytes is for Premium namespaces; this one is Standard (256 KB)")
+    unknown = sorted(set(properties) - KEYS)
+    if unknown:
+        fail(f"{name}: unknown properties {', '.join(unknown)} (deploy.sh knows {', '.join(sorted(KEYS))})")
+    properties = dict(properties)
+    if name == refresh_queue:
+        properties["maxDeliveryCount"] = int(max_delivery_count)
+        if window and properties.get("requiresDuplicateDetection") is True:
+            properties["duplicateDetectionHistoryTimeWindow"] = window
+        elif window:
+            print(f"deploy: warning: DUPLICATE_DETECTION_WINDOW ignored: {path} gives {name} no duplicate detection",
+                  file=sys.stderr)
+    args = ["--name", name]
+    if "maxDeliveryCount" in properties:
+        count = properties["maxDeliveryCount"]
+        if isinstance(count, bool) or not isinstance(count, int) or not 1 <= count <= 2000:
+            fail(f"{name}: maxDeliveryCount must be a whole number from 1 to 2000, not {count!r}")
+        args += ["--max-delivery-count", str(count)]
+    if "lockDuration" in properties:
+        args += ["--lock-duration", duration(name, "lockDuration", properties["lockDuration"], 1, 300)]
+    if "defaultMessageTimeToLive" in properties:
+        ttl = duration(name, "defaultMessageTimeToLive", properties["defaultMessageTimeToLive"], 1, 10**15)
+        args += ["--default-message-time-to-live", ttl]
+    if flag(name, "requiresSession", properties.get("requiresSession", False)) == "true":
+        args += ["--enable-session", "true"]
+    key = "duplicateDetectionHistoryTimeWindow"
+    if flag(name, "requiresDuplicateDetection", properties.get("requiresDuplicateDetection", False)) == "true":
+        args += ["--duplicate-detection", "true"]
+        if key in properties:  # else Service Bus's default, 10 minutes
+            window_value = duration(name, key, properties[key], 20, 7 * 86400)
+            args += ["--duplicate-detection-history-time-window", window_value]
+    elif key in properties:
+        fail(f"{name}: {key} without requiresDuplicateDetection")
+    if "deadLetteringOnMessageExpiration" in properties:
+        expire = flag(name, "deadLetteringOnMessageExpiration", properties["deadLetteringOnMessageExpiration"])
+        args += ["--enable-dead-lettering-on-message-expiration", expire]
+    print("\t".join(args))
+PY
+)"
+
 # Values read from Azure by az_value (placeholders in a dry run).
 subscription_id="" principal_id="" client_id="" insights_connection_string="" cosmos_endpoint=""
-deployer_id="" current_manager_url=""
+deployer_id="" current_manager_url="" existing_sessions=""
 
 # --- 0. subscription ------------------------------------------------------------------------------
 step "subscription (az login first)"
@@ -364,22 +509,35 @@ az_run storage container-rm create --storage-account "$STORAGE_ACCOUNT" --resour
     --name "$DEPLOYMENT_CONTAINER" --output none
 
 # --- 4. Service Bus -------------------------------------------------------------------------------
-step "Service Bus namespace (Standard: sessions and duplicate detection; Entra ID auth only)"
+step "Service Bus namespace (Standard: duplicate detection; Entra ID auth only), localdev/service_bus_queues.json"
 az_run servicebus namespace create --name "$SERVICEBUS_NAMESPACE" --resource-group "$RESOURCE_GROUP" \
     --location "$LOCATION" --sku Standard --min-tls 1.2 --disable-local-auth true --tags "${tags[@]}" \
     --output none
-az_run servicebus queue create --resource-group "$RESOURCE_GROUP" --namespace-name "$SERVICEBUS_NAMESPACE" \
-    --name integration.token.check-expiring --max-delivery-count 10 --lock-duration PT5M \
-    --enable-dead-lettering-on-message-expiration true --output none
-az_run servicebus queue create --resource-group "$RESOURCE_GROUP" --namespace-name "$SERVICEBUS_NAMESPACE" \
-    --name integration.token.refresh-requested --enable-session true --duplicate-detection true \
-    --duplicate-detection-history-time-window "$DUPLICATE_DETECTION_WINDOW" \
-    --max-delivery-count "$TOKEN_REFRESH_MAX_DELIVERY_COUNT" --lock-duration PT5M \
-    --enable-dead-lettering-on-message-expiration true --output none
-for queue in integration.token.refreshed integration.token.refresh.failed integration.token.refresh.systemic-failure; do
+# Service Bus cannot change RequiresSession on an existing queue: a refresh queue an earlier deployment
+# created with sessions (the file now says none) has to be drained, deleted and created again.
+refresh_sessions=false
+while IFS= read -r queue_line; do
+    if [[ "$queue_line"$'\t' == "--name"$'\t'"$refresh_queue"$'\t'* \
+        && $'\t'"$queue_line"$'\t' == *$'\t'--enable-session$'\t'true$'\t'* ]]; then
+        refresh_sessions=true
+    fi
+done <<<"$queue_plan"
+note "stop if $refresh_queue exists with RequiresSession other than $refresh_sessions (it cannot be changed):"
+az_lookup existing_sessions servicebus queue show --resource-group "$RESOURCE_GROUP" \
+    --namespace-name "$SERVICEBUS_NAMESPACE" --name "$refresh_queue" --query requiresSession --output tsv
+existing_sessions="$(printf '%s' "$existing_sessions" | tr '[:upper:]' '[:lower:]')"
+if [[ -n "$existing_sessions" && "$existing_sessions" != "$refresh_sessions" ]]; then
+    die "queue $refresh_queue in namespace $SERVICEBUS_NAMESPACE has RequiresSession=$existing_sessions but" \
+        "localdev/service_bus_queues.json says $refresh_sessions, and Service Bus cannot change RequiresSession on" \
+        "an existing queue: let it drain (no active or scheduled messages), then run \`az servicebus queue delete" \
+        "--resource-group $RESOURCE_GROUP --namespace-name $SERVICEBUS_NAMESPACE --name $refresh_queue\` and" \
+        "run this script again (docs/deploy.md)"
+fi
+while IFS= read -r -u 3 queue_line; do  # fd 3: az keeps the script's stdin
+    IFS=$'\t' read -r -a queue_args <<<"$queue_line"
     az_run servicebus queue create --resource-group "$RESOURCE_GROUP" --namespace-name "$SERVICEBUS_NAMESPACE" \
-        --name "$queue" --output none
-done
+        "${queue_args[@]}" --output none
+done 3<<<"$queue_plan"
 
 # --- 5. monitoring --------------------------------------------------------------------------------
 step "Log Analytics workspace and Application Insights (Entra ID ingestion only)"

@@ -82,6 +82,10 @@ class RefreshRequestedData(ConnectionRef):
     # When the check scheduled the refresh (TOKEN_REFRESH_RATE_LIMITS / TOKEN_REFRESH_SPREAD_MS): the transport that
     # triggers the refresh function delivers it then; absent when it is due at once. Not part of the event id.
     not_before: UtcTime | None = None
+    # How many times a check asked again for this request after it had ended retryable (absent: never). Part of
+    # the Service Bus MessageId, not of the event id: duplicate detection absorbs a copy of the same round (an
+    # overlapping check, a re-sent batch) and lets a later round through (shared.messaging.service_bus).
+    attempt_round: int | None = Field(None, ge=1, le=1_000_000)
 
 
 class RefreshedData(ConnectionRef):

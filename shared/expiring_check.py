@@ -55,11 +55,16 @@ class CheckSummary:
 
 
 def refresh_requested_event(
-    connection: ExpiringConnection, requested_at: datetime, not_before: datetime | None = None
+    connection: ExpiringConnection,
+    requested_at: datetime,
+    not_before: datetime | None = None,
+    attempt_round: int = 0,
 ) -> CloudEvent:
     """The refresh-requested event the check publishes for `connection`, to be delivered at `not_before` (None: at
     once). Its id is deterministic (connection + expiresAt, or the document's `_ts` for a token without expiry), so
-    finding the same token again gives the same id, whatever its time. The operator's `refresh` uses it too."""
+    finding the same token again gives the same id, whatever its time. `attempt_round` (StateStore's
+    next_attempt_round): how many times a request for it was asked again after ending retryable; it goes into the
+    Service Bus MessageId, never into the id. The operator's `refresh` uses it too."""
     data = RefreshRequestedData(
         connection_id=connection.connection_id,
         integration_id=connection.integration_id,
@@ -67,9 +72,14 @@ def refresh_requested_event(
         expires_at=connection.expires_at,
         requested_at=requested_at,
         not_before=not_before,
+        attempt_round=attempt_round or None,
     )
-    event_id = refresh_request_id(data, connection.expires_at, connection.document_ts)
-    return make_event(data, event_id=event_id, time=requested_at)
+    return make_event(data, event_id=request_id_of(connection), time=requested_at)
+
+
+def request_id_of(connection: ExpiringConnection) -> str:
+    """The id of the refresh request a check sends for `connection` (shared.ids.refresh_request_id)."""
+    return refresh_request_id(connection, connection.expires_at, connection.document_ts)
 
 
 @dataclass
@@ -125,6 +135,12 @@ class Selection:
     requested: list[ExpiringConnection]
     suppressed: int  # failed permanently, document unchanged since (no refresh storm)
     deferred_lifetimes_ms: list[int]  # refreshed by us lately and still valid past the next check
+    attempt_rounds: dict[str, int] = field(default_factory=dict)  # request id -> its round (absent: 0)
+
+    def event(self, connection: ExpiringConnection, requested_at: datetime, not_before: datetime | None) -> CloudEvent:
+        """The refresh-requested event of one of the `requested` connections, with its attempt round."""
+        attempt_round = self.attempt_rounds.get(request_id_of(connection), 0)
+        return refresh_requested_event(connection, requested_at, not_before, attempt_round)
 
 
 def select_for_refresh(connections: list[ExpiringConnection], states: StateStore, settings: Settings) -> Selection:
@@ -142,8 +158,10 @@ def select_for_refresh(connections: list[ExpiringConnection], states: StateStore
         now,
         settings.failure_cooldown_ms,
         refreshed_since_ms=now - settings.expiration_threshold_ms,
+        request_ids={key: request_id_of(c) for key, c in keys.items()},
     )
     selection = Selection([], len(history.suppressed), [])
+    selection.attempt_rounds = {request_id_of(keys[key]): n for key, n in history.attempt_rounds.items() if n}
     for key, connection in keys.items():
         record = history.suppressed.get(key)
         if record is not None:
@@ -244,7 +262,7 @@ def request_refresh_for_expiring_connections(
         timed, waiting = timed_requests(selection.requested, scheduler)
         summary.waiting += waiting
         requested_at = utc_now()
-        events = [refresh_requested_event(connection, requested_at, not_before=when) for connection, when in timed]
+        events = [selection.event(connection, requested_at, when) for connection, when in timed]
         if events:
             summary.found += len(events)
             logger.info(

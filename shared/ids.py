@@ -33,8 +33,7 @@ class NamesAConnection(Protocol):
 
 
 def connection_key(tenant_id: str, integration_id: str, connection_id: str) -> str:
-    """A short, id-safe key for a connection (Cosmos ids cannot hold / \\ ? # and are <= 255 chars);
-    also the Service Bus session id of its refresh requests."""
+    """A short, id-safe key for a connection (Cosmos ids cannot hold / \\ ? # and are <= 255 chars)."""
     return uuid.uuid5(_KEY_NAMESPACE, "\x1f".join((tenant_id, integration_id, connection_id))).hex
 
 

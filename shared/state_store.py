@@ -234,32 +234,47 @@ class StateStore:
         self._container.upsert_item(record)
 
     def connection_history(
-        self, candidates: dict[str, int | None], now_ms: int, cooldown_ms: int, refreshed_since_ms: int
+        self,
+        candidates: dict[str, int | None],
+        now_ms: int,
+        cooldown_ms: int,
+        refreshed_since_ms: int,
+        request_ids: dict[str, str] | None = None,
     ) -> ConnectionHistory:
         """What this app did lately to `candidates` (connection key -> document _ts), in one query:
         a permanent failure recorded for the same document version within the cooldown (not requested
-        again), and the latest refresh since `refreshed_since_ms` (a claim that ended refreshed)."""
+        again), the latest refresh since `refreshed_since_ms` (a claim that ended refreshed), and for
+        `request_ids` (connection key -> the id of the request a check would send now) the attempt round that
+        request must carry (next_attempt_round)."""
         if not candidates:
-            return ConnectionHistory({}, {})
+            return ConnectionHistory({}, {}, {})
+        claim_ids = {f"claim-{request_id}": key for key, request_id in (request_ids or {}).items()}
         rows = self._container.query_items(
-            "SELECT c.kind, c.connectionKey, c.documentTs, c.lastFailureAt, c.code, c.failures, c.updatedAt "
+            "SELECT c.id, c.kind, c.connectionKey, c.documentTs, c.lastFailureAt, c.code, c.failures, c.updatedAt, "
+            "c.state, c.round, c.outcome.data.retryable "
             "FROM c WHERE ARRAY_CONTAINS(@ids, c.id) OR (c.kind = 'claim' AND c.state = @refreshed "
             "AND c.updatedAt >= @since AND ARRAY_CONTAINS(@keys, c.connectionKey))",
             parameters=[
-                {"name": "@ids", "value": [f"failure-{key}" for key in candidates] if cooldown_ms > 0 else []},
+                {
+                    "name": "@ids",
+                    "value": ([f"failure-{key}" for key in candidates] if cooldown_ms > 0 else []) + list(claim_ids),
+                },
                 {"name": "@refreshed", "value": ClaimState.REFRESHED},
                 {"name": "@since", "value": refreshed_since_ms},
                 {"name": "@keys", "value": list(candidates)},
             ],
             enable_cross_partition_query=True,
         )
-        history = ConnectionHistory({}, {})
+        history = ConnectionHistory({}, {}, {})
         for row in rows:
             key = row.get("connectionKey")
             if key not in candidates:
                 continue
             if row.get("kind") == "claim":
-                history.refreshed_at[key] = max(history.refreshed_at.get(key, 0), row.get("updatedAt", 0))
+                if claim_ids.get(row.get("id")) == key:
+                    history.attempt_rounds[key] = next_attempt_round(row, now_ms)
+                if row.get("state") == ClaimState.REFRESHED and row.get("updatedAt", 0) >= refreshed_since_ms:
+                    history.refreshed_at[key] = max(history.refreshed_at.get(key, 0), row.get("updatedAt", 0))
             elif row.get("documentTs") == candidates[key] and now_ms - row.get("lastFailureAt", 0) < cooldown_ms:
                 history.suppressed[key] = row
         return history
@@ -379,6 +394,7 @@ class ConnectionHistory:
 
     suppressed: dict[str, dict[str, Any]]  # key -> its permanent failure record, still in force
     refreshed_at: dict[str, int]  # key -> when this app last refreshed it (epoch ms)
+    attempt_rounds: dict[str, int]  # key -> the round of the request a check sends now (absent: never claimed)
 
 
 @dataclass(frozen=True)
@@ -401,9 +417,27 @@ def superseded(claim: dict[str, Any], requested_at_ms: int | None) -> bool:
     """A request that ended with a transient failure and was asked for again by a later check (the
     same connection and expiresAt give the same request id): it gets a new attempt."""
     outcome = (claim.get("outcome") or {}).get("data") or {}
-    return (
-        claim.get("state") == ClaimState.FAILED
-        and outcome.get("retryable") is True
-        and requested_at_ms is not None
-        and requested_at_ms > claim.get("updatedAt", 0)
+    return ended_retryable(claim.get("state"), outcome.get("retryable")) and (
+        requested_at_ms is not None and requested_at_ms > claim.get("updatedAt", 0)
     )
+
+
+def ended_retryable(state: Any, retryable: Any) -> bool:
+    """The claim ended with `refresh.failed`, retryable: a later request for it is a new attempt (a new round)."""
+    return state == ClaimState.FAILED and retryable is True
+
+
+def next_attempt_round(claim: dict[str, Any], now_ms: int) -> int:
+    """The attempt round of a request a check sends at `now_ms` for this claim (a projection with `state`, `round`,
+    `retryable` and `updatedAt` will do): the claim's round while the request is pending or done, the next one once
+    it ended retryable -- the round the claim moves to when that request arrives (StateStore.claim). The round is
+    part of the request's Service Bus MessageId (shared.messaging.service_bus_message_id), so duplicate detection,
+    which drops a repeated MessageId for its whole history window, lets the new attempt through."""
+    current = int(claim.get("round") or 0)
+    retryable = (
+        claim["retryable"]
+        if "retryable" in claim
+        else ((claim.get("outcome") or {}).get("data") or {}).get("retryable")
+    )
+    later = now_ms > claim.get("updatedAt", 0)
+    return current + 1 if ended_retryable(claim.get("state"), retryable) and later else current

@@ -42,7 +42,8 @@ SERVICE_FIXTURES = {"rabbitmq", "cosmos_server", "azurite", "manager", "function
 # Python >= 3.13 only); on 3.11/3.12 the worker is part of the Functions host and cannot be installed.
 # CI runs the suite on 3.13 first, so they always run there (see pytest_report_header).
 REAL_WORKER_PYTHON = (3, 13)
-collect_ignore = [] if sys.version_info >= REAL_WORKER_PYTHON else ["integration/test_real_worker.py"]
+REAL_WORKER_MODULES = ["integration/test_real_worker.py", "integration/test_service_bus_on_model.py"]
+collect_ignore = [] if sys.version_info >= REAL_WORKER_PYTHON else REAL_WORKER_MODULES
 
 
 def pytest_report_header() -> str:
@@ -80,6 +81,19 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
 
 for _noisy in ("azure", "pika", "urllib3"):  # as the app does (shared.runtime.QUIET_LOGGERS)
     logging.getLogger(_noisy).setLevel(logging.WARNING)
+
+
+@pytest.fixture(scope="session")
+def functions_worker():
+    """The real Functions worker with every function of the app loaded: one per process, like the worker itself
+    (its registry is module-global), shared by every real-worker test module."""
+    from tests.support.functions_worker import FunctionsWorker
+    from tests.support.helpers import APP_ROOT
+
+    worker = FunctionsWorker(APP_ROOT).start()
+    worker.load_all()
+    yield worker
+    worker.stop()
 
 
 @pytest.fixture(scope="session")

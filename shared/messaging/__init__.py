@@ -19,7 +19,7 @@ from shared.messaging.service_bus import (
     ServiceBusTransport,
     service_bus_client,
     service_bus_message,
-    session_id,
+    service_bus_message_id,
 )
 
 __all__ = [
@@ -32,5 +32,5 @@ __all__ = [
     "publisher_from_settings",
     "service_bus_client",
     "service_bus_message",
-    "session_id",
+    "service_bus_message_id",
 ]

@@ -1,5 +1,5 @@
-"""Azure Service Bus: every event goes to the queue named after its type; refresh requests carry
-the connection's session id (DESIGN.md section 3, docs/failure-handling.md).
+"""Azure Service Bus: every event goes to the queue named after its type, with a MessageId that lets the refresh
+queue's duplicate detection absorb true duplicates only (service_bus_message_id; docs/failure-handling.md).
 
 Senders are created once per process and used by one thread at a time; concurrent sends to a queue
 share one network send.
@@ -15,7 +15,6 @@ from datetime import UTC, datetime
 from typing import Any
 
 from shared.events import CHECK_EXPIRING, CONTENT_TYPE, REFRESH_REQUESTED, CloudEvent
-from shared.ids import connection_key
 from shared.messaging.publisher import SendBatch
 from shared.settings import Settings
 from shared.times import parse_time
@@ -153,18 +152,28 @@ class ServiceBusTransport:
 
 def service_bus_message(event: CloudEvent) -> Any:
     """The Service Bus message an event is sent as (DESIGN.md section 3): the CloudEvent as the body,
-    its id as message id, its type as application property, and for refresh requests a session and, when the
-    check scheduled one, its scheduled enqueue time."""
+    its MessageId (service_bus_message_id), its type as application property, and for a refresh request the check
+    scheduled, its scheduled enqueue time. No session: the refresh queue is not session-enabled (a session slot of
+    the Functions processor would hold each one-message session for sessionIdleTimeout; docs/scale.md), and the
+    claim, not the broker, keeps two invocations from calling for one request at once."""
     from azure.servicebus import ServiceBusMessage
 
     return ServiceBusMessage(
         event.to_json(),
-        message_id=event.id,
+        message_id=service_bus_message_id(event),
         content_type=CONTENT_TYPE,
         application_properties={"type": event.type},
-        session_id=session_id(event),
         scheduled_enqueue_time_utc=scheduled_time(event),
     )
+
+
+def service_bus_message_id(event: CloudEvent) -> str:
+    """The MessageId an event is sent with: its id, and for a refresh request that a later check asked for again
+    after it had ended retryable, its round too (`<id>.round-<n>`). The refresh queue's duplicate detection drops a
+    repeated MessageId for its whole history window, whatever became of the first message: a copy of the same round
+    (an overlapping check, a re-sent batch) is absorbed, a later round is delivered (docs/failure-handling.md)."""
+    attempt_round = event.data.get("attemptRound") if event.type == REFRESH_REQUESTED else None
+    return f"{event.id}.round-{attempt_round}" if attempt_round else event.id
 
 
 def scheduled_time(event: CloudEvent) -> datetime | None:
@@ -174,12 +183,3 @@ def scheduled_time(event: CloudEvent) -> datetime | None:
         return None
     at = parse_time(str(event.data["notBefore"]))
     return at if at > datetime.now(UTC) else None
-
-
-def session_id(event: CloudEvent) -> str | None:
-    """Refresh requests of one connection share a Service Bus session, so the session-enabled
-    refresh queue hands them to one invocation at a time (docs/failure-handling.md)."""
-    if event.type != REFRESH_REQUESTED:
-        return None
-    data = event.data
-    return connection_key(str(data["tenantId"]), str(data["integrationId"]), str(data["connectionId"]))

@@ -29,6 +29,8 @@ REPO = Path(__file__).resolve().parents[2]
 SCRIPT = REPO / "scripts" / "deploy.sh"
 AZCLI_VENV = Path(os.environ.get("AZCLI_VENV", REPO / ".venv-azcli"))
 AZ = AZCLI_VENV / "bin" / "az"
+QUEUE_FILE = REPO / "localdev" / "service_bus_queues.json"
+REFRESH_QUEUE = "integration.token.refresh-requested"
 
 REQUIRED = {
     "RESOURCE_GROUP": "rg-token-refresh",
@@ -45,6 +47,7 @@ FULL = {
     "INTEGRATION_MANAGER_TOKEN": MANAGER_SECRET,
     "ALERT_EMAIL": "ops@example.com",
     "TOKEN_REFRESH_MAX_DELIVERY_COUNT": "7",
+    "DUPLICATE_DETECTION_WINDOW": "P1DT12H",
     "TOKEN_REFRESH_PAGE_SIZE": "100",
     "TOKEN_REFRESH_RATE_LIMITS": "salesforce=5/s,*=50/s",
 }
@@ -90,6 +93,49 @@ def queue_command(lines: list[list[str]], queue: str) -> list[str]:
     found = [argv for argv in commands(lines, "servicebus", "queue", "create") if option(argv, "--name") == queue]
     assert len(found) == 1, f"queue {queue} should be created once"
     return found[0]
+
+
+def queue_options(argv: list[str]) -> dict[str, str]:
+    """The queue's own options of a `servicebus queue create` (each given once, each with one value)."""
+    tokens = argv[4:]
+    options: dict[str, str] = {}
+    for i in range(0, len(tokens), 2):
+        name, value = tokens[i], tokens[i + 1] if i + 1 < len(tokens) else None
+        assert name.startswith("--") and value is not None and not value.startswith("--"), shlex.join(argv)
+        assert name not in options, f"{name} twice in {shlex.join(argv)}"
+        options[name] = value
+    for name in ("--resource-group", "--namespace-name", "--name", "--output"):
+        del options[name]
+    return options
+
+
+def file_queues() -> dict[str, dict]:
+    return json.loads(QUEUE_FILE.read_text("utf-8"))["queues"]
+
+
+def expected_queue_options(properties: dict) -> dict[str, str]:
+    """The az options the deployment must give a queue with these properties of the queue file."""
+    plain = {
+        "maxDeliveryCount": "--max-delivery-count",
+        "lockDuration": "--lock-duration",
+        "defaultMessageTimeToLive": "--default-message-time-to-live",
+        "deadLetteringOnMessageExpiration": "--enable-dead-lettering-on-message-expiration",
+    }
+    options = {}
+    for key, value in properties.items():
+        if key == "requiresSession":
+            if value:
+                options["--enable-session"] = "true"
+        elif key == "requiresDuplicateDetection":
+            if value:
+                options["--duplicate-detection"] = "true"
+                if "duplicateDetectionHistoryTimeWindow" in properties:  # else the service's default
+                    window = properties["duplicateDetectionHistoryTimeWindow"]
+                    options["--duplicate-detection-history-time-window"] = window
+        elif key != "duplicateDetectionHistoryTimeWindow":
+            # A property the test does not know fails here: map it in deploy.sh and here.
+            options[plain[key]] = json.dumps(value) if isinstance(value, bool) else str(value)
+    return options
 
 
 def app_settings(lines: list[list[str]]) -> dict[str, str]:
@@ -174,22 +220,131 @@ def test_service_bus_namespace_and_queues(full):
     assert option(namespace, "--sku") == "Standard"
     assert option(namespace, "--disable-local-auth") == "true"
 
-    refresh = queue_command(full, "integration.token.refresh-requested")
-    assert option(refresh, "--enable-session") == "true"
+    refresh = queue_command(full, REFRESH_QUEUE)
     assert option(refresh, "--duplicate-detection") == "true"
-    assert option(refresh, "--duplicate-detection-history-time-window") == "PT2H"
+    assert option(refresh, "--duplicate-detection-history-time-window") == FULL["DUPLICATE_DETECTION_WINDOW"]
     assert option(refresh, "--max-delivery-count") == FULL["TOKEN_REFRESH_MAX_DELIVERY_COUNT"]
     assert option(refresh, "--lock-duration") == "PT5M"
     assert option(refresh, "--enable-dead-lettering-on-message-expiration") == "true"
-
-    check = queue_command(full, "integration.token.check-expiring")
-    assert option(check, "--max-delivery-count") == "10"
-    assert option(check, "--lock-duration") == "PT5M"
-    assert option(check, "--enable-dead-lettering-on-message-expiration") == "true"
-    assert "--enable-session" not in check
-
+    queue_command(full, "integration.token.check-expiring")
     queue_command(full, "integration.token.refreshed")
     queue_command(full, "integration.token.refresh.failed")
+
+
+def test_no_queue_uses_sessions(full, minimal):
+    # One message per session made the Functions session processor hold a slot per refresh for the call plus
+    # sessionIdleTimeout; the etag-guarded claim in Cosmos already keeps two calls for one request apart.
+    assert file_queues()[REFRESH_QUEUE]["requiresSession"] is False
+    for argv in full + minimal:
+        assert "--enable-session" not in argv, shlex.join(argv)
+
+
+@pytest.mark.parametrize("run", ["minimal", "full"])
+def test_every_queue_of_the_queue_file_is_created_with_exactly_its_properties(run, request):
+    """localdev/service_bus_queues.json is the one source (the Service Bus model reads it too): a queue or a
+    property that deploy.sh does not apply as the file says fails here."""
+    lines, env = request.getfixturevalue(run), FULL if run == "full" else REQUIRED
+    created = [option(argv, "--name") for argv in commands(lines, "servicebus", "queue", "create")]
+    assert sorted(created) == sorted(file_queues())
+    for queue, properties in file_queues().items():
+        expected = dict(properties)
+        if queue == REFRESH_QUEUE:  # the overrides: the app setting's value, and the window when set
+            expected["maxDeliveryCount"] = int(env.get("TOKEN_REFRESH_MAX_DELIVERY_COUNT", "10"))
+            if "DUPLICATE_DETECTION_WINDOW" in env:
+                expected["duplicateDetectionHistoryTimeWindow"] = env["DUPLICATE_DETECTION_WINDOW"]
+        assert queue_options(queue_command(lines, queue)) == expected_queue_options(expected), queue
+    # Without DUPLICATE_DETECTION_WINDOW the file's window applies.
+    if run == "minimal":
+        window = file_queues()[REFRESH_QUEUE]["duplicateDetectionHistoryTimeWindow"]
+        assert option(queue_command(lines, REFRESH_QUEUE), "--duplicate-detection-history-time-window") == window
+
+
+@pytest.mark.parametrize("window", ["banana", "PT5S", "PT19S", "P8D", "P7DT1S", "PT", "P", "2h", "PT2H ", "P1W"])
+def test_duplicate_detection_window_outside_service_bus_limits_exits_2(window):
+    result = run_deploy({**REQUIRED, "DUPLICATE_DETECTION_WINDOW": window}, "--dry-run")
+    assert result.returncode == 2
+    assert result.stdout == ""
+    errors = [line for line in result.stderr.splitlines() if line.startswith("deploy: error:")]
+    assert len(errors) == 1, result.stderr
+    assert "DUPLICATE_DETECTION_WINDOW" in errors[0]
+    assert "ISO 8601" in errors[0] and "PT20S" in errors[0] and "P7D" in errors[0]
+
+
+@pytest.mark.parametrize("window", ["PT20S", "P7D", "PT10M", "PT36H"])
+def test_duplicate_detection_window_within_limits_is_applied(window):
+    result = run_deploy({**REQUIRED, "DUPLICATE_DETECTION_WINDOW": window}, "--dry-run")
+    assert result.returncode == 0, result.stderr
+    refresh = queue_command(az_lines(result.stdout), REFRESH_QUEUE)
+    assert option(refresh, "--duplicate-detection-history-time-window") == window
+
+
+def script_with_queue_file(root: Path, queues: dict) -> Path:
+    """A copy of deploy.sh next to its own localdev/service_bus_queues.json."""
+    (root / "scripts").mkdir(parents=True)
+    (root / "localdev").mkdir()
+    shutil.copy2(SCRIPT, root / "scripts" / "deploy.sh")
+    (root / "localdev" / "service_bus_queues.json").write_text(json.dumps({"queues": queues}))
+    return root / "scripts" / "deploy.sh"
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        ({"maxSizeInMegabytes": 1024}, "unknown properties maxSizeInMegabytes"),
+        ({"requiresSession": "false"}, "requiresSession must be true or false"),
+        ({"lockDuration": "5 minutes"}, "lockDuration must be an ISO 8601 duration"),
+        (
+            {"requiresDuplicateDetection": True, "duplicateDetectionHistoryTimeWindow": "PT10S"},
+            "duplicateDetectionHistoryTimeWindow is out of range",
+        ),
+        ({"duplicateDetectionHistoryTimeWindow": "PT2H"}, "without requiresDuplicateDetection"),
+        ({"maxMessageSizeInKilobytes": 1024}, "Premium"),
+    ],
+)
+def test_a_bad_queue_file_stops_before_any_command(tmp_path, change, message):
+    queues = file_queues()
+    queue = "integration.token.check-expiring"
+    queues[queue] = {key: value for key, value in {**queues[queue], **change}.items() if value is not None}
+    result = run_deploy(REQUIRED, "--dry-run", script=script_with_queue_file(tmp_path, queues))
+    assert result.returncode == 1
+    assert result.stdout == ""
+    errors = [line for line in result.stderr.splitlines() if line.startswith("deploy: error:")]
+    assert len(errors) == 1, result.stderr
+    assert "service_bus_queues.json" in errors[0] and queue in errors[0] and message in errors[0]
+
+
+def test_every_property_the_service_bus_model_reads_is_applied(tmp_path):
+    """The other values a queue file may hold (the Service Bus model reads them too), through the same mapping."""
+    queues = file_queues()
+    queues["integration.token.check-expiring"] = {
+        "requiresSession": True,
+        "requiresDuplicateDetection": True,  # no window: Service Bus's default, as in the model
+        "defaultMessageTimeToLive": "P1D",
+        "deadLetteringOnMessageExpiration": False,
+    }
+    result = run_deploy(REQUIRED, "--dry-run", script=script_with_queue_file(tmp_path, queues))
+    assert result.returncode == 0, result.stderr
+    lines = az_lines(result.stdout)
+    for queue, properties in queues.items():
+        expected = {**properties, "maxDeliveryCount": 10} if queue == REFRESH_QUEUE else properties
+        assert queue_options(queue_command(lines, queue)) == expected_queue_options(expected), queue
+    assert queue_options(queue_command(lines, "integration.token.check-expiring")) == {
+        "--enable-session": "true",
+        "--duplicate-detection": "true",
+        "--default-message-time-to-live": "P1D",
+        "--enable-dead-lettering-on-message-expiration": "false",
+    }
+
+
+def test_window_without_duplicate_detection_in_the_file_is_ignored_with_a_warning(tmp_path):
+    queues = file_queues()
+    queues[REFRESH_QUEUE] = {"maxDeliveryCount": 10, "lockDuration": "PT5M"}
+    env = {**REQUIRED, "DUPLICATE_DETECTION_WINDOW": "PT3H"}
+    result = run_deploy(env, "--dry-run", script=script_with_queue_file(tmp_path, queues))
+    assert result.returncode == 0, result.stderr
+    assert "DUPLICATE_DETECTION_WINDOW ignored" in result.stderr
+    refresh = queue_command(az_lines(result.stdout), REFRESH_QUEUE)
+    assert queue_options(refresh) == {"--max-delivery-count": "10", "--lock-duration": "PT5M"}
 
 
 def test_every_queue_the_app_sends_to_is_created(full):
@@ -209,7 +364,7 @@ def test_queue_names_match_the_function_bindings(full):
 
 
 def test_refresh_queue_max_delivery_count_defaults_to_the_app_default(minimal):
-    refresh = queue_command(minimal, "integration.token.refresh-requested")
+    refresh = queue_command(minimal, REFRESH_QUEUE)
     assert option(refresh, "--max-delivery-count") == "10"
     assert app_settings(minimal)["TOKEN_REFRESH_MAX_DELIVERY_COUNT"] == "10"
 
@@ -443,6 +598,13 @@ args = sys.argv[1:]
 stdin = sys.stdin.read() if "/dev/stdin" in args else ""
 with open(os.environ["FAKE_AZ_LOG"], "a") as log:
     log.write(json.dumps({{"argv": args, "stdin": stdin}}) + "\\n")
+# FAKE_AZ_ANSWERS: {{query: [exit code, stdout, stderr]}} for the commands with that --query
+answers = json.loads(os.environ.get("FAKE_AZ_ANSWERS", "{{}}"))
+if "--query" in args and args[args.index("--query") + 1] in answers:
+    code, out, err = answers[args[args.index("--query") + 1]]
+    sys.stdout.write(out)
+    sys.stderr.write(err)
+    sys.exit(code)
 if "show" in args[:4] and args[-2:] == ["--output", "none"]:
     sys.exit(3)  # every existence check (`show ... --output none`): not found, so the script creates it
 if "--query" in args:
@@ -486,6 +648,85 @@ def test_a_real_run_runs_the_dry_run_commands_and_pipes_secrets(tmp_path, full_r
         assert RABBITMQ_SECRET not in output
         assert MANAGER_SECRET not in output
     assert "deploy: + az group create" in result.stderr  # each command is shown as it runs
+
+
+def run_with_fake_az(
+    tmp_path: Path, answers: dict[str, list], script: Path = SCRIPT
+) -> tuple[subprocess.CompletedProcess[str], list]:
+    fake_az = tmp_path / "az"
+    fake_az.write_text(FAKE_AZ.format(python=sys.executable, values=FAKE_VALUES))
+    fake_az.chmod(0o755)
+    log = tmp_path / "az.log"
+    env = {
+        **REQUIRED,
+        "AZURE_CLI": str(fake_az),
+        "FAKE_AZ_LOG": str(log),
+        "FAKE_AZ_ANSWERS": json.dumps(answers),
+        "DEPLOY_ZIP": str(tmp_path / "app.zip"),
+    }
+    result = run_deploy(env, script=script)
+    return result, [json.loads(line)["argv"] for line in log.read_text().splitlines()]
+
+
+SESSION_CHECK = [
+    "servicebus", "queue", "show", "--resource-group", REQUIRED["RESOURCE_GROUP"], "--namespace-name",
+    "token-refresh-test-bus", "--name", REFRESH_QUEUE, "--query", "requiresSession", "--output", "tsv",
+]  # fmt: skip
+
+
+def test_a_real_run_stops_when_the_refresh_queue_exists_with_sessions(tmp_path):
+    """Service Bus cannot change RequiresSession: a queue an earlier deployment made with sessions must be
+    deleted first, and the script says so in one line before it creates or updates any queue."""
+    result, calls = run_with_fake_az(tmp_path, {"requiresSession": [0, "true\n", ""]})
+    assert result.returncode == 1
+    assert SESSION_CHECK in calls
+    assert not [argv for argv in calls if argv[:3] == ["servicebus", "queue", "create"]]
+    errors = [line for line in result.stderr.splitlines() if line.startswith("deploy: error:")]
+    assert len(errors) == 1, result.stderr
+    [error] = errors
+    assert REFRESH_QUEUE in error and "token-refresh-test-bus" in error
+    assert "RequiresSession" in error
+    assert (
+        f"az servicebus queue delete --resource-group {REQUIRED['RESOURCE_GROUP']} "
+        f"--namespace-name token-refresh-test-bus --name {REFRESH_QUEUE}"
+    ) in error
+    assert "drain" in error and "again" in error
+
+
+def test_a_real_run_stops_when_the_file_asks_for_sessions_the_existing_queue_lacks(tmp_path):
+    queues = file_queues()
+    queues[REFRESH_QUEUE] = {**queues[REFRESH_QUEUE], "requiresSession": True}
+    script = script_with_queue_file(tmp_path / "app", queues)
+    result, calls = run_with_fake_az(tmp_path, {"requiresSession": [0, "false\n", ""]}, script=script)
+    assert result.returncode == 1
+    assert not [argv for argv in calls if argv[:3] == ["servicebus", "queue", "create"]]
+    [error] = [line for line in result.stderr.splitlines() if line.startswith("deploy: error:")]
+    assert "RequiresSession=false" in error and "says true" in error
+
+
+@pytest.mark.parametrize(
+    "answer",
+    [
+        [0, "false\n", ""],  # created by this script: no sessions
+        [3, "", "ERROR: (ResourceNotFound) The messaging entity could not be found.\n"],  # a first deployment
+    ],
+    ids=["without-sessions", "missing"],
+)
+def test_a_real_run_goes_on_when_the_refresh_queue_has_no_sessions_or_is_missing(tmp_path, answer):
+    result, calls = run_with_fake_az(tmp_path, {"requiresSession": answer})
+    assert result.returncode == 0, result.stderr
+    creates = [argv for argv in calls if argv[:3] == ["servicebus", "queue", "create"]]
+    assert calls.index(SESSION_CHECK) < calls.index(creates[0])
+    assert sorted(option(argv, "--name") for argv in creates) == sorted(file_queues())
+
+
+def test_a_real_run_stops_when_the_session_check_fails_otherwise(tmp_path):
+    result, calls = run_with_fake_az(
+        tmp_path, {"requiresSession": [1, "", "ERROR: (AuthorizationFailed) The client does not have authorization\n"]}
+    )
+    assert result.returncode == 1
+    assert "AuthorizationFailed" in result.stderr
+    assert not [argv for argv in calls if argv[:3] == ["servicebus", "queue", "create"]]
 
 
 # --- the real Azure CLI parses every command ------------------------------------------------------

@@ -24,19 +24,10 @@ from shared.events import CHECK_EXPIRING, REFRESH_FAILED, REFRESH_REQUESTED, REF
 from tests.support.documents import stored_connection_request
 from tests.support.event_taps import DurableTap
 from tests.support.fleets import build_fleet
-from tests.support.functions_worker import BODY_KINDS, FunctionsWorker, ServiceBusDelivery, ServiceBusQueues
+from tests.support.functions_worker import BODY_KINDS, ServiceBusDelivery, ServiceBusQueues
 from tests.support.helpers import APP_ROOT, MANAGER_TOKEN, cli_environment, run_cli
 
 FUNCTIONS = {"check_expiring_timer", "manager_check_handler", "sync_refresh_handler"}
-
-
-@pytest.fixture(scope="session")
-def functions_worker():
-    """The worker with every function of the app loaded (one per process, like the worker itself)."""
-    worker = FunctionsWorker(APP_ROOT).start()
-    worker.load_all()
-    yield worker
-    worker.stop()
 
 
 # Loading -----------------------------------------------------------------------------------------

@@ -1,15 +1,16 @@
 """Failure handling without services: retries inside one invocation (back-off, Retry-After, the time
-budget) and the Service Bus session of a refresh request. The same rules against the real services are
+budget) and the Service Bus MessageId of a refresh request. The same rules against the real services are
 in tests/integration/test_failure_handling.py."""
 
 import time
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime
 
 import pytest
 
+from shared.events import RefreshRequestedData, make_event
 from shared.failure_classes import FailureKind
 from shared.manager_client import RefreshOutcome, parse_retry_after
-from shared.messaging import session_id
+from shared.messaging import service_bus_message, service_bus_message_id
 from shared.times import utc_now
 from shared.token_refresh import call_with_retries
 from tests.support.documents import request_for
@@ -93,10 +94,18 @@ def test_retry_after_http_date():
     assert parse_retry_after("Thu, 26 Nov 2026 12:00:30 GMT", now=now) == 30.0
 
 
-def test_refresh_requests_of_one_connection_share_a_service_bus_session():
-    a = request_for("c-1", utc_now())
-    b = request_for("c-1", utc_now() + timedelta(hours=1))
-    other = request_for("c-2", utc_now())
-    assert session_id(a) == session_id(b) != session_id(other)
-    assert len(session_id(a)) <= 128
-    assert session_id(check_event()) is None
+def test_a_later_round_of_a_request_gets_a_message_id_of_its_own_and_a_copy_of_a_round_the_same_one():
+    # Duplicate detection drops a repeated MessageId for its whole history window: a check that asks again after
+    # the request ended retryable (round 1) must not be dropped; a copy of the same round must.
+    first = request_for("c-1", utc_now())
+    data = RefreshRequestedData.model_validate(first.data)
+    again = make_event(data.model_copy(update={"attempt_round": 1}), time=utc_now())
+    copy = make_event(data.model_copy(update={"attempt_round": 1, "requested_at": utc_now()}), time=utc_now())
+    assert first.id == again.id == copy.id  # one request, one claim
+    assert service_bus_message_id(first) == first.id
+    assert service_bus_message_id(again) == service_bus_message_id(copy) == f"{first.id}.round-1"
+    assert "attemptRound" not in first.data and again.data["attemptRound"] == 1
+    assert len(service_bus_message_id(make_event(data.model_copy(update={"attempt_round": 10**6})))) <= 128
+    check = check_event()
+    assert service_bus_message_id(check) == check.id  # only refresh requests have rounds
+    assert service_bus_message(first).session_id is None  # the refresh queue is not session-enabled
