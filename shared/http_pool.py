@@ -1,7 +1,7 @@
 """HTTP sessions whose connection pool fits the invocations one worker process runs at once.
 
 requests keeps 10 connections per host by default. With more concurrent invocations than that
-(host.json maxConcurrentCalls / maxConcurrentSessions are 16; the local host's --workers), every
+(host.json maxConcurrentCalls is 16; the local host's --workers), every
 request above the tenth opens a new TCP (and TLS) connection and drops it afterwards: slower, and
 for Cosmos DB and integration-manager a new handshake per call. Idle pool slots cost nothing:
 connections are opened only when that many requests are in flight together.
