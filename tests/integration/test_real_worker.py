@@ -19,13 +19,16 @@ from datetime import UTC, datetime, timedelta
 import pytest
 from azure.cosmos import PartitionKey
 
+from localdev.service_bus_model import ModelMessage, ProcessorOptions, ServiceBusModel, queue_properties
 from localdev.stand_in_manager import Answer, StandInManager
 from shared.events import CHECK_EXPIRING, REFRESH_FAILED, REFRESH_REQUESTED, REFRESHED, parse_event
+from shared.messaging import service_bus_message
 from tests.support.documents import stored_connection_request
 from tests.support.event_taps import DurableTap
 from tests.support.fleets import build_fleet
-from tests.support.functions_worker import BODY_KINDS, ServiceBusDelivery, ServiceBusQueues
+from tests.support.functions_worker import BODY_KINDS, ServiceBusDelivery
 from tests.support.helpers import APP_ROOT, MANAGER_TOKEN, cli_environment, run_cli
+from tests.support.service_bus_host import FunctionsHostOnModel
 
 FUNCTIONS = {"check_expiring_timer", "manager_check_handler", "sync_refresh_handler"}
 
@@ -197,40 +200,48 @@ def test_a_whole_cycle_through_the_worker_ends_as_run_once_does(
     manager.container, manager.token_lifetime, manager.script = cosmos_container, timedelta(hours=2), script
 
     max_deliveries = int(app_env["TOKEN_REFRESH_MAX_DELIVERY_COUNT"])
-    queues = ServiceBusQueues(functions_worker, {CHECK_EXPIRING: 10, REFRESH_REQUESTED: max_deliveries})
+    # The app publishes to RabbitMQ only here (no scheduled retries: a transient failure raises and the queue
+    # redelivers); every published event that triggers a function is sent to the Service Bus model as the app's
+    # Service Bus transport would send it, and the model's host delivers it through the worker.
+    model = ServiceBusModel(queue_properties({REFRESH_REQUESTED: {"maxDeliveryCount": max_deliveries}}))
+    host = FunctionsHostOnModel(functions_worker, model, ProcessorOptions.from_host_json(APP_ROOT / "host.json"))
     published: list[tuple[bytes, str]] = []
 
-    def newly_published():
-        fresh = [(json.dumps(c.body).encode(), c.routing_key) for c in tap.drain()]
-        published.extend(fresh)
-        return fresh
+    def forward_published():
+        for captured in tap.drain():
+            body = json.dumps(captured.body).encode()
+            published.append((body, captured.routing_key))
+            if captured.routing_key in host.functions_by_queue:
+                event, _ = parse_event(body, captured.routing_key)
+                model.send(captured.routing_key, ModelMessage.of_sdk_message(service_bus_message(event)))
 
+    host.feed = forward_published
     received = {name: functions_worker.record_arguments(name) for name in FUNCTIONS}
-    poison = ServiceBusDelivery(body=b'{"specversion": "1.0", "oops": true}', message_id="poison-cycle")
-    queues.send_message(REFRESH_REQUESTED, poison)  # a message no app sent: retried, then dead-lettered
+    poison = ModelMessage(body=b'{"specversion": "1.0", "oops": true}', message_id="poison-cycle")
+    model.send(REFRESH_REQUESTED, poison)  # a message no app sent: retried, then dead-lettered
     with caplog.at_level(logging.WARNING):
         functions_worker.invoke_timer("check_expiring_timer").raise_for_failure()
-        queues.run(newly_published)
+        host.run_until_idle()
 
     # Each invocation got the trigger object of what was delivered, field by field.
     assert len(received["check_expiring_timer"]) == 1
     messages = [
         call["message"] for name in ("manager_check_handler", "sync_refresh_handler") for call in received[name]
     ]
-    assert sorted(m.lock_token for m in messages) == sorted(d.delivery.lock_token for d in queues.delivered)
+    assert sorted(m.lock_token for m in messages) == sorted(i.delivery.lock_token for i in host.invocations)
     by_lock_token = {m.lock_token: m for m in messages}
-    for delivered in queues.delivered:
-        sent, got = delivered.delivery, by_lock_token[delivered.delivery.lock_token]
+    for invocation in host.invocations:
+        sent, got = invocation.delivery, by_lock_token[invocation.delivery.lock_token]
         assert (got.get_body(), got.message_id, got.delivery_count, got.sequence_number) == (
-            sent.body,
-            sent.message_id,
+            sent.message.body,
+            sent.message.message_id,
             sent.delivery_count,
             sent.sequence_number,
         )
         assert (got.content_type, got.session_id, got.application_properties) == (
-            sent.content_type,
-            sent.session_id,
-            sent.application_properties,
+            sent.message.content_type,
+            sent.message.session_id,
+            sent.message.application_properties,
         )
 
     # Every due connection refreshed or failed with an event; nothing else touched.
@@ -245,13 +256,19 @@ def test_a_whole_cycle_through_the_worker_ends_as_run_once_does(
     assert set(calls) == due
     # Transient failures fail each delivery until the last one reports them; only the poison message
     # fails every delivery and is dead-lettered, after max_deliveries.
-    assert {d.function_name for d in queues.delivered if not d.result.succeeded} <= {"sync_refresh_handler"}
-    failed_deliveries = Counter(d.delivery.message_id for d in queues.delivered if not d.result.succeeded)
+    failed = [i for i in host.invocations if i.settled == "abandoned"]
+    assert {i.function_name for i in failed} <= {"sync_refresh_handler"}
+    failed_deliveries = Counter(i.delivery.message.message_id for i in failed)
     assert failed_deliveries.pop("poison-cycle") == max_deliveries
     assert len(failed_deliveries) == len(flaky) and set(failed_deliveries.values()) <= {max_deliveries - 1}
-    [dead] = queues.dead_lettered
-    assert (dead.delivery.message_id, dead.delivery.delivery_count) == ("poison-cycle", max_deliveries)
-    assert "InvalidEventError" in dead.result.error
+    [dead] = model.dead_letters(REFRESH_REQUESTED)
+    assert (dead.message.message_id, dead.delivery_count, dead.reason) == (
+        "poison-cycle",
+        max_deliveries,
+        "MaxDeliveryCountExceeded",
+    )
+    [poison_error] = {i.result.error for i in host.invocations if i.delivery.message.message_id == "poison-cycle"}
+    assert "InvalidEventError" in poison_error
 
     # The local host over an identical fleet: the same outcomes and the same calls.
     twin = cosmos_database.create_container(f"twin_{cosmos_container.id}", partition_key=PartitionKey("/tenantId"))

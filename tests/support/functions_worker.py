@@ -10,7 +10,8 @@ Azure runs: the worker's loader, its signature and binding checks, its trigger c
 Context it passes.
 
 Only the transport is ours: the host's gRPC stream becomes direct calls to the worker's handlers,
-and Service Bus becomes `ServiceBusDelivery` (the trigger metadata the Service Bus extension sends).
+and Service Bus becomes `ServiceBusDelivery` (the trigger metadata the Service Bus extension sends); the broker and
+the extension's receiving are tests/support/service_bus_host.py, on the Service Bus model.
 """
 
 from __future__ import annotations
@@ -422,94 +423,6 @@ class _HostMessage:
 
     request: Any
     properties: dict[str, Any] | None
-
-
-# Service Bus, as far as the functions see it -----------------------------------------------------
-
-
-@dataclass
-class Delivered:
-    """One invocation of a Service Bus triggered function: what was delivered and how it ended."""
-
-    function_name: str
-    delivery: ServiceBusDelivery
-    result: InvocationResult
-
-
-class ServiceBusQueues:
-    """The app's Service Bus queues, played over the worker: every event whose type is a Service Bus
-    trigger's `queueName` becomes the message the app's Service Bus transport would send
-    (`shared.messaging.service_bus_message`), delivered to that function. A failed invocation is
-    delivered again with DeliveryCount + 1 (the host abandons the message), up to the queue's max
-    delivery count, then dead-lettered. Messages of one session are never invoked concurrently."""
-
-    def __init__(self, worker: FunctionsWorker, max_delivery_count: dict[str, int], parallel: int = 8):
-        self.worker = worker
-        self.functions_by_queue = {
-            folder.queue_name: folder.name for folder in function_folders(worker.app_root) if folder.queue_name
-        }
-        self.max_delivery_count = max_delivery_count
-        self.parallel = parallel
-        self.pending: list[tuple[str, ServiceBusDelivery]] = []
-        self.delivered: list[Delivered] = []
-        self.dead_lettered: list[Delivered] = []
-        self.ignored: list[str] = []  # event types no function is triggered by (the outcome queues)
-        self._sequence = 0
-
-    def send(self, body: bytes, event_type: str) -> None:
-        """Enqueue one published event (its JSON body) on the queue named after its type."""
-        from shared.events import parse_event
-
-        if event_type not in self.functions_by_queue:
-            self.ignored.append(event_type)
-            return
-        event, _ = parse_event(body, event_type)
-        self.send_message(event_type, ServiceBusDelivery.of_event(event))
-
-    def send_message(self, queue: str, delivery: ServiceBusDelivery) -> None:
-        """Enqueue a message as it is (e.g. one no app would send) on `queue`."""
-        self._sequence += 1
-        delivery.sequence_number = self._sequence
-        self.pending.append((queue, delivery))
-
-    def run(self, published: Callable[[], list[tuple[bytes, str]]], rounds: int = 1000) -> None:
-        """Deliver until no message is pending and `published()` (new events: body, type) is empty."""
-        from concurrent.futures import ThreadPoolExecutor
-
-        with ThreadPoolExecutor(self.parallel, thread_name_prefix="service-bus") as pool:
-            for _ in range(rounds):
-                for body, event_type in published():
-                    self.send(body, event_type)
-                if not self.pending:
-                    return
-                waiting, self.pending = self.pending, []
-                batch: list[tuple[str, ServiceBusDelivery]] = []
-                busy_sessions: set[str | None] = set()
-                for queue, delivery in waiting:
-                    if delivery.session_id is not None and delivery.session_id in busy_sessions:
-                        self.pending.append((queue, delivery))  # one invocation per session at a time
-                        continue
-                    if delivery.session_id is not None:
-                        busy_sessions.add(delivery.session_id)
-                    batch.append((queue, delivery))
-                futures = [
-                    (
-                        queue,
-                        delivery,
-                        pool.submit(self.worker.invoke_service_bus, self.functions_by_queue[queue], delivery),
-                    )
-                    for queue, delivery in batch
-                ]
-                for queue, delivery, future in futures:
-                    outcome = Delivered(self.functions_by_queue[queue], delivery, future.result())
-                    self.delivered.append(outcome)
-                    if outcome.result.succeeded:
-                        continue
-                    if delivery.delivery_count >= self.max_delivery_count[queue]:
-                        self.dead_lettered.append(outcome)
-                    else:
-                        self.pending.insert(0, (queue, delivery.redelivered()))
-        raise AssertionError(f"still delivering after {rounds} rounds")
 
 
 def main(argv: list[str]) -> int:

@@ -138,6 +138,8 @@ class FunctionsHostOnModel:
         self.invocations: list[Invocation] = []
         self.kill_rules: list[KillRule] = []
         self.paused: set[str] = set()
+        # Called on every turn of run_until_idle: e.g. to forward what the app published elsewhere to the model.
+        self.feed: Callable[[], None] = lambda: None
         self._running: list[_Running] = []
         self._lock = threading.Lock()
         self._pool = ThreadPoolExecutor(options.max_concurrent_calls * 2, thread_name_prefix="functions-host")
@@ -162,6 +164,7 @@ class FunctionsHostOnModel:
         deadline = time.monotonic() + timeout_s
         idle_since: float | None = None
         while time.monotonic() < deadline:
+            self.feed()
             self._settle_finished()
             self._renew_locks()
             started = self._receive_and_invoke()
