@@ -30,7 +30,7 @@ unit: setup-python
 
 # The app in the real Functions Python worker only (docs/functions-worker.md); Python 3.13 venv.
 worker-test: setup
-	$(PYTHON) -m pytest tests/integration/test_real_worker.py
+	$(PYTHON) -m pytest tests/integration/test_real_worker.py tests/integration/test_service_bus_on_model.py
 
 # The Azure CLI in its own venv: tests/deploy/test_deploy.py parses every deploy command with it.
 azure-cli:
