@@ -13,6 +13,12 @@ to the function before that time, and a transient failure's retry comes back at 
 durable queues of the host (`<queue>.scheduled` and its delay queues) and are delivered by a releasing
 thread (DeliveryScheduler); they survive a restart of the host.
 
+Like the refresh queue's Service Bus duplicate detection, a refresh request whose Service Bus MessageId the queue
+accepted within its history window (localdev/service_bus_queues.json) is dropped: RabbitMQ cannot refuse it when it
+is sent, so the host drops it when it first takes it off the queue (a retry, which the host sends itself, when it
+schedules it). The history is kept in a file per exchange and queue under the local state directory (`.local/`, or
+LOCALDEV_STATE_DIR), so separate `run --once` processes see one queue history, as Azure hosts share one queue.
+
 The broker may go away (a restart, a dropped connection): `run` reconnects with a short back-off
 and keeps consuming (unacknowledged messages are redelivered by RabbitMQ); `run --once` does the
 same for up to `reconnect_timeout_s`, then stops with a one-line error and a non-zero exit.
@@ -25,13 +31,16 @@ import functools
 import importlib
 import json
 import logging
+import os
 import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote
 
 import azure.functions.servicebus as func_servicebus
 import pika
@@ -45,6 +54,7 @@ from localdev.broker import (
     connection_parameters,
     describe_connection_error,
 )
+from localdev.duplicate_detection import DuplicateDetection
 from localdev.errors import BrokerUnavailableError
 from localdev.scheduled_delivery import (
     DUE_SUFFIX,
@@ -52,14 +62,17 @@ from localdev.scheduled_delivery import (
     NOT_BEFORE_TOLERANCE_MS,
     RELEASED_HEADER,
     SCHEDULE_POLL_S,
+    SERVICE_BUS_MESSAGE_ID_HEADER,
     DeliveryScheduler,
     format_epoch_ms,
     not_before_ms,
     wall_clock_ms,
 )
+from localdev.service_bus_model import queue_properties
 from shared import runtime
 from shared.errors import PublishError, SettingsError
-from shared.events import CHECK_EXPIRING, REFRESH_FAILED, REFRESH_REQUESTED, REFRESHED
+from shared.events import CHECK_EXPIRING, REFRESH_FAILED, REFRESH_REQUESTED, REFRESHED, CloudEvent
+from shared.messaging import service_bus_message_id
 from shared.secrets import scrub_logs
 from shared.settings import Settings
 
@@ -75,6 +88,10 @@ CYCLE_QUEUE_EXPIRES_MS = 30 * 60 * 1000
 DRAIN_IDLE_S = 0.2
 # Outcomes are counted from the cycle queue this many at a time (a consumer with this prefetch).
 COUNT_PREFETCH = 500
+# Where the local host keeps what must outlive a process (the duplicate detection history): LOCALDEV_STATE_DIR,
+# else .local/ in the app root (git-ignored).
+STATE_DIR_VARIABLE = "LOCALDEV_STATE_DIR"
+DEFAULT_STATE_DIR = APP_ROOT / ".local"
 
 
 @dataclass(frozen=True)
@@ -169,6 +186,7 @@ class LocalHost:
         workers: int = 1,
         *,
         schedule_hold_max_s: float = HOLD_MAX_S,
+        duplicate_detection: DuplicateDetection | None = None,
     ):
         if settings.rabbitmq_url is None:
             raise SettingsError("RABBITMQ_URL is not set; the local host needs it: RabbitMQ is its transport")
@@ -187,11 +205,26 @@ class LocalHost:
         self._stop = threading.Event()
         # No form of a secret in any log line or in what is dead-lettered (the reason is an exception text).
         self._scrub = scrub_logs(settings)
+        refresh = next((f for f in self.functions if f.event_type == REFRESH_REQUESTED), None)
+        self.refresh_queue = refresh.queue if refresh is not None else None
+        # The refresh queue's Service Bus duplicate detection (None: the queue has none, or there is no refresh
+        # function). Its history is shared with every host on the same exchange and queue (a file under the state
+        # directory), unless `duplicate_detection` is given in its place.
+        self.duplicates: DuplicateDetection | None = None
+        # The window as deployed: localdev/service_bus_queues.json, which scripts/deploy.sh creates the queues from.
+        window = queue_properties()[REFRESH_REQUESTED].duplicate_detection_window
+        if refresh is not None and window is not None:
+            self.duplicates = duplicate_detection or DuplicateDetection(window, path=history_file(settings, refresh))
         # Refresh requests with a notBefore and the retries of transient failures are delivered later
         # through it (Azure: Service Bus scheduled messages). None for an app without a refresh function.
-        refresh = next((f for f in self.functions if f.event_type == REFRESH_REQUESTED), None)
         self.schedule = (
-            DeliveryScheduler(settings, refresh.queue, hold_max_s=schedule_hold_max_s, scrub=self._scrub)
+            DeliveryScheduler(
+                settings,
+                refresh.queue,
+                hold_max_s=schedule_hold_max_s,
+                scrub=self._scrub,
+                accepts=self._accepts if self.duplicates is not None else None,
+            )
             if refresh is not None
             else None
         )
@@ -270,9 +303,12 @@ class LocalHost:
     def invoke(self, queue: str, method: Any, properties: Any, body: bytes, channel: Any = None) -> bool:
         """Run the queue's function on one message; ack on success, requeue (or dead-letter) on error.
         A refresh request due later (notBefore) is not run: it goes to the schedule, which delivers it
-        then. True when the function ran and succeeded.
+        then. A refresh request that Service Bus duplicate detection would have dropped is dropped. True when the
+        function ran and succeeded.
         `channel`: the channel the message came from (a worker thread's own), default the host's."""
         channel = channel or self._channel
+        if self._dropped_as_duplicate(queue, method, properties, body, channel):
+            return False
         if self._deferred(queue, method, properties, body, channel):
             return False
         function = self._by_queue[queue]
@@ -303,6 +339,42 @@ class LocalHost:
         channel.basic_ack(method.delivery_tag)
         return True
 
+    def _dropped_as_duplicate(self, queue: str, method: Any, properties: Any, body: bytes, channel: Any) -> bool:
+        """Service Bus duplicate detection on the refresh queue: Azure drops a message sent with a MessageId the
+        queue accepted within the history window. RabbitMQ cannot refuse it when it is sent, so the host drops
+        (acknowledges) it when it first takes it off the queue, before scheduling or running it. A message coming
+        back (a failed invocation, a host that died, a release from the schedule) is the same message, not a new
+        send: it is never dropped, only remembered (it may not have reached this check the first time)."""
+        if self.duplicates is None or queue != self.refresh_queue:
+            return False
+        message_id = service_bus_message_id_of(properties, body)
+        if message_id is None:
+            return False  # Service Bus would make one up: never a duplicate
+        headers = properties.headers or {}
+        coming_back = method.redelivered or int(headers.get("x-delivery-count") or 0) > 0 or RELEASED_HEADER in headers
+        if self.duplicates.first_time(message_id) or coming_back:
+            return False
+        channel.basic_ack(method.delivery_tag)
+        self._log_duplicate(message_id)
+        return True
+
+    def _accepts(self, message_id: str) -> bool:
+        """Duplicate detection for what the host sends to the refresh queue itself (a retry, when it schedules it:
+        Service Bus checks a scheduled message when it is sent). False: dropped."""
+        assert self.duplicates is not None  # noqa: S101 - only installed with duplicate detection
+        if self.duplicates.first_time(message_id):
+            return True
+        self._log_duplicate(message_id)
+        return False
+
+    def _log_duplicate(self, message_id: str) -> None:
+        assert self.duplicates is not None  # noqa: S101 - only called with duplicate detection
+        logger.info(
+            "Duplicate refresh request %s dropped, as Service Bus duplicate detection would (history window %s)",
+            message_id,
+            describe_window(self.duplicates.window),
+        )
+
     def _deferred(self, queue: str, method: Any, properties: Any, body: bytes, channel: Any) -> bool:
         """A refresh request whose notBefore is more than NOT_BEFORE_TOLERANCE_MS away moves to the schedule
         (confirmed there, then acknowledged here), like a Service Bus scheduled message. One the schedule
@@ -332,13 +404,17 @@ class LocalHost:
     def _dead_letter(
         self, channel: Any, function: QueueFunction, properties: Any, body: bytes, *, reason: str, deliveries: int
     ) -> None:
-        """Park the message with the reason, like Service Bus's DeadLetterReason/ErrorDescription."""
+        """Park the message with the reason, like Service Bus's DeadLetterReason/ErrorDescription. A dead letter of
+        the refresh queue carries the MessageId its replay is sent with (replay_message_id), so duplicate detection
+        lets the replay through, as on Service Bus."""
         headers = dict(properties.headers or {}) | {
             "x-dead-letter-reason": "MaxDeliveryCountExceeded",
             "x-dead-letter-error-description": reason,
             "x-source-queue": function.queue,
             "x-delivery-count": deliveries,
         }
+        if self.duplicates is not None and function.queue == self.refresh_queue:
+            headers[SERVICE_BUS_MESSAGE_ID_HEADER] = replay_message_id(properties.message_id)
         channel.basic_publish(
             "",
             function.dead_letter_queue,
@@ -624,6 +700,76 @@ class LocalHost:
         return sum(
             self._channel.queue_declare(f.dead_letter_queue, passive=True).method.message_count for f in self.functions
         )
+
+
+def history_file(settings: Settings, refresh: QueueFunction) -> Path:
+    """The refresh queue's duplicate detection history (duplicate_history_path), its directory made now: one that
+    cannot be is a setting to change, said once before the host starts, not a failure of every message."""
+    path = duplicate_history_path(settings, refresh.queue)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise SettingsError(
+            f"cannot keep the refresh queue's duplicate detection history in {path.parent} "
+            f"({error.strerror or error.__class__.__name__}); set {STATE_DIR_VARIABLE} to a writable directory"
+        ) from None
+    return path
+
+
+def replay_message_id(message_id: str | None) -> str:
+    """The Service Bus MessageId of a dead letter's replay: `<message id>.replay-<n>`, n when it was dead-lettered
+    (ms), as the Service Bus replay adds the dead letter's sequence number (operator_commands.replayed_message_id).
+    The RabbitMQ message id, never the body's (a poison message's body may hold anything); a random one when none or
+    too long (Service Bus takes 128 characters)."""
+    replay_id = f"{message_id}.replay-{time.time_ns() // 1_000_000}"
+    return replay_id if message_id and len(replay_id) <= 128 else f"{uuid.uuid4()}.replay"
+
+
+def state_dir() -> Path:
+    """Where the local host keeps state that outlives a process: LOCALDEV_STATE_DIR, else .local/ in the app root."""
+    return Path(os.environ.get(STATE_DIR_VARIABLE) or DEFAULT_STATE_DIR)
+
+
+def duplicate_history_path(settings: Settings, queue: str) -> Path:
+    """The duplicate detection history of `queue` on the settings' exchange: one file per exchange and queue, so
+    hosts on other exchanges (the tests') never share it. Clearing it is deleting it."""
+    return state_dir() / "servicebus" / _file_name(settings.rabbitmq_exchange) / f"{_file_name(queue)}.duplicates.jsonl"
+
+
+def _file_name(name: str) -> str:
+    """A RabbitMQ name as one path component: percent-encoded, never empty, `.` or `..`."""
+    encoded = quote(name, safe="")
+    return encoded if encoded.strip(".") else encoded.replace(".", "%2E") or "%"
+
+
+def describe_window(window: timedelta) -> str:
+    """A history window for a log line: `2 h`, `10 min`, `30 s`."""
+    seconds = window.total_seconds()
+    if seconds % 3600 == 0:
+        return f"{seconds / 3600:g} h"
+    return f"{seconds / 60:g} min" if seconds % 60 == 0 else f"{seconds:g} s"
+
+
+def service_bus_message_id_of(properties: Any, body: bytes) -> str | None:
+    """The MessageId a message on a local queue would have on Service Bus: the x-service-bus-message-id header the
+    host sets where it differs (a retry, a dead letter's replay), else the one the app's Service Bus transport gives
+    the event in the body (shared.messaging.service_bus_message_id: its id, and its attempt round), else the
+    RabbitMQ message id (a body that is no event). None when there is none at all."""
+    header = (properties.headers or {}).get(SERVICE_BUS_MESSAGE_ID_HEADER)
+    if header:
+        return header.decode("utf-8", "replace") if isinstance(header, bytes) else str(header)
+    try:
+        document = json.loads(body)
+    except (ValueError, RecursionError):
+        document = None
+    if isinstance(document, dict) and isinstance(document.get("id"), str) and document["id"]:
+        data = document.get("data")
+        # Not validated: only the fields the MessageId is made of (the function judges the rest).
+        event = CloudEvent.model_construct(
+            id=document["id"], type=document.get("type"), data=data if isinstance(data, dict) else {}
+        )
+        return service_bus_message_id(event)
+    return properties.message_id or None
 
 
 def _first_time(seen: set[str], kind: str, message_id: str | None) -> bool:

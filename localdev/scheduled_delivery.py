@@ -13,6 +13,7 @@ import math
 import queue
 import threading
 import time
+from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import Any
 
@@ -50,6 +51,9 @@ SCHEDULE_POLL_S = 0.05  # `run --once` looks again this often while scheduled de
 DELAY_QUEUE_SETTLE_S = 0.25
 DUE_HEADER = "x-deliver-at"  # epoch ms: when a message waiting in the schedule is due
 RELEASED_HEADER = "x-released-at"  # epoch ms: on a message the schedule delivered; it is never deferred again
+# The MessageId a message would have on Service Bus, where it is not the one the event gives (a retry's), for the
+# local host's duplicate detection (localdev.local_host.service_bus_message_id_of).
+SERVICE_BUS_MESSAGE_ID_HEADER = "x-service-bus-message-id"
 # A publish to the schedule that a fresh connection (which declares the queues again) may get through.
 _REPUBLISHABLE = (*BROKER_CONNECTION_ERRORS, pika.exceptions.UnroutableError)
 
@@ -97,8 +101,12 @@ class DeliveryScheduler:
         hold_max_s: float = HOLD_MAX_S,
         prefetch: int = SCHEDULE_PREFETCH,
         scrub: Scrubber | None = None,
+        accepts: Callable[[str], bool] | None = None,
     ):
         self._settings = settings
+        # The target queue's duplicate detection, asked when a retry is scheduled (as Service Bus checks a
+        # scheduled message when it is sent): False drops the retry. None: no duplicate detection.
+        self._accepts = accepts
         self.target = target_queue
         # Released messages go to <queue>.due, which the host consumes alongside <queue>: a due request
         # never waits behind a flood of new ones still to be scheduled.
@@ -151,8 +159,17 @@ class DeliveryScheduler:
 
     def schedule_retry(self, event: CloudEvent, retry: int, at: datetime, attempt_round: int = 0) -> None:
         """RetryScheduler: deliver `event` to its function's queue again at `at`. The copy keeps the request's
-        message id (RabbitMQ has no duplicate detection that `attempt_round` would be for)."""
-        properties = pika.BasicProperties(message_id=event.id, content_type=CONTENT_TYPE, type=event.type)
+        message id; its Service Bus MessageId, new to duplicate detection as on Azure, goes in a header (see
+        retry_message_id). Dropped when the queue's duplicate detection (`accepts`) saw that MessageId already."""
+        message_id = retry_message_id(event, retry, attempt_round)
+        if self._accepts is not None and not self._accepts(message_id):
+            return
+        properties = pika.BasicProperties(
+            message_id=event.id,
+            content_type=CONTENT_TYPE,
+            type=event.type,
+            headers={SERVICE_BUS_MESSAGE_ID_HEADER: message_id},
+        )
         where = self.deliver_later(event.to_json(), properties, math.ceil(at.timestamp() * 1000))
         logger.debug("Retry %d of message %s scheduled for %s in %s", retry, event.id, format_time(at), where)
 
@@ -373,6 +390,12 @@ class DeliveryScheduler:
         if not self._heap:
             return SCHEDULE_IDLE_WAIT_S
         return min(SCHEDULE_IDLE_WAIT_S, max(0.0, (self._heap[0][0] - wall_clock_ms()) / 1000))
+
+
+def retry_message_id(event: CloudEvent, retry: int, attempt_round: int) -> str:
+    """The MessageId Service Bus sends retry `retry` of round `attempt_round` with (ServiceBusTransport.schedule_retry):
+    neither the event id nor an earlier retry's, which the queue's duplicate detection would drop."""
+    return f"{event.id}.retry-{attempt_round}.{retry}"
 
 
 def _do_nothing() -> None:

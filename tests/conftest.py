@@ -18,7 +18,9 @@ each other's data. Support code shared by several test modules lives in ``tests/
 
 import contextlib
 import logging
+import os
 import sys
+import tempfile
 import uuid
 from pathlib import Path
 
@@ -44,6 +46,12 @@ SERVICE_FIXTURES = {"rabbitmq", "cosmos_server", "azurite", "manager", "function
 REAL_WORKER_PYTHON = (3, 13)
 REAL_WORKER_MODULES = ["integration/test_real_worker.py", "integration/test_service_bus_on_model.py"]
 collect_ignore = [] if sys.version_info >= REAL_WORKER_PYTHON else REAL_WORKER_MODULES
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """The local host's state (its duplicate detection history, localdev/local_host.py) goes to a directory of this
+    run's own, not the checkout's .local/, so runs never see each other's history. CLI subprocesses inherit it."""
+    os.environ.setdefault("LOCALDEV_STATE_DIR", tempfile.mkdtemp(prefix="localdev-state-"))
 
 
 def pytest_report_header() -> str:

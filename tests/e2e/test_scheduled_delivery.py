@@ -27,6 +27,7 @@ from shared import runtime
 from shared.events import REFRESH_FAILED, REFRESH_REQUESTED, REFRESHED, CloudEvent, RefreshRequestedData, make_event
 from shared.settings import load_settings
 from shared.times import format_time, parse_time, utc_now
+from tests.support.event_taps import publish
 from tests.support.host_process import Host
 
 EARLY_S = 0.005  # a refresh may not happen earlier than its notBefore (ms precision) minus this
@@ -96,21 +97,6 @@ def request(connection_id: str, expires_at: datetime, in_s: float | None) -> Clo
 def not_before_s(event: CloudEvent) -> float:
     """The event's notBefore as it is on the wire (milliseconds), in epoch seconds."""
     return parse_time(event.data["notBefore"]).timestamp()
-
-
-def publish(url: str, exchange: str, *events: CloudEvent) -> None:
-    """As the platform bridge does: to the exchange, routing key = type, persistent, confirmed, routed."""
-    with contextlib.closing(pika.BlockingConnection(pika.URLParameters(url))) as connection:
-        channel = connection.channel()
-        channel.confirm_delivery()
-        for event in events:
-            properties = pika.BasicProperties(
-                message_id=event.id,
-                content_type="application/cloudevents+json",
-                type=event.type,
-                delivery_mode=pika.DeliveryMode.Persistent,
-            )
-            channel.basic_publish(exchange, event.type, event.to_json(), properties, mandatory=True)
 
 
 class Queues:

@@ -3,6 +3,7 @@
 ``EventTap`` is an exclusive queue (the ``event_tap`` fixture); ``DurableTap`` survives the broker
 restarting and reconnects on its own (the ``tap`` fixture, for the fault tests)."""
 
+import contextlib
 import json
 import logging
 import time
@@ -12,6 +13,8 @@ from dataclasses import dataclass
 from typing import Any
 
 import pika
+
+from shared.events import CloudEvent
 
 
 @dataclass
@@ -119,3 +122,19 @@ class DurableTap:
             self._connection.close()
         except pika.exceptions.AMQPError:
             pass
+
+
+def publish(url: str, exchange: str, *events: CloudEvent) -> None:
+    """As the app's RabbitMQ transport (and the platform bridge) sends them: to the exchange, routing key = type,
+    message id = event id, persistent, confirmed, routed."""
+    with contextlib.closing(pika.BlockingConnection(pika.URLParameters(url))) as connection:
+        channel = connection.channel()
+        channel.confirm_delivery()
+        for event in events:
+            properties = pika.BasicProperties(
+                message_id=event.id,
+                content_type="application/cloudevents+json",
+                type=event.type,
+                delivery_mode=pika.DeliveryMode.Persistent,
+            )
+            channel.basic_publish(exchange, event.type, event.to_json(), properties, mandatory=True)
