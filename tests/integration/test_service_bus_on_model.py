@@ -211,14 +211,14 @@ def test_a_check_re_run_after_its_host_died_sends_the_same_requests_which_are_dr
 def test_a_scheduled_retry_that_meets_a_new_checks_request_refreshes_once(
     functions_worker, app_env, monkeypatch, tap, cosmos_container, manager
 ):
-    monkeypatch.setenv("TOKEN_REFRESH_RETRY_DELAY_MS", "1500")
+    monkeypatch.setenv("TOKEN_REFRESH_RETRY_DELAY_MS", "3000")  # room for the next check on a loaded machine
     azure = make_azure(functions_worker, app_env, monkeypatch, tap, model_for(app_env))
     [connection] = seed_fleet(cosmos_container, 1)
     serve(manager, cosmos_container)
     answers = iter([Answer(503), Answer(503)])
     manager.script = lambda call: next(answers, Answer(200))
     azure.host.fire_timer()
-    azure.host.run_until_idle(horizon_s=0)  # the first delivery failed; its retry is scheduled 1.5 s later
+    azure.host.run_until_idle(horizon_s=0)  # the first delivery failed; its retry is scheduled 3 s later
     assert azure.model.scheduled_count(REFRESH_REQUESTED) == 1
     azure.next_check(monkeypatch)  # meanwhile a new check asks for the same token: the same round, a duplicate
     azure.run()
