@@ -24,6 +24,7 @@ from urllib3.exceptions import InsecureRequestWarning
 from localdev.local_services import Azurite, CosmosServer, RabbitMQ
 from localdev.sample_data import REJECTED_CONNECTIONS, iso, sample_connections
 from localdev.stand_in_manager import Answer, StandInManager
+from shared.times import parse_expires_at
 
 APP_ROOT = Path(__file__).resolve().parent.parent
 THRESHOLD_MS = 65 * 60 * 1000
@@ -35,9 +36,7 @@ def show(title: str, rows: list[dict], before: dict[str, object] | None = None) 
     print(header + ("  change" if before is not None else ""))
     for row in sorted(rows, key=lambda r: r["id"]):
         expires_at = row["oauth"]["expiresAt"]
-        shown = (
-            iso(datetime.fromtimestamp(expires_at / 1000, UTC)) if isinstance(expires_at, int | float) else expires_at
-        )
+        shown = iso(parse_expires_at(expires_at)) if isinstance(expires_at, int | float) else expires_at
         line = f"  {row['id']:<20} {row['integrationId']:<11} {row['status']:<8} {shown:<26}"
         if before is not None:
             line += "  refreshed" if before[row["id"]] != expires_at else "  -"

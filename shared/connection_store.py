@@ -18,7 +18,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from shared.errors import InvalidConnectionDocumentError, SettingsError
 from shared.settings import LOOPBACK_HOSTS, Settings
-from shared.times import format_time, parse_expires_at
+from shared.times import EPOCH_MS_FLOOR, format_time, parse_expires_at
 
 logger = logging.getLogger(__name__)
 
@@ -28,9 +28,17 @@ logger = logging.getLogger(__name__)
 _MAX_UTC_OFFSET = timedelta(hours=14)
 
 _PROJECTION = "SELECT c.id, c.tenantId, c.integrationId, c.status, c.oauth.expiresAt AS expiresAt, c._ts FROM c"
+# Text comparison also misses two kinds of string: a lower-case `t` separator sorts after every upper-case time of
+# its day (the second line admits those of the bound's own day; earlier days sort lower anyway), and text that is
+# no time at all ("soon") sorts after every digit (the third line admits strings that start with no digit, so the
+# check logs them as unusable instead of never seeing them). Numbers are epoch seconds below @epochMsFloor, epoch
+# milliseconds above (shared.times.EPOCH_MS_FLOOR).
 _DUE_BY_EXPIRY = (
-    "(IS_STRING(c.oauth.expiresAt) AND c.oauth.expiresAt <= @thresholdTextBound)"
-    " OR (IS_NUMBER(c.oauth.expiresAt) AND c.oauth.expiresAt <= @thresholdEpochMs)"
+    "(IS_STRING(c.oauth.expiresAt) AND (c.oauth.expiresAt <= @thresholdTextBound"
+    " OR (c.oauth.expiresAt >= @lowerCaseDayFloor AND c.oauth.expiresAt <= @lowerCaseTextBound)"
+    " OR c.oauth.expiresAt >= @afterDigits))"
+    " OR (IS_NUMBER(c.oauth.expiresAt) AND (c.oauth.expiresAt <= @thresholdEpochS"
+    " OR (c.oauth.expiresAt >= @epochMsFloor AND c.oauth.expiresAt <= @thresholdEpochMs)))"
 )
 # Opt-in (TOKEN_REFRESH_MAX_AGE_MS): tokens without an expiry, refreshed when the document is old.
 # IS_DEFINED tests that a refresh token exists without reading it.
@@ -42,10 +50,11 @@ _NOT_SKIPPED = "(NOT IS_DEFINED(c.status) OR NOT ARRAY_CONTAINS(@skipStatuses, c
 
 
 def expiring_connections_query(with_max_age: bool, soonest_first: bool = False) -> str:
-    """The scan's Cosmos SQL: rows whose `oauth.expiresAt` (ISO string or epoch ms) is due and whose status is not
+    """The scan's Cosmos SQL: rows whose `oauth.expiresAt` (ISO string, epoch s or ms) is due and whose status is not
     skipped, projecting ids, status, expiresAt and `_ts` only (never a token value). `with_max_age` also admits
     tokens without expiry that have a refresh token and a document older than @maxAgeCutoffTs (epoch s).
-    Parameters: @thresholdTextBound, @thresholdEpochMs, @skipStatuses and, with `with_max_age`, @maxAgeCutoffTs.
+    Parameters: the threshold's forms (see expiring_connection_pages), @skipStatuses and, with `with_max_age`,
+    @maxAgeCutoffTs.
     `soonest_first` orders by expiresAt (pacing: shared.refresh_schedule). Cosmos orders by type first: tokens
     without expiry, then epoch-ms numbers, then ISO strings, each in ascending order."""
     due = _DUE_BY_EXPIRY + (_DUE_BY_AGE if with_max_age else "")
@@ -109,7 +118,8 @@ def connection_from_row(row: dict[str, Any]) -> ExpiringConnection:
         expires_at = None if raw_expiry is None else parse_expires_at(raw_expiry)
     except (ValueError, TypeError, OverflowError, OSError) as error:
         raise InvalidConnectionDocumentError(
-            f"oauth.expiresAt is not an ISO-8601 time or epoch milliseconds ({error.__class__.__name__})"
+            f"oauth.expiresAt is not an ISO-8601 time or an epoch number ({error.__class__.__name__}); it is never "
+            "refreshed until its writer stores a usable expiry"
         ) from None
     try:
         return ExpiringConnection(
@@ -217,8 +227,14 @@ class ConnectionStore:
         logged by id, never raised. `continuation` resumes a scan after the page that returned it; `now` is the
         reference time for TOKEN_REFRESH_MAX_AGE_MS (default: the current time); `soonest_first` orders the scan by
         expiresAt (see expiring_connections_query). Cosmos errors propagate."""
+        text_bound = format_time(threshold + _MAX_UTC_OFFSET)
         parameters = [
-            {"name": "@thresholdTextBound", "value": format_time(threshold + _MAX_UTC_OFFSET)},
+            {"name": "@thresholdTextBound", "value": text_bound},
+            {"name": "@lowerCaseDayFloor", "value": text_bound[:10] + "t"},
+            {"name": "@lowerCaseTextBound", "value": text_bound.replace("T", "t").replace("Z", "z")},
+            {"name": "@afterDigits", "value": ":"},  # the character after "9"
+            {"name": "@thresholdEpochS", "value": int(threshold.timestamp())},
+            {"name": "@epochMsFloor", "value": EPOCH_MS_FLOOR},
             {"name": "@thresholdEpochMs", "value": int(threshold.timestamp() * 1000)},
             {"name": "@skipStatuses", "value": list(skip_statuses)},
         ]

@@ -46,7 +46,7 @@ from shared.manager_client import IntegrationManagerClient, RefreshOutcome
 from shared.messaging import EventPublisher, RetryScheduler
 from shared.settings import Settings
 from shared.state_store import TERMINAL_STATES, ClaimResult, ClaimState, StateStore
-from shared.times import now_ms, parse_expires_at, utc_now
+from shared.times import epoch_ms, now_ms, parse_expires_at, utc_now
 
 logger = logging.getLogger(__name__)
 
@@ -144,7 +144,9 @@ def expiry_moved_forward(request: RefreshRequestedData, state: ConnectionState |
         current = parse_expires_at(state.expires_at)
     except (ValueError, TypeError, OverflowError, OSError):
         return None
-    return current if current > request.expires_at else None
+    # Compared as instants at the request's precision (milliseconds, as on the wire): a document with more fraction
+    # digits (.NET's 7, Python's 6) or a fractional epoch is the same expiry, not a later one.
+    return current if epoch_ms(current) > epoch_ms(request.expires_at) else None
 
 
 @dataclass(frozen=True)

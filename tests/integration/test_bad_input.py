@@ -484,7 +484,7 @@ DOCUMENT_TABLE = [
         {"integrationId": "i" * 5000}, Skipped("missing or invalid integrationId"), id="integration-id-5000-chars"
     ),
     pytest.param({"expiresAt": "0000-garbage"},
-                 Skipped("oauth.expiresAt is not an ISO-8601 time or epoch milliseconds (ValueError)"),
+                 Skipped("oauth.expiresAt is not an ISO-8601 time or an epoch number (ValueError)"),
                  id="expires-at-garbage"),
     pytest.param({"expiresAt": ""}, Skipped("oauth.expiresAt is not an ISO-8601 time"), id="expires-at-empty-string"),
     pytest.param({"expiresAt": TEXT_OF_A_NUMBER}, Skipped("oauth.expiresAt is not an ISO-8601 time"),

@@ -41,11 +41,18 @@ DUE = [
     doc("numeric-integration", iso(NOW), integrationId=42),
     doc("dotnet-7-digit-fraction", "2026-01-01T00:00:00.1234567Z"),
     doc("space-separated", (NOW + timedelta(minutes=1)).strftime("%Y-%m-%d %H:%M:%SZ")),
+    # Text comparison put these after the bound: a lower-case separator sorts after every upper-case time of its day.
+    doc("lower-case-t-and-z", (NOW + timedelta(minutes=2)).strftime("%Y-%m-%dt%H:%M:%S.1234567z")),
+    # Epoch seconds, read by magnitude (they were read as milliseconds: 1970, due at every check).
+    doc("epoch-seconds", int((NOW + timedelta(minutes=17)).timestamp())),
+    doc("epoch-seconds-float", (NOW + timedelta(minutes=18)).timestamp() + 0.25),
 ]
 NOT_DUE = [
     doc("iso-later", iso(THRESHOLD + timedelta(milliseconds=1))),
     doc("iso-offset-later", (THRESHOLD + timedelta(hours=2)).astimezone(timezone(timedelta(hours=14))).isoformat()),
     doc("epoch-later", int((THRESHOLD + timedelta(minutes=1)).timestamp() * 1000)),
+    doc("epoch-seconds-later", int((THRESHOLD + timedelta(minutes=1)).timestamp())),
+    doc("lower-case-later", (THRESHOLD + timedelta(minutes=1)).strftime("%Y-%m-%dt%H:%M:%Sz")),
     doc("revoked", iso(NOW), status="revoked"),
     doc("revoked-capitalised", iso(NOW), status="Revoked"),
     doc("disabled", iso(NOW), status="disabled"),
@@ -54,11 +61,13 @@ NOT_DUE = [
     doc("null-expiry", None),
     doc("bool-expiry", True),
     doc("object-expiry", {"at": iso(NOW)}),
-    doc("garbage-expiry-later", "zzz-not-a-date"),
     {"id": "no-oauth", "tenantId": "t-1", "integrationId": "apikey-thing", "status": "active"},
 ]
 INVALID = [
     doc("garbage-expiry", "0000-garbage"),
+    # Text that is no time sorts after every digit: the scan once never saw it, so nothing said it was unusable.
+    doc("garbage-expiry-later", "zzz-not-a-date"),
+    doc("word-expiry", "soon"),
     doc("missing-integration", iso(NOW), integrationId=None),
     doc("boolean-integration", iso(NOW), integrationId=True),
     doc("boolean-tenant", iso(NOW), tenantId=False),
@@ -88,6 +97,8 @@ def test_expiry_is_normalised_to_the_same_instant_whatever_the_stored_form(seede
     _, found = scan(seeded)
     assert found["iso-offset-ahead"].expires_at == NOW + timedelta(minutes=40)
     assert found["epoch-ms"].expires_at == NOW + timedelta(minutes=15)
+    assert found["epoch-seconds"].expires_at == NOW + timedelta(minutes=17)
+    assert found["lower-case-t-and-z"].expires_at == NOW + timedelta(minutes=2, microseconds=123456)
     assert found["iso-naive-utc"].expires_at == NOW + timedelta(minutes=5)
     assert found["numeric-integration"].integration_id == "42"
 
@@ -162,3 +173,10 @@ def test_concurrent_invocations_reuse_pooled_cosmos_connections(cosmos_server, c
     assert all(state is not None and state.status == "active" for state in states)
     opened = [record for record in caplog.records if "Starting new HTTPS connection" in record.getMessage()]
     assert len(opened) <= 16, len(opened)
+
+
+def test_every_unusable_expiry_is_logged_at_every_scan(seeded, caplog):
+    with caplog.at_level(logging.WARNING, logger="shared.connection_store"):
+        scan(seeded)
+    for document in ("word-expiry", "garbage-expiry-later", "garbage-expiry"):
+        assert f"Skipping connection '{document}': oauth.expiresAt is not an ISO-8601 time" in caplog.text

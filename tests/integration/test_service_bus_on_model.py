@@ -296,3 +296,32 @@ def test_a_redelivery_after_the_host_was_killed_mid_refresh_reports_without_call
     assert [call.connection_id for call in manager.calls] == [connection]
     [refreshed] = [body for kind, body in azure.events if kind == REFRESHED]
     assert refreshed["data"]["connectionId"] == connection
+
+
+# Expiries in every stored form -------------------------------------------------------------------------------
+
+
+def test_expiries_in_every_stored_form_and_precision_are_refreshed_once(azure, cosmos_container, manager):
+    # Was: the five with more than millisecond precision were requested, then skipped as "refreshed since the
+    # request" at every check (0 calls, 0 events); epoch seconds were read as 1970.
+    soon = utc_now().replace(microsecond=123456) + timedelta(minutes=10)
+    forms = {
+        "dotnet-7-digits": soon.strftime("%Y-%m-%dT%H:%M:%S.%f") + "7Z",
+        "python-6-digits": soon.strftime("%Y-%m-%dT%H:%M:%S.%fZ"),
+        "python-isoformat": soon.isoformat(),
+        "four-digits": soon.strftime("%Y-%m-%dT%H:%M:%S.%f")[:-2] + "Z",
+        "lower-case-t-z": soon.strftime("%Y-%m-%dt%H:%M:%S.%fz"),
+        "epoch-ms-fraction": soon.timestamp() * 1000,
+        "epoch-seconds": int(soon.timestamp()),
+        "milliseconds-control": soon.isoformat(timespec="milliseconds"),
+    }
+    for connection_id, expires_at in forms.items():
+        seed_expiring(cosmos_container, connection_id, soon)
+        document = cosmos_container.read_item(connection_id, partition_key="t-1")
+        document["oauth"]["expiresAt"] = expires_at
+        cosmos_container.upsert_item(document)
+    serve(manager, cosmos_container)
+    azure.host.fire_timer()
+    azure.run()
+    assert Counter(call.connection_id for call in manager.calls) == Counter(forms.keys())
+    assert azure.outcomes(REFRESHED) == Counter(forms.keys())
