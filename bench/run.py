@@ -316,7 +316,7 @@ def profiled(label: str, command: list[str]) -> list[str]:
 def slow_manager(latency_s: float) -> Any:
     from localdev.stand_in_manager import Answer, StandInManager
 
-    return StandInManager(script=lambda call: Answer(200, {}, delay_s=latency_s)).start()
+    return StandInManager(script=lambda call: Answer(200, delay_s=latency_s)).start()
 
 
 RAW_REFRESH_PROBE = """
@@ -627,7 +627,7 @@ def bench_connections(database: Any, cosmos: CosmosServer, rabbitmq: RabbitMQ) -
     time.sleep(6)  # idle keep-alive connections of the earlier stages are closed by the server after 5 s
     from localdev.stand_in_manager import Answer, StandInManager
 
-    manager = StandInManager(script=lambda call: Answer(200, {})).start()
+    manager = StandInManager(script=lambda call: Answer(200)).start()
     values = app_settings(cosmos, rabbitmq, container.id, manager.url, "conns")
     os.environ.update(values)
     from azure.functions.servicebus import ServiceBusMessage
@@ -1025,7 +1025,7 @@ def run_pacing_wave(database: Any, cosmos: CosmosServer, rabbitmq: RabbitMQ, bas
         at = time.time() * 1000  # on arrival (the script runs as the request comes in)
         with lock:
             calls[call.connection_id].append(at)
-        return Answer(200, {}, delay_s=PACING_LATENCY_S)
+        return Answer(200, delay_s=PACING_LATENCY_S)
 
     container = new_container(database, "pacing")
     manager = StandInManager(script=record).start()

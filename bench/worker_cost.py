@@ -63,7 +63,7 @@ def bench_worker(
     started = time.perf_counter()
     total = 2 * (warmup + blocks * block_size)  # every invocation refreshes a connection of its own
     container = database.create_container(f"worker_{uuid.uuid4().hex[:8]}", partition_key=PartitionKey("/tenantId"))
-    manager = StandInManager(script=lambda call: Answer(200, {})).start()  # no latency: our code + services
+    manager = StandInManager(script=lambda call: Answer(200)).start()  # no latency: our code + services
     env = {
         "COSMOS_ENDPOINT": cosmos.endpoint,
         "COSMOS_KEY": cosmos.key,

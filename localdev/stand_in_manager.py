@@ -5,6 +5,7 @@ It answers `POST /api/v1/integrations/{integrationId}/connections/{connectionId}
   connection by moving `oauth.expiresAt` forward (and writing new token values) in the document;
 - with whatever a `script(call) -> Answer` callable decides, for scripted failures in tests
   (a JSON body, or `raw_body` bytes as they are: HTML pages, text, truncated JSON; or no answer at all).
+  A scripted 200 refreshes the document too, unless it says `keep_document`.
 Every call is recorded (path, decoded ids, headers, body), and accepted sockets are counted. With an
 `ssl_context` it serves HTTPS (e.g. with a self-signed certificate, to test TLS verification).
 Each call also records when it arrived, the status actually delivered (None: no answer reached the
@@ -64,6 +65,7 @@ class Answer:
     content_type: str = "application/json"
     drop_connection: bool = False  # close the connection without answering
     refresh_anyway: bool = False  # refresh (with a container), then answer this: a gateway's 504 after the work
+    keep_document: bool = False  # a 200 that does not refresh: a failure body, or a manager that says 200 and lies
 
 
 def parse_refresh_path(raw_path: str) -> tuple[str, str] | None:
@@ -166,24 +168,24 @@ class StandInManager:
         )
 
     def answer(self, call: Call) -> Answer:
-        if self.script is not None:
-            answer = self.script(call)
-            if answer.status != 200 and answer.refresh_anyway and self.container is not None:
-                self._refresh_in_cosmos(call)
-                return answer
-            if answer.status != 200 or self.container is None:
-                return answer
-            refreshed = self._refresh_in_cosmos(call)
-            if refreshed.status != 200:
-                return refreshed
-            # How the script answers (late, with headers, not at all) applies to the refresh too.
-            return replace(
-                refreshed,
-                headers=answer.headers,
-                delay_s=answer.delay_s,
-                drop_connection=answer.drop_connection,
-            )
-        return self._refresh_in_cosmos(call)
+        """The scripted answer. A 2xx refreshes the document first (with a container), as the real manager does,
+        unless it says `keep_document` (a 200 that reports a failure, or a manager that answers 200 and does
+        nothing); another status refreshes only with `refresh_anyway`. A 2xx without a scripted body answers the
+        new expiry."""
+        answer = self.script(call) if self.script is not None else Answer()
+        success = 200 <= answer.status < 300
+        writes = (success and not answer.keep_document) or answer.refresh_anyway
+        refreshed = self._refresh_in_cosmos(call) if writes else None
+        if not success or refreshed is None:
+            return answer
+        if refreshed.status != 200:
+            return refreshed  # its own store is down
+        if answer.body is not None or answer.raw_body is not None:
+            return answer
+        # How the script answers (late, with headers, not at all) applies to the refresh too.
+        return replace(
+            refreshed, headers=answer.headers, delay_s=answer.delay_s, drop_connection=answer.drop_connection
+        )
 
     def _refresh_in_cosmos(self, call: Call) -> Answer:
         new_expiry = datetime.now(UTC) + self.token_lifetime

@@ -12,9 +12,11 @@ import statistics
 import time
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
+from typing import Any
 
 from shared import runtime
 from shared.connection_store import ConnectionStore, ExpiringConnection
+from shared.cosmos_errors import describe_store_error, is_store_outage
 from shared.events import (
     CHECK_EXPIRING,
     CheckExpiringData,
@@ -327,10 +329,40 @@ def handle_check_expiring_message(
     logger.info("Token check-expiring event received")
     envelope, check = parse_trigger_message(body, CHECK_EXPIRING, message_id, max(1, delivery_count or 1))
     logger.info("Checking for tokens expiring by %s (eventId=%s)", format_time(check.threshold_time), envelope.id)
-    return request_refresh_for_expiring_connections(
-        check,
-        store=runtime.connection_store(),
-        states=runtime.state_store(),
-        publisher=runtime.publisher(),
-        settings=runtime.settings(),
+    # A Cosmos outage is waited out here, for up to CHECK_STORE_RETRY_BUDGET_S, and the check run again (safe: its
+    # request ids are deterministic): the queue's own redeliveries come within seconds and would use up the
+    # check's deliveries in one short outage. Past the budget the error is raised and the queue redelivers.
+    from tenacity import Retrying, retry_if_exception, stop_after_delay, wait_exponential  # first use: cold start
+
+    for attempt in Retrying(
+        retry=retry_if_exception(is_store_outage),
+        wait=wait_exponential(multiplier=1, min=1, max=30),
+        stop=stop_after_delay(CHECK_STORE_RETRY_BUDGET_S),
+        before_sleep=_log_store_outage,
+        reraise=True,
+    ):
+        with attempt:
+            return request_refresh_for_expiring_connections(
+                check,
+                store=runtime.connection_store(),
+                states=runtime.state_store(),
+                publisher=runtime.publisher(),
+                settings=runtime.settings(),
+            )
+    raise AssertionError("unreachable: Retrying returns or raises")  # pragma: no cover
+
+
+# How long one delivery of a check waits out a Cosmos outage (well inside the 5-minute message lock).
+CHECK_STORE_RETRY_BUDGET_S = 120.0
+
+
+def _log_store_outage(state: Any) -> None:
+    """tenacity's before_sleep: one WARNING per wait (a tenacity RetryCallState)."""
+    error = state.outcome.exception() if state.outcome else None
+    logger.warning(
+        "Cosmos DB failed during the check (%s); running it again in %.0f s (attempt %d); check COSMOS_ENDPOINT "
+        "and the account's health",
+        describe_store_error(error) if error else "unknown",
+        state.next_action.sleep if state.next_action else 0,
+        state.attempt_number + 1,
     )

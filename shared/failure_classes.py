@@ -116,3 +116,32 @@ _HTTP_ROWS: tuple[tuple[range | tuple[int, ...], FailureClass], ...] = (
     ((409,), FailureClass(FailureKind.TRANSIENT, "conflict", "integration-manager: a refresh already in progress")),
     ((429,), FailureClass(FailureKind.TRANSIENT, "rate_limited", "integration-manager's rate limits")),
 )
+
+# Codes of a passing condition that integration-manager may report in a 2xx answer's body.
+_TRANSIENT_REPORTED_CODES = frozenset(
+    {"rate_limited", "timeout", "server_error", "temporarily_unavailable", "service_unavailable", "conflict"}
+)
+
+
+def classify_reported_failure(error_code: str | None) -> FailureClass:
+    """The row for a failure integration-manager reported in the body of a 2xx answer (`{"success": false,
+    "error": "invalid_grant"}`): the status says nothing, so the code alone decides. An unknown code is ours or the
+    manager's (systemic): retried by the next check and counted towards the alarm, never held against the
+    connection."""
+    if error_code in CONNECTION_ERROR_CODES:
+        return FailureClass(FailureKind.CONNECTION, "refresh_rejected", "the connection: it must be reconnected")
+    if error_code in _TRANSIENT_REPORTED_CODES:
+        return FailureClass(FailureKind.TRANSIENT, error_code, "integration-manager's health and logs")
+    return FailureClass(
+        FailureKind.SYSTEMIC,
+        "refresh_failed",
+        "integration-manager's logs: it answered 2xx but reported the refresh as failed",
+    )
+
+
+# A 2xx answer after which the connection's expiry did not move: the refresh is not done.
+UNVERIFIED_REFRESH = FailureClass(
+    FailureKind.SYSTEMIC,
+    "refresh_unverified",
+    "integration-manager: it answered 2xx but the connection's oauth.expiresAt did not move",
+)

@@ -23,7 +23,7 @@ from urllib.parse import quote, urlsplit
 import requests
 
 from shared.errors import InvalidConnectionIdError, SettingsError
-from shared.failure_classes import FailureKind, classify
+from shared.failure_classes import FailureKind, classify, classify_reported_failure
 from shared.http_pool import pooled_session
 from shared.settings import Settings
 
@@ -257,11 +257,18 @@ def _read_json(response: requests.Response) -> Any:
 
 
 def _outcome(status: int, body: Any) -> RefreshOutcome:
-    if 200 <= status < 300:
-        return RefreshOutcome(True, http_status=status, expires_at=_new_expiry(body))
     code = _error_code(body)
-    failure = classify(status, code)
-    message = f"integration-manager answered HTTP {status}" + (f" ({code})" if code else "")
+    if 200 <= status < 300:
+        if not _reports_failure(body):
+            return RefreshOutcome(True, http_status=status, expires_at=_new_expiry(body))
+        # A 2xx whose body says the refresh failed is that failure, classified by its code (never a success
+        # that would close the request for the claim's lifetime).
+        failure = classify_reported_failure(code)
+        message = f"integration-manager answered HTTP {status}, reporting a failed refresh"
+        message += f" ({code})" if code else ""
+    else:
+        failure = classify(status, code)
+        message = f"integration-manager answered HTTP {status}" + (f" ({code})" if code else "")
     return RefreshOutcome(
         False,
         http_status=status,
@@ -270,6 +277,19 @@ def _outcome(status: int, body: Any) -> RefreshOutcome:
         kind=failure.kind,
         check=failure.check,
     )
+
+
+def _reports_failure(body: Any) -> bool:
+    """A 2xx body that reports a failure in one of the common envelope shapes: `success`/`ok` false, a non-empty
+    `error`, or `status` "error"/"failed"."""
+    if not isinstance(body, dict):
+        return False
+    if body.get("success") is False or body.get("ok") is False:
+        return True
+    if body.get("error"):
+        return True
+    status = body.get("status")
+    return isinstance(status, str) and status.strip().lower() in ("error", "failed", "failure")
 
 
 def _error_code(body: Any) -> str | None:

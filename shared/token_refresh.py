@@ -19,6 +19,7 @@ Per request (docs/failure-handling.md):
 from __future__ import annotations
 
 import logging
+import re
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -29,6 +30,7 @@ from tenacity import Retrying, retry_if_result, stop_after_attempt, wait_exponen
 
 from shared import runtime, telemetry
 from shared.connection_store import ConnectionState, ConnectionStore
+from shared.cosmos_errors import describe_store_error, is_store_outage
 from shared.errors import RefreshRetryLaterError, RequestIdConflictError
 from shared.events import (
     REFRESH_REQUESTED,
@@ -40,6 +42,7 @@ from shared.events import (
     make_event,
     parse_trigger_message,
 )
+from shared.failure_classes import UNVERIFIED_REFRESH
 from shared.failure_waves import count_failure
 from shared.ids import connection_key, idempotency_key, outcome_event_id
 from shared.manager_client import IntegrationManagerClient, RefreshOutcome
@@ -193,7 +196,23 @@ def refresh_connection_token(
     first used for another connection, and PublishError when the outcome could not be published (it is stored:
     the redelivery publishes it without calling again). Safe to run again for the same message: the claim
     (StateStore.claim) allows one call at a time per request."""
-    return _RefreshJob(request_event, request, context, delivery_count, message_id).run()
+    job = _RefreshJob(request_event, request, context, delivery_count, message_id)
+    try:
+        return job.run()
+    except Exception as error:
+        if is_store_outage(error) and job.retry_after_store_outage(error):
+            return None  # a scheduled copy comes back later; this delivery is complete
+        raise
+
+
+def scheduled_retry_number(message_id: str | None) -> int:
+    """Which scheduled retry a delivery is (0: not a retry), from its MessageId `<id>.retry-<round>.<n>`
+    (shared.messaging.service_bus.ServiceBusTransport.schedule_retry)."""
+    match = _RETRY_MESSAGE_ID.search(message_id or "")
+    return int(match.group(1)) if match else 0
+
+
+_RETRY_MESSAGE_ID = re.compile(r"\.retry-[0-9]+\.([0-9]{1,6})$")
 
 
 # Scheduled retries of a transient failure wait at most this long (TOKEN_REFRESH_RETRY_DELAY_MS doubles).
@@ -220,6 +239,7 @@ class _RefreshJob:
         self.settings, self.states = context.settings, context.states
         self.key = connection_key(request.tenant_id, request.integration_id, request.connection_id)
         self.requested_at_ms = int(request.requested_at.timestamp() * 1000)
+        self.held_lease_until_ms = 0  # the lease of a claim this delivery acquired (0: none)
         self.ids = (
             f"connectionId={request.connection_id!r} integrationId={request.integration_id!r} "
             f"tenantId={request.tenant_id!r}"
@@ -241,7 +261,7 @@ class _RefreshJob:
             + settings.integration_manager_timeout_ms
             + settings.integration_manager_in_flight_ms
         )
-        return self.states.claim(
+        claimed = self.states.claim(
             self.event.id,
             self.key,
             now_ms(),
@@ -251,6 +271,9 @@ class _RefreshJob:
             holder={"messageId": self.message_id, "delivery": self.delivery},
             calls_window_ms=calls_window_ms,
         )
+        if claimed.status == "acquired":
+            self.held_lease_until_ms = int(claimed.claim.get("leaseUntil") or 0)
+        return claimed
 
     def _redelivered_to_me(self, claim: dict[str, Any]) -> bool:
         """The live claim is held by an earlier delivery of this very message: the queue handed the
@@ -424,6 +447,7 @@ class _RefreshJob:
         except Exception:
             # Unexpected: release the claim so a redelivery can try again at once, not after the lease.
             self.states.finish_claim(claim, ClaimState.RETRY_PENDING, claim.get("attempts", 0) + 1, now_ms())
+            self.held_lease_until_ms = 0  # released: a retry need not wait for the lease
             raise
         attempts = claim.get("attempts", 0) + calls
         if not outcome.succeeded and outcome.may_be_in_flight:
@@ -431,6 +455,8 @@ class _RefreshJob:
             moved_to = expiry_moved_forward(self.request, self._current())
             if moved_to is not None:
                 outcome = RefreshOutcome(True, expires_at=moved_to)
+        if outcome.succeeded:
+            outcome = self._verified(outcome)
         if outcome.transient and self._schedules_retries():
             if self._retry_later(claim, outcome, attempts):
                 return None  # a scheduled copy comes back later; this delivery is complete
@@ -456,6 +482,31 @@ class _RefreshJob:
             raise RefreshRetryLaterError(f"transient failure {outcome.error_code} after {attempts} attempt(s)")
         return self._report(claim, outcome, attempts, current)
 
+    def _verified(self, outcome: RefreshOutcome) -> RefreshOutcome:
+        """A refresh is done when integration-manager says so and the expiry agrees: its answer carries a later
+        expiry, or the document now has one. A 2xx that left the expiry where it was ends as a retryable,
+        unverified failure (the next check asks again in a new round), never as done for the claim's lifetime."""
+        requested = self.request.expires_at
+        if requested is None:
+            return outcome  # a token without expiry (TOKEN_REFRESH_MAX_AGE_MS): nothing to compare
+        if outcome.expires_at is not None and epoch_ms(outcome.expires_at) > epoch_ms(requested):
+            return outcome
+        try:
+            moved_to = expiry_moved_forward(self.request, self._current())
+        except Exception as error:  # noqa: BLE001 - unverifiable: the next check asks again, nothing is lost
+            logger.warning("Could not read connection (%s) to verify its refresh: %s", self.ids, type(error).__name__)
+            moved_to = None
+        if moved_to is not None:
+            return RefreshOutcome(True, http_status=outcome.http_status, expires_at=moved_to)
+        return RefreshOutcome(
+            False,
+            http_status=outcome.http_status,
+            error_code=UNVERIFIED_REFRESH.default_code,
+            error_message=f"integration-manager answered HTTP {outcome.http_status} but oauth.expiresAt did not move",
+            kind=UNVERIFIED_REFRESH.kind,
+            check=UNVERIFIED_REFRESH.check,
+        )
+
     def _no_call_before(self, outcome: RefreshOutcome, now: int) -> tuple[int, int]:
         """After a failed call: when the callee's Retry-After ends, and until when the call may still
         be running at integration-manager (0: it cannot be)."""
@@ -473,7 +524,8 @@ class _RefreshJob:
         window), and complete this one: a short outage cannot use up the deliveries. False when the
         request had all its deliveries (TOKEN_REFRESH_MAX_DELIVERY_COUNT, retries included)."""
         settings = self.settings
-        retries = claim.get("retries", 0)
+        # Store outages schedule copies too, without the claim (retry_after_store_outage): count both.
+        retries = max(claim.get("retries", 0), scheduled_retry_number(self.message_id))
         if retries + 1 >= settings.max_delivery_count:
             return False  # deliveries used up: report it
         now = now_ms()
@@ -500,6 +552,41 @@ class _RefreshJob:
             outcome.error_code,
             outcome.http_status,
             attempts,
+            retries + 1,
+            settings.max_delivery_count - 1,
+        )
+        return True
+
+    def retry_after_store_outage(self, error: BaseException) -> bool:
+        """Cosmos failed (unreachable, 5xx, 429 after the SDK's retries): come back as a scheduled copy, as after a
+        failure of integration-manager, so an outage of minutes dead-letters nothing. The claim cannot be written
+        meanwhile: a claim this delivery acquired is left to its lease, and the copy comes no earlier than the
+        lease's end (it then takes the claim over and looks at the connection again before any call). False, and
+        the error is raised (the queue redelivers), without a scheduler or once the deliveries are used up."""
+        settings = self.settings
+        retries = scheduled_retry_number(self.message_id)
+        if not self._schedules_retries() or retries + 1 >= settings.max_delivery_count:
+            return False
+        now = now_ms()
+        at_ms = max(now + min(settings.retry_delay_ms * 2**retries, RETRY_DELAY_MAX_MS), self.held_lease_until_ms)
+        scheduler = self.context.retry_scheduler
+        assert scheduler is not None  # noqa: S101 - _schedules_retries() said so
+        try:
+            scheduler.schedule_retry(
+                self.event,
+                retries + 1,
+                datetime.fromtimestamp(at_ms / 1000, UTC),
+                attempt_round=self.request.attempt_round or 0,
+            )
+        except Exception as schedule_error:  # noqa: BLE001 - not scheduled: the queue redelivers instead
+            logger.warning("Could not schedule a retry: %s", type(schedule_error).__name__)
+            return False
+        logger.warning(
+            "Cosmos DB failed (%s); the refresh of connection (%s) will be retried in %.1f s (retry %d of %d); "
+            "check COSMOS_ENDPOINT and the account's health",
+            describe_store_error(error),
+            self.ids,
+            (at_ms - now) / 1000,
             retries + 1,
             settings.max_delivery_count - 1,
         )

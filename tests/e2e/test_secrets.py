@@ -124,6 +124,7 @@ def test_a_refused_broker_password_is_never_shown(secret_env, monkeypatch, cosmo
 
 def test_cli_dry_run_and_run_once_never_print_a_secret(secret_env, cosmos_container, manager, event_tap):
     seed_secret_connections(cosmos_container)
+    manager.container = cosmos_container  # a 2xx refreshes the document, as the real manager does
     with StandInManager() as elsewhere:
         manager.script = echoing_manager(elsewhere.url)
         env = cli_environment(secret_env)

@@ -573,7 +573,8 @@ def test_cosmos_document(fields, expected, app_env, cosmos_container, manager, e
 
 @dataclass(frozen=True)
 class Ok:
-    """`refreshed`; its expiresAt is the one the answer carried, or absent when it carried none usable."""
+    """`refreshed`; its expiresAt is the one the answer carried, or the document's new one when the answer carried
+    none usable (the manager refreshed the document: the refresh is verified by reading it)."""
 
     expires_at: str | None = None
 
@@ -637,6 +638,20 @@ MANAGER_TABLE = [
     pytest.param(ManagerAnswer(fixed(Answer(200, {"expiresAt": "2027-01-01T00:00:00Z", "pad": "x" * 2_000_000})),
                                Ok()), id="200-2-MB-body-not-read"),
     pytest.param(ManagerAnswer(raw(200, b"[" * 100_000, "application/json"), Ok()), id="200-json-nested-100000-deep"),
+    # A 2xx that reports a failure, or leaves the expiry where it was, is no refresh (never done for the claim's life).
+    pytest.param(ManagerAnswer(fixed(Answer(200, {"success": False, "error": "invalid_grant"}, keep_document=True)),
+                               Failed("invalid_grant", False, 200)), id="200-failure-body-connection-code"),
+    pytest.param(ManagerAnswer(fixed(Answer(200, {"ok": False, "error": {"code": "provider_down"}},
+                                            keep_document=True)),
+                               Failed("provider_down", True, 200)), id="200-failure-body-unknown-code"),
+    pytest.param(ManagerAnswer(fixed(Answer(200, {"status": "error"}, keep_document=True)),
+                               Failed("refresh_failed", True, 200)), id="200-failure-body-no-code"),
+    pytest.param(ManagerAnswer(fixed(Answer(200, {"success": False, "error": "rate_limited"}, keep_document=True)),
+                               Failed("rate_limited", True, 200, attempts=2)), id="200-failure-body-transient-code"),
+    pytest.param(ManagerAnswer(fixed(Answer(200, {}, keep_document=True)), Failed("refresh_unverified", True, 200)),
+                 id="200-document-unchanged"),
+    pytest.param(ManagerAnswer(fixed(Answer(200, {"expiresAt": "2020-01-01T00:00:00Z"}, keep_document=True)),
+                               Failed("refresh_unverified", True, 200)), id="200-stale-expiry-document-unchanged"),
     pytest.param(ManagerAnswer(raw(400, HTML_PAGE), Failed("refresh_rejected", True, 400)), id="400-html-page"),
     pytest.param(ManagerAnswer(raw(400, b"invalid_grant", "text/plain"), Failed("refresh_rejected", True, 400)),
                  id="400-bare-text-code"),
@@ -653,9 +668,11 @@ MANAGER_TABLE = [
                                Failed("rate_limited", True, 429, attempts=1)), id="429-retry-after-an-hour"),
     pytest.param(ManagerAnswer(fixed(Answer(503, None, {"Retry-After": "whenever"})),
                                Failed("server_error", True, 503, attempts=2)), id="503-retry-after-garbage"),
-    pytest.param(ManagerAnswer(fixed(Answer(200, {}, delay_s=1.0)), Failed("timeout", True, None, attempts=2)),
+    pytest.param(ManagerAnswer(fixed(Answer(200, {}, delay_s=1.0, keep_document=True)),
+                               Failed("timeout", True, None, attempts=2)),
                  id="no-answer-in-time"),
-    pytest.param(ManagerAnswer(fixed(Answer(drop_connection=True)), Failed("network_error", True, None, attempts=2)),
+    pytest.param(ManagerAnswer(fixed(Answer(drop_connection=True, keep_document=True)),
+                               Failed("network_error", True, None, attempts=2)),
                  id="connection-closed-without-answer"),
     pytest.param(ManagerAnswer(redirect(301), Failed("redirect_refused", True, 301)), id="301-to-another-host"),
     pytest.param(ManagerAnswer(redirect(302), Failed("redirect_refused", True, 302)), id="302-to-another-host"),
@@ -672,6 +689,7 @@ MANAGER_TABLE = [
 @pytest.mark.parametrize("case", MANAGER_TABLE)
 def test_manager_answer(case: ManagerAnswer, app_env, monkeypatch, cosmos_container, manager, event_tap, caplog):
     monkeypatch.setenv("INTEGRATION_MANAGER_TIMEOUT_MS", "300")
+    manager.container = cosmos_container  # a 2xx refreshes the document, as the real manager does
     with StandInManager() as elsewhere:
         manager.script = lambda call: case.answer(elsewhere.url)
         message = trigger(refresh_body(cosmos_container, "conn-bad"), delivery_count=case.delivery)
@@ -692,7 +710,9 @@ def test_manager_answer(case: ManagerAnswer, app_env, monkeypatch, cosmos_contai
     expect = case.expect
     if isinstance(expect, Ok):
         [event] = published[REFRESHED]
-        assert event["data"].get("expiresAt") == expect.expires_at
+        [refresh] = bad_calls
+        assert refresh.refreshed
+        assert event["data"].get("expiresAt") == (expect.expires_at or refresh.refreshed_to)
         assert REFRESH_FAILED not in published
         assert len(bad_calls) == 1
     elif isinstance(expect, Failed):

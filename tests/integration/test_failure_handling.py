@@ -69,7 +69,9 @@ def test_429_with_retry_after_waits_before_calling_again(app_env, cosmos_contain
 def test_a_redelivered_or_duplicate_request_is_not_refreshed_twice(app_env, cosmos_container, manager, event_tap):
     expires_at = seed_connection(cosmos_container)
     request = request_for("c-1", expires_at)
-    manager.script = lambda call: Answer(200, {})  # does not move expiresAt: only the claim prevents a 2nd call
+    manager.script = lambda call: Answer(
+        200
+    )  # a new expiry, but the document keeps its own: only the claim stops a 2nd call
     invoke(sync_refresh_handler, trigger(request, 1))
     invoke(sync_refresh_handler, trigger(request, 2))  # redelivery after, say, a lost completion
     invoke(sync_refresh_handler, trigger(request_for("c-1", expires_at), 1))  # a second check's duplicate
@@ -147,7 +149,7 @@ def test_an_outcome_whose_publish_failed_is_published_on_redelivery_without_call
 ):
     expires_at = seed_connection(cosmos_container)
     request = request_for("c-1", expires_at)
-    manager.script = lambda call: Answer(200, {})
+    manager.script = lambda call: Answer(200)
     publisher = runtime.publisher()
     real_publish = publisher.publish
 
@@ -177,7 +179,7 @@ def test_a_permanent_failure_is_not_requested_again_until_the_document_changes(
     seed_connection(cosmos_container, "broken")
     seed_connection(cosmos_container, "fine")
     manager.script = lambda call: (
-        Answer(400, {"error": "invalid_grant"}) if call.connection_id == "broken" else Answer(200, {})
+        Answer(400, {"error": "invalid_grant"}) if call.connection_id == "broken" else Answer(200)
     )
 
     invoke(manager_check_handler, trigger(check_event()))

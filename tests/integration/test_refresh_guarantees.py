@@ -8,10 +8,12 @@ import time
 from datetime import timedelta
 
 import pytest
+from azure.cosmos.exceptions import CosmosHttpResponseError
 
+import manager_check_handler
 import sync_refresh_handler
 from localdev.stand_in_manager import Answer
-from shared import runtime
+from shared import expiring_check, runtime
 from shared.errors import InvalidEventError, RequestIdConflictError
 from shared.events import REFRESH_FAILED, REFRESH_REQUESTED, REFRESHED, RefreshRequestedData, make_event
 from shared.ids import connection_key, outcome_event_id
@@ -19,7 +21,7 @@ from shared.messaging import ServiceBusTransport
 from shared.times import utc_now
 from tests.support.cosmos_faults import CosmosFaults
 from tests.support.documents import a_request_that_failed_transiently, request_for, seed_connection
-from tests.support.helpers import invoke, trigger
+from tests.support.helpers import check_event, invoke, trigger
 from tests.support.service_bus import RecordingClient
 
 
@@ -218,3 +220,92 @@ def test_in_azure_a_transient_failure_is_retried_by_a_scheduled_message_and_the_
     invoke(sync_refresh_handler, trigger(body, 1, message_id=retry.message_id))  # delivered at `at`
     assert [e.routing_key for e in event_tap.drain()] == [REFRESHED]
     assert len(manager.calls) == 3
+
+
+# A Cosmos outage (issue #21): scheduled retries, as for integration-manager's failures ----------------------------
+
+
+def test_a_cosmos_outage_during_a_refresh_is_retried_by_scheduled_messages_not_dead_lettered(
+    app_env, cosmos_faults, cosmos_container, manager, event_tap, caplog
+):
+    # The queue redelivers a raising message within about a second: 10 deliveries were used up by a 15-s outage.
+    client = RecordingClient()
+    runtime.use_retry_scheduler(ServiceBusTransport(client))
+    request = request_for("c-1", seed_connection(cosmos_container))
+    cosmos_faults.inject_fault(method="POST", path=f"/colls/{cosmos_container.id}/docs", status=503, times=-1)
+    with caplog.at_level(logging.WARNING):
+        invoke(sync_refresh_handler, trigger(request, 1))  # no exception: nothing for the queue to redeliver
+    [(first, _)] = client.senders[REFRESH_REQUESTED].scheduled
+    assert first.message_id == f"{request.id}.retry-0.1"
+    assert "Cosmos DB failed" in caplog.text and "COSMOS_ENDPOINT" in caplog.text
+    # Still failing: the copy schedules the next retry, later (the delay doubles), with a new MessageId.
+    started = utc_now()
+    invoke(sync_refresh_handler, trigger(b"".join(first.body), 1, message_id=first.message_id))
+    [_, (second, second_at)] = client.senders[REFRESH_REQUESTED].scheduled
+    assert second.message_id == f"{request.id}.retry-0.2"
+    assert second_at >= started + timedelta(milliseconds=100)  # TOKEN_REFRESH_RETRY_DELAY_MS=50, doubled
+    assert manager.calls == [] and event_tap.drain() == []
+    cosmos_faults.clear_faults()  # the outage is over
+    invoke(sync_refresh_handler, trigger(b"".join(second.body), 1, message_id=second.message_id))
+    assert [e.routing_key for e in event_tap.drain()] == [REFRESHED]
+    assert len(manager.calls) == 1
+
+
+def test_a_cosmos_outage_that_outlasts_the_retries_is_raised_for_the_queue_to_dead_letter(
+    app_env, cosmos_faults, cosmos_container, manager, event_tap
+):
+    client = RecordingClient()
+    runtime.use_retry_scheduler(ServiceBusTransport(client))
+    request = request_for("c-1", seed_connection(cosmos_container))
+    cosmos_faults.inject_fault(method="POST", path=f"/colls/{cosmos_container.id}/docs", status=503, times=-1)
+    last = f"{request.id}.retry-0.2"  # TOKEN_REFRESH_MAX_DELIVERY_COUNT=3: the 3rd delivery is the last
+    with pytest.raises(CosmosHttpResponseError):
+        invoke(sync_refresh_handler, trigger(request.to_json(), 1, message_id=last))
+    assert REFRESH_REQUESTED not in client.senders or client.senders[REFRESH_REQUESTED].scheduled == []
+
+
+def test_a_cosmos_outage_after_the_claim_waits_for_its_lease_and_the_copy_does_not_call_again(
+    app_env, cosmos_faults, cosmos_container, manager, event_tap, monkeypatch
+):
+    monkeypatch.setenv("TOKEN_REFRESH_CLAIM_LEASE_MS", "2000")
+    runtime.reset()
+    client = RecordingClient()
+    runtime.use_retry_scheduler(ServiceBusTransport(client))
+    manager.container = cosmos_container  # it refreshes the document, as the real manager does
+    request = request_for("c-1", seed_connection(cosmos_container))
+    # The claim is created (the first POST), then every write of it fails: it stays in progress, held by its lease.
+    cosmos_faults.inject_fault(method="POST", path=f"/colls/{app_env['COSMOS_STATE_CONTAINER']}/docs", skip=1, times=-1)
+    started = utc_now()
+    invoke(sync_refresh_handler, trigger(request, 1))
+    assert [e.routing_key for e in event_tap.drain()] == [REFRESHED]  # published before the claim's write
+    [(copy, at)] = client.senders[REFRESH_REQUESTED].scheduled
+    assert at >= started + timedelta(milliseconds=2000)  # not before the lease ends: then it may take over
+    cosmos_faults.clear_faults()
+    time.sleep(max(0.0, (at - utc_now()).total_seconds()))
+    invoke(sync_refresh_handler, trigger(b"".join(copy.body), 1, message_id=copy.message_id))
+    assert len(manager.calls) == 1  # it looked first: the token was refreshed
+    [again] = event_tap.of_type(REFRESHED)
+    assert again["data"]["connectionId"] == "c-1"
+
+
+def test_a_cosmos_outage_during_the_check_is_waited_out_and_the_check_completes(
+    app_env, cosmos_faults, cosmos_container, manager, event_tap, caplog
+):
+    seed_connection(cosmos_container)
+    # More failures than the SDK retries on its own (a few): the check itself sees the outage.
+    cosmos_faults.inject_fault(method="POST", path=f"/colls/{cosmos_container.id}/docs", status=500, times=8)
+    with caplog.at_level(logging.WARNING):
+        invoke(manager_check_handler, trigger(check_event()))  # no exception: nothing for the queue to redeliver
+    assert [e["data"]["connectionId"] for e in event_tap.of_type(REFRESH_REQUESTED)] == ["c-1"]
+    assert "Cosmos DB failed during the check" in caplog.text and "COSMOS_ENDPOINT" in caplog.text
+
+
+def test_a_cosmos_outage_that_outlasts_the_checks_wait_is_raised_for_the_queue_to_redeliver(
+    app_env, cosmos_faults, cosmos_container, manager, event_tap, monkeypatch
+):
+    monkeypatch.setattr(expiring_check, "CHECK_STORE_RETRY_BUDGET_S", 1.5)
+    seed_connection(cosmos_container)
+    cosmos_faults.inject_fault(method="POST", path=f"/colls/{cosmos_container.id}/docs", status=503, times=-1)
+    with pytest.raises(CosmosHttpResponseError):
+        invoke(manager_check_handler, trigger(check_event()))
+    assert event_tap.drain() == []

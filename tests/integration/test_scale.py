@@ -62,7 +62,7 @@ def test_five_hundred_invocations_reuse_one_connection_per_service(
     # The test's own client just used pooled keep-alive sockets to seed; the server closes idle ones
     # after 5 s. Wait that out so the count below sees only the app's connections.
     time.sleep(6)
-    manager.script = lambda call: Answer(200, {})
+    manager.script = lambda call: Answer(200)
     runtime.reset()
     before = rabbitmq.ctl("list_connections", "client_properties").count("integration-token-refresh")
     now = utc_now()

@@ -103,6 +103,7 @@ def test_no_canary_in_logs_events_errors_or_dead_letters(
 ):
     exposure = Exposure()
     seed_secret_connections(cosmos_container)
+    manager.container = cosmos_container  # a 2xx refreshes the document, as the real manager does
     with StandInManager() as elsewhere:
         manager.script = echoing_manager(elsewhere.url)
         host = LocalHost(load_settings(), queue_prefix=f"secrets-{uuid.uuid4().hex[:8]}.")

@@ -151,8 +151,8 @@ def echoing_manager(elsewhere_url: str):
                 None,
                 {"Location": f"{elsewhere_url}/steal?access_token={ACCESS_TOKEN}&bearer={MANAGER_TOKEN}"},
             ),
-            "slow": Answer(200, echo, delay_s=1.0),
-            "dropped": Answer(drop_connection=True),
+            "slow": Answer(200, echo, delay_s=1.0, keep_document=True),
+            "dropped": Answer(drop_connection=True, keep_document=True),
         }
         return answers.get(call.connection_id, Answer(200, echo))
 
