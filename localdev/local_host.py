@@ -164,11 +164,17 @@ class LocalInvocationContext:
 
 
 def trigger_message(body: bytes, properties: pika.BasicProperties) -> func_servicebus.ServiceBusMessage:
-    """The trigger object the Functions host would pass for this message."""
+    """The trigger object the Functions host would pass for this message: with the MessageId it would have on
+    Service Bus (a scheduled retry's `<id>.retry-<round>.<n>`, a round's `<id>.round-<n>`), as the function sees it
+    in Azure."""
     headers = properties.headers or {}
+    message_id = properties.message_id or ""
+    on_service_bus = service_bus_message_id_of(properties, body) or ""
+    if headers.get(SERVICE_BUS_MESSAGE_ID_HEADER) or (message_id and on_service_bus.startswith(message_id)):
+        message_id = on_service_bus  # the app's own message: as its Service Bus transport would send it
     return func_servicebus.ServiceBusMessage(
         body=body,
-        message_id=properties.message_id or "",
+        message_id=message_id,
         content_type=properties.content_type,
         delivery_count=int(headers.get("x-delivery-count", 0)) + 1,
         application_properties={"type": properties.type} if properties.type else {},

@@ -7,20 +7,24 @@ TOKEN_REFRESH_SYSTEMIC_FAILURE_WINDOW_MS, exactly one invocation logs one ERROR 
 to check) and publishes one `integration.token.refresh.systemic-failure` event; the per-connection
 lines that follow drop to INFO. Nothing is recorded against the connections, so recovery needs no
 one: once the cause is fixed, the next check asks again and the refreshes succeed.
+
+Failures of the connection's own kind are counted too (count_connection_failure): most of a wave
+failing with one connection code is ours, not the connections'.
 """
 
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 
 from shared.events import SystemicFailureData, make_event
+from shared.failure_classes import FailureKind
 from shared.ids import alarm_event_id
 from shared.manager_client import RefreshOutcome
 from shared.messaging import EventPublisher
 from shared.settings import Settings
-from shared.state_store import FailureWave, StateStore
+from shared.state_store import WAVE_KEYS_KEPT, FailureWave, StateStore
 from shared.times import now_ms
 
 logger = logging.getLogger(__name__)
@@ -67,6 +71,52 @@ def count_failure(
     if wave is not None and wave.raised_now:
         raise_alarm(outcome, wave, publisher, settings)
     return WaveReport(wave)
+
+
+def count_connection_failure(
+    outcome: RefreshOutcome, key: str, states: StateStore, publisher: EventPublisher, settings: Settings
+) -> tuple[RefreshOutcome, WaveReport]:
+    """Count a failure of the connection's own kind (`invalid_grant`, `connection_not_found`, ...) in its wave,
+    before it is reported. One such failure is the connection's; most of a wave failing with the same code is
+    ours (INTEGRATION_MANAGER_URL pointing at another environment, a provider's rotated client secret). When the
+    wave has TOKEN_REFRESH_SYSTEMIC_FAILURE_THRESHOLD connections and more than half of the requests that ended
+    within the last window length (TOKEN_REFRESH_SYSTEMIC_FAILURE_WINDOW_MS), the alarm is raised once, the
+    wave's failures are no longer held against their connections (StateStore.hold_failures: the next check asks
+    again), and this one and the rest of the wave are reported as systemic (retryable). Returns the outcome to
+    report and the wave. Best effort, as count_failure."""
+    now = now_ms()
+    try:
+        # Never raised by the count alone (threshold beyond any count): "most of a wave" is decided below.
+        wave = states.note_failure_wave(
+            signature(outcome), key, now, settings.systemic_failure_window_ms, WAVE_KEYS_KEPT + 1
+        )
+        if wave is None or wave.connections < settings.systemic_failure_threshold:
+            return outcome, WaveReport(wave)
+        if not wave.alarmed:
+            # Requests that ended within one window length before now (the wave's own window starts with its first
+            # failure, after the successes that came before it), + this one, whose claim ends after the report.
+            ended = states.outcomes_since(now - settings.systemic_failure_window_ms) + 1
+            if 2 * wave.connections <= ended:
+                return outcome, WaveReport(wave)  # a few connections among many: each one's own failure
+            wave = replace(wave, alarmed=True, raised_now=states.alarm_wave(signature(outcome), now))
+        states.hold_failures(outcome.error_code or "", wave.window_start_ms, settings.failure_cooldown_ms)
+    except Exception as error:  # noqa: BLE001 - the alarm is an extra; the outcome must still go out
+        logger.warning("Could not count a refresh failure towards systemic-failure detection: %s", type(error).__name__)
+        return outcome, WaveReport(None)
+    ours = replace(
+        outcome,
+        kind=FailureKind.SYSTEMIC,
+        check=f"{MOST_OF_A_WAVE_CHECK} (it answered {outcome.error_code} for most connections at once)",
+    )
+    if wave.raised_now:
+        raise_alarm(ours, wave, publisher, settings)
+    return ours, WaveReport(wave)
+
+
+# What to check when most connections fail with a connection's own code at once.
+MOST_OF_A_WAVE_CHECK = (
+    "INTEGRATION_MANAGER_URL (another environment?) and the provider's client credentials at integration-manager"
+)
 
 
 def raise_alarm(outcome: RefreshOutcome, wave: FailureWave, publisher: EventPublisher, settings: Settings) -> None:

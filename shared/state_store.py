@@ -101,6 +101,7 @@ class StateStore:
         take_over_live_lease: bool = False,
         holder: dict[str, Any] | None = None,
         calls_window_ms: int = 0,
+        attempt_round: int | None = None,
     ) -> ClaimResult:
         """Claim the request: "acquired" (go ahead), "done" (it ended: see the stored outcome), "busy" (another
         invocation holds a live lease; `take_over_live_lease` when the caller knows that holder is gone) or
@@ -138,7 +139,7 @@ class StateStore:
             return ClaimResult("acquired", self._container.upsert_item(fresh))
         if existing.get("connectionKey") != key:
             return ClaimResult("conflict", existing)
-        asked_again = superseded(existing, requested_at_ms)
+        asked_again = superseded(existing, requested_at_ms, attempt_round)
         if existing["state"] in TERMINAL_STATES and not asked_again:
             return ClaimResult("done", existing)
         if (
@@ -161,6 +162,7 @@ class StateStore:
                 "published": False,
                 "notBefore": 0,
                 "retries": 0,
+                "copies": 0,
                 "round": existing.get("round", 0) + 1,
             }
         try:
@@ -183,6 +185,7 @@ class StateStore:
         not_before_ms: int = 0,
         in_flight_until_ms: int = 0,
         retries: int | None = None,
+        copies: int | None = None,
     ) -> dict[str, Any]:
         """Record how this delivery ended: its outcome event and whether that was published. `not_before_ms`: the
         callee's Retry-After, for the next delivery; `in_flight_until_ms`: until when the last call may still be
@@ -203,8 +206,10 @@ class StateStore:
         )
         if outcome is not None:
             updated.update(outcome=outcome, published=published)
-        if retries is not None:  # scheduled retries of this round so far
+        if retries is not None:  # scheduled retries of this round so far (failures: TOKEN_REFRESH_MAX_DELIVERY_COUNT)
             updated["retries"] = retries
+        if copies is not None:  # scheduled copies of this round so far (retries, and calls paced to a later slot)
+            updated["copies"] = copies
         return self._container.upsert_item(updated)
 
     def mark_published(self, claim: dict[str, Any]) -> None:
@@ -251,8 +256,8 @@ class StateStore:
         claim_ids = {f"claim-{request_id}": key for key, request_id in (request_ids or {}).items()}
         rows = self._container.query_items(
             "SELECT c.id, c.kind, c.connectionKey, c.documentTs, c.lastFailureAt, c.code, c.failures, c.updatedAt, "
-            "c.state, c.round, c.outcome.data.retryable "
-            "FROM c WHERE ARRAY_CONTAINS(@ids, c.id) OR (c.kind = 'claim' AND c.state = @refreshed "
+            "c.state, c.round, c.outcome.data.retryable, c.outcome.data.error.code AS errorCode, c.since "
+            "FROM c WHERE ARRAY_CONTAINS(@ids, c.id) OR c.kind = 'held' OR (c.kind = 'claim' AND c.state = @refreshed "
             "AND c.updatedAt >= @since AND ARRAY_CONTAINS(@keys, c.connectionKey))",
             parameters=[
                 {
@@ -266,16 +271,31 @@ class StateStore:
             enable_cross_partition_query=True,
         )
         history = ConnectionHistory({}, {}, {})
+        rows = list(rows)
+        # Codes whose failures since then were most of a wave (hold_failures): not held against the connections.
+        held = {row.get("code"): row.get("since", 0) for row in rows if row.get("kind") == "held"}
+
+        def was_systemic(code: Any, at_ms: Any) -> bool:
+            return code in held and (at_ms or 0) >= held[code]
+
         for row in rows:
             key = row.get("connectionKey")
             if key not in candidates:
                 continue
             if row.get("kind") == "claim":
                 if claim_ids.get(row.get("id")) == key:
-                    history.attempt_rounds[key] = next_attempt_round(row, now_ms)
+                    # Ended as the connection's fault, but it was ours (held): asked again, as a retryable one is.
+                    ended = (
+                        row | {"retryable": True} if was_systemic(row.get("errorCode"), row.get("updatedAt")) else row
+                    )
+                    history.attempt_rounds[key] = next_attempt_round(ended, now_ms)
                 if row.get("state") == ClaimState.REFRESHED and row.get("updatedAt", 0) >= refreshed_since_ms:
                     history.refreshed_at[key] = max(history.refreshed_at.get(key, 0), row.get("updatedAt", 0))
-            elif row.get("documentTs") == candidates[key] and now_ms - row.get("lastFailureAt", 0) < cooldown_ms:
+            elif (
+                row.get("documentTs") == candidates[key]
+                and now_ms - row.get("lastFailureAt", 0) < cooldown_ms
+                and not was_systemic(row.get("code"), row.get("lastFailureAt"))
+            ):
                 history.suppressed[key] = row
         return history
 
@@ -323,7 +343,84 @@ class StateStore:
             raised_now=raised_now,  # as of the write that succeeded
         )
 
+    def alarm_wave(self, signature: str, now_ms: int) -> bool:
+        """Raise the alarm of the current wave of `signature` (one whose raising needs more than a count, see
+        shared.failure_waves.count_connection_failure): True for exactly one caller per window (etag-guarded)."""
+        raised_now = False
+
+        def alarmed(existing: dict[str, Any] | None) -> dict[str, Any]:
+            nonlocal raised_now
+            wave = dict(existing or {"kind": "wave", "signature": signature, "windowStart": now_ms, "keys": []})
+            wave = {k: v for k, v in wave.items() if not k.startswith("_")}
+            raised_now = wave.get("alarmedAt") is None
+            return wave | {"alarmedAt": wave.get("alarmedAt") or now_ms}
+
+        return self._update_guarded("wave-" + text_key(signature), alarmed) is not None and raised_now
+
+    def outcomes_since(self, since_ms: int) -> int:
+        """How many refresh requests ended (refreshed or failed) since `since_ms`: the size of a wave, for "most of
+        it failed the same way". One cross-partition count; only asked when a wave is big enough to matter."""
+        rows = self._container.query_items(
+            "SELECT VALUE COUNT(1) FROM c WHERE c.kind = 'claim' AND c.updatedAt >= @since "
+            "AND (c.state = @refreshed OR c.state = @failed)",
+            parameters=[
+                {"name": "@since", "value": since_ms},
+                {"name": "@refreshed", "value": ClaimState.REFRESHED},
+                {"name": "@failed", "value": ClaimState.FAILED},
+            ],
+            enable_cross_partition_query=True,
+        )
+        return int(sum(rows))
+
+    def hold_failures(self, code: str, since_ms: int, ttl_ms: int) -> None:
+        """Failures of the connections' own kind with `code` since `since_ms` were a systemic fault (most of a wave
+        failed so): connection_history no longer holds them against their connections, and their requests are
+        asked again. Kept as long as such a failure record could suppress (`ttl_ms`, the cooldown)."""
+        item_id = "held-" + text_key(code)
+        earlier = self._get(item_id)  # a wave held before, still in force: keep holding from its start
+        self._container.upsert_item(
+            {
+                "id": item_id,
+                "kind": "held",
+                "code": code,
+                "since": min(since_ms, earlier["since"]) if earlier and "since" in earlier else since_ms,
+                "ttl": max(60, ttl_ms // 1000),
+            }
+        )
+
     # Pacing -----------------------------------------------------------------------------------------
+
+    def take_call_slot(self, integration_id: str, spacing_ms: int, now_ms: int, max_wait_ms: int) -> CallSlot:
+        """The integration's next free call slot, shared by every host: max(now, the slot after the last one
+        taken). Taken (the next one moves `spacing_ms` on, etag-guarded) when it starts within `max_wait_ms`;
+        otherwise left for earlier comers and returned untaken, to come back at. One read and one write."""
+        from azure.core import MatchConditions
+        from azure.cosmos.exceptions import CosmosAccessConditionFailedError, CosmosResourceExistsError
+
+        item_id = "slots-" + text_key(integration_id)
+        for _ in range(8):
+            existing = self._get(item_id)
+            slot = max(now_ms, int((existing or {}).get("nextFree", 0)))
+            if slot - now_ms > max_wait_ms:
+                return CallSlot(slot, taken=False)
+            item = {
+                "id": item_id,
+                "kind": "slots",
+                "integrationId": integration_id,
+                "nextFree": slot + spacing_ms,
+                "ttl": 86_400,
+            }
+            try:
+                if existing is None:
+                    self._container.create_item(item)
+                else:
+                    self._container.replace_item(
+                        item_id, item, etag=existing["_etag"], match_condition=MatchConditions.IfNotModified
+                    )
+            except (CosmosAccessConditionFailedError, CosmosResourceExistsError):
+                continue  # another host took a slot in between: take the next one
+            return CallSlot(slot, taken=True)
+        return CallSlot(now_ms + spacing_ms, taken=False)  # heavy contention: come back a slot later
 
     def pacing(self, integration_id: str) -> dict[str, Any] | None:
         """The schedule the checks have made for `integration_id` so far (shared.refresh_schedule), None if none."""
@@ -398,6 +495,14 @@ class ConnectionHistory:
 
 
 @dataclass(frozen=True)
+class CallSlot:
+    """A call slot of an integration (StateStore.take_call_slot): when, and whether it was taken."""
+
+    at_ms: int
+    taken: bool
+
+
+@dataclass(frozen=True)
 class FailureWave:
     """Failures of one kind across connections within a window (StateStore.note_failure_wave)."""
 
@@ -413,11 +518,14 @@ class FailureWave:
 WAVE_KEYS_KEPT = 200
 
 
-def superseded(claim: dict[str, Any], requested_at_ms: int | None) -> bool:
+def superseded(claim: dict[str, Any], requested_at_ms: int | None, attempt_round: int | None = None) -> bool:
     """A request that ended with a transient failure and was asked for again by a later check (the
-    same connection and expiresAt give the same request id): it gets a new attempt."""
+    same connection and expiresAt give the same request id): it gets a new attempt. So does one that ended as the
+    connection's own failure when the later check sent it in a later round (`attempt_round`): the check found that
+    failure was ours after all (StateStore.hold_failures, next_attempt_round)."""
     outcome = (claim.get("outcome") or {}).get("data") or {}
-    return ended_retryable(claim.get("state"), outcome.get("retryable")) and (
+    retryable = outcome.get("retryable") is True or (attempt_round or 0) > int(claim.get("round") or 0)
+    return ended_retryable(claim.get("state"), retryable) and (
         requested_at_ms is not None and requested_at_ms > claim.get("updatedAt", 0)
     )
 

@@ -19,6 +19,7 @@ Per request (docs/failure-handling.md):
 from __future__ import annotations
 
 import logging
+import math
 import re
 import time
 from collections.abc import Callable
@@ -43,11 +44,11 @@ from shared.events import (
     parse_trigger_message,
 )
 from shared.failure_classes import UNVERIFIED_REFRESH
-from shared.failure_waves import count_failure
+from shared.failure_waves import WaveReport, count_connection_failure, count_failure
 from shared.ids import connection_key, idempotency_key, outcome_event_id
 from shared.manager_client import IntegrationManagerClient, RefreshOutcome
 from shared.messaging import EventPublisher, RetryScheduler
-from shared.settings import Settings
+from shared.settings import Settings, rate_limit
 from shared.state_store import TERMINAL_STATES, ClaimResult, ClaimState, StateStore
 from shared.times import epoch_ms, now_ms, parse_expires_at, utc_now
 
@@ -58,6 +59,19 @@ BACKOFF_MAX_S = 10.0
 
 class _NoLongerRefreshable(Exception):
     """Raised between retries: the connection was revoked or deleted since the request was made."""
+
+
+class _PacedLater(Exception):
+    """Raised before a call: the integration's next free call slot is further off than this delivery may wait."""
+
+    def __init__(self, at_ms: int):
+        super().__init__(at_ms)
+        self.at_ms = at_ms
+
+
+# A delivery waits at most this long for its integration's next call slot (and at most half its retry budget);
+# past it, it comes back as a scheduled copy at the slot instead of holding a worker.
+PACING_MAX_WAIT_MS = 10_000
 
 
 def outcome_event(
@@ -213,6 +227,25 @@ def scheduled_retry_number(message_id: str | None) -> int:
 
 
 _RETRY_MESSAGE_ID = re.compile(r"\.retry-[0-9]+\.([0-9]{1,6})$")
+_RETRY_CHAIN = re.compile(r"^(?P<id>.+)\.retry-(?P<round>[0-9]{1,7})\.(?P<n>[0-9]{1,6})$")
+
+
+def earlier_in_retry_chain(earlier: str, later: str) -> bool:
+    """`later` is a scheduled retry (`<id>.retry-<round>.<n>`) of the delivery with MessageId `earlier`: that round's
+    first delivery (`<id>`, or `<id>.round-<round>`) or one of its earlier retries."""
+    copy = _RETRY_CHAIN.match(later)
+    if copy is None:
+        return False
+    event_id, attempt_round, number = copy["id"], int(copy["round"]), int(copy["n"])
+    if earlier == (f"{event_id}.round-{attempt_round}" if attempt_round else event_id):
+        return True
+    before = _RETRY_CHAIN.match(earlier)
+    return (
+        before is not None
+        and before["id"] == event_id
+        and int(before["round"]) == attempt_round
+        and int(before["n"]) < number
+    )
 
 
 # Scheduled retries of a transient failure wait at most this long (TOKEN_REFRESH_RETRY_DELAY_MS doubles).
@@ -239,7 +272,7 @@ class _RefreshJob:
         self.settings, self.states = context.settings, context.states
         self.key = connection_key(request.tenant_id, request.integration_id, request.connection_id)
         self.requested_at_ms = int(request.requested_at.timestamp() * 1000)
-        self.held_lease_until_ms = 0  # the lease of a claim this delivery acquired (0: none)
+        self.held_until_ms = 0  # a claim this delivery acquired: until its calls are surely over (0: none)
         self.ids = (
             f"connectionId={request.connection_id!r} integrationId={request.integration_id!r} "
             f"tenantId={request.tenant_id!r}"
@@ -270,20 +303,25 @@ class _RefreshJob:
             take_over_live_lease=take_over_live_lease,
             holder={"messageId": self.message_id, "delivery": self.delivery},
             calls_window_ms=calls_window_ms,
+            attempt_round=self.request.attempt_round,
         )
         if claimed.status == "acquired":
-            self.held_lease_until_ms = int(claimed.claim.get("leaseUntil") or 0)
+            claim = claimed.claim
+            self.held_until_ms = int(min(claim.get("callsUntil") or 0, claim.get("leaseUntil") or 0))
         return claimed
 
     def _redelivered_to_me(self, claim: dict[str, Any]) -> bool:
         """The live claim is held by an earlier delivery of this very message: the queue handed the
         message out again, so that delivery is over (its host died, or its lock was lost)."""
         holder = claim.get("holder") or {}
-        return (
-            self.message_id is not None
-            and holder.get("messageId") == self.message_id
-            and self.delivery > int(holder.get("delivery") or 0)
-        )
+        held_by = holder.get("messageId")
+        if self.message_id is None or not isinstance(held_by, str):
+            return False
+        if held_by == self.message_id:
+            return self.delivery > int(holder.get("delivery") or 0)
+        # This is a scheduled copy of the holder: a delivery that could not release the claim (a Cosmos outage)
+        # scheduled it as it ended, so it is over too.
+        return earlier_in_retry_chain(held_by, self.message_id)
 
     def _take_over_from_earlier_delivery(self, claim: dict[str, Any]) -> ClaimResult:
         """Take the claim of an earlier delivery of this message, once none of its calls can still be
@@ -368,7 +406,7 @@ class _RefreshJob:
         # was killed. A queue hands a message to one invocation at a time, so the holder is gone:
         # finish its story now instead of waiting out a lease longer than this invocation may run.
         # (Were it merely slow, `refreshed` is published twice -- at-least-once -- and nothing is called.)
-        claimed = self._claim(take_over_live_lease=self.delivery > 1)
+        claimed = self._claim(take_over_live_lease=self.delivery > 1 or self._redelivered_to_me(existing))
         if claimed.status == "busy":
             # Its holder may still publish; wait for its lease when that fits the budget, then look again.
             lease_left_ms = claimed.claim.get("leaseUntil", 0) - now_ms()
@@ -421,6 +459,7 @@ class _RefreshJob:
                 moved_to = expiry_moved_forward(self.request, latest)
                 if moved_to is not None:
                     return RefreshOutcome(True, expires_at=moved_to)
+            self._wait_for_call_slot()
             outcome = self.context.manager.refresh_connection(
                 self.request.integration_id,
                 self.request.connection_id,
@@ -439,6 +478,8 @@ class _RefreshJob:
                 self.context.sleep,
                 in_flight_s=settings.integration_manager_in_flight_ms / 1000,
             )
+        except _PacedLater as later:
+            return self._come_back_for_slot(claim, later.at_ms, claim.get("attempts", 0) + len(previous))
         except _NoLongerRefreshable as stop:
             # Ended for good, without an outcome event: as when a request finds it so at the start.
             self.states.finish_claim(claim, ClaimState.SKIPPED, claim.get("attempts", 0) + len(previous), now_ms())
@@ -447,7 +488,7 @@ class _RefreshJob:
         except Exception:
             # Unexpected: release the claim so a redelivery can try again at once, not after the lease.
             self.states.finish_claim(claim, ClaimState.RETRY_PENDING, claim.get("attempts", 0) + 1, now_ms())
-            self.held_lease_until_ms = 0  # released: a retry need not wait for the lease
+            self.held_until_ms = 0  # released: a retry need not wait for it
             raise
         attempts = claim.get("attempts", 0) + calls
         if not outcome.succeeded and outcome.may_be_in_flight:
@@ -481,6 +522,58 @@ class _RefreshJob:
             )
             raise RefreshRetryLaterError(f"transient failure {outcome.error_code} after {attempts} attempt(s)")
         return self._report(claim, outcome, attempts, current)
+
+    def _wait_for_call_slot(self) -> None:
+        """Pacing at call time: a call of a rate-limited integration (TOKEN_REFRESH_RATE_LIMITS) takes the
+        integration's next free call slot, shared by every host in the state container, and waits for it. The
+        limit then holds for requests delivered late (after an outage, a backlog, a 429 storm), which the check's
+        schedule (shared.refresh_schedule) cannot see. Raises _PacedLater when the slot is too far off to wait."""
+        rate = rate_limit(self.settings, self.request.integration_id)
+        if rate is None:
+            return
+        max_wait_ms = min(PACING_MAX_WAIT_MS, self.settings.integration_manager_retry_budget_ms // 2)
+        now = now_ms()
+        slot = self.states.take_call_slot(self.request.integration_id, math.ceil(1000 / rate), now, max_wait_ms)
+        if not slot.taken:
+            raise _PacedLater(slot.at_ms)
+        if slot.at_ms > now:
+            self.context.sleep((slot.at_ms - now) / 1000)
+
+    def _come_back_for_slot(self, claim: dict[str, Any], at_ms: int, attempts: int) -> CloudEvent | None:
+        """The integration's next call slot is further off than this delivery may wait: release the claim and come
+        back then, as a scheduled copy (not a failure: it uses none of TOKEN_REFRESH_MAX_DELIVERY_COUNT), or, without
+        a scheduler, as a redelivery that waits for `notBefore`."""
+        now = now_ms()
+        number = self._next_copy_number(claim)
+        scheduled = self._schedules_retries()
+        self.states.finish_claim(
+            claim,
+            ClaimState.RETRY_PENDING,
+            attempts,
+            now,
+            not_before_ms=at_ms,
+            copies=number if scheduled else None,
+        )
+        self.held_until_ms = 0
+        logger.info(
+            "Pacing integration %r: its next call slot is in %.1f s; the refresh of connection (%s) comes back then",
+            self.request.integration_id,
+            (at_ms - now) / 1000,
+            self.ids,
+        )
+        if not scheduled:
+            raise RefreshRetryLaterError(f"paced: the next call slot is in {(at_ms - now) / 1000:.1f} s")
+        scheduler = self.context.retry_scheduler
+        assert scheduler is not None  # noqa: S101 - _schedules_retries() said so
+        at = datetime.fromtimestamp(at_ms / 1000, UTC)
+        scheduler.schedule_retry(self.event, number, at, attempt_round=claim.get("round", 0))
+        return None
+
+    def _next_copy_number(self, claim: dict[str, Any]) -> int:
+        """The number of the next scheduled copy of this round (its MessageId `<id>.retry-<round>.<n>` must be new to
+        duplicate detection): after every copy so far, retries and paced ones alike."""
+        so_far = max(claim.get("copies", 0), claim.get("retries", 0), scheduled_retry_number(self.message_id))
+        return so_far + 1
 
     def _verified(self, outcome: RefreshOutcome) -> RefreshOutcome:
         """A refresh is done when integration-manager says so and the expiry agrees: its answer carries a later
@@ -524,8 +617,10 @@ class _RefreshJob:
         window), and complete this one: a short outage cannot use up the deliveries. False when the
         request had all its deliveries (TOKEN_REFRESH_MAX_DELIVERY_COUNT, retries included)."""
         settings = self.settings
-        # Store outages schedule copies too, without the claim (retry_after_store_outage): count both.
-        retries = max(claim.get("retries", 0), scheduled_retry_number(self.message_id))
+        # Failures so far: the claim's, and copies a Cosmos outage scheduled, which it could not record.
+        known = claim.get("copies", claim.get("retries", 0))
+        retries = claim.get("retries", 0) + max(0, scheduled_retry_number(self.message_id) - known)
+        number = self._next_copy_number(claim)
         if retries + 1 >= settings.max_delivery_count:
             return False  # deliveries used up: report it
         now = now_ms()
@@ -540,11 +635,12 @@ class _RefreshJob:
             not_before_ms=not_before,
             in_flight_until_ms=in_flight_until,
             retries=retries + 1,
+            copies=number,
         )
         scheduler = self.context.retry_scheduler
         assert scheduler is not None  # noqa: S101 - _schedules_retries() said so
         at = datetime.fromtimestamp(at_ms / 1000, UTC)
-        scheduler.schedule_retry(self.event, retries + 1, at, attempt_round=claim.get("round", 0))
+        scheduler.schedule_retry(self.event, number, at, attempt_round=claim.get("round", 0))
         logger.warning(
             "OAuth token refresh will be retried in %.1f s (%s code=%s httpStatus=%s attempts=%d retry %d of %d)",
             (at_ms - now) / 1000,
@@ -560,15 +656,16 @@ class _RefreshJob:
     def retry_after_store_outage(self, error: BaseException) -> bool:
         """Cosmos failed (unreachable, 5xx, 429 after the SDK's retries): come back as a scheduled copy, as after a
         failure of integration-manager, so an outage of minutes dead-letters nothing. The claim cannot be written
-        meanwhile: a claim this delivery acquired is left to its lease, and the copy comes no earlier than the
-        lease's end (it then takes the claim over and looks at the connection again before any call). False, and
-        the error is raised (the queue redelivers), without a scheduler or once the deliveries are used up."""
+        meanwhile: a claim this delivery acquired stays in progress, and the copy comes no earlier than the end of
+        this delivery's calls window (callsUntil); it then takes the claim over as this delivery's successor
+        (earlier_in_retry_chain) and looks at the connection again before any call. False, and the error is raised
+        (the queue redelivers), without a scheduler or once the deliveries are used up."""
         settings = self.settings
         retries = scheduled_retry_number(self.message_id)
         if not self._schedules_retries() or retries + 1 >= settings.max_delivery_count:
             return False
         now = now_ms()
-        at_ms = max(now + min(settings.retry_delay_ms * 2**retries, RETRY_DELAY_MAX_MS), self.held_lease_until_ms)
+        at_ms = max(now + min(settings.retry_delay_ms * 2**retries, RETRY_DELAY_MAX_MS), self.held_until_ms)
         scheduler = self.context.retry_scheduler
         assert scheduler is not None  # noqa: S101 - _schedules_retries() said so
         try:
@@ -618,6 +715,11 @@ class _RefreshJob:
         """Publish the outcome, then record it with the claim in one write. A failed publish is
         recorded as unpublished first, so the redelivery publishes the stored outcome without
         calling integration-manager again."""
+        counted: WaveReport | None = None
+        if outcome.about_connection:
+            # Most of a wave failing with the same connection code is ours: then reported as systemic.
+            ctx = self.context
+            outcome, counted = count_connection_failure(outcome, self.key, self.states, ctx.publisher, self.settings)
         event = outcome_event(self.request, outcome, attempts, self.event.id, claim.get("round", 0))
         state = ClaimState.REFRESHED if outcome.succeeded else ClaimState.FAILED
         stored = event.wire_dict()
@@ -635,7 +737,7 @@ class _RefreshJob:
         quiet = False
         if not outcome.about_connection:
             # Not this connection's fault: counted towards one alarm for all of them (shared.failure_waves).
-            wave = count_failure(outcome, self.key, self.states, self.context.publisher, self.settings)
+            wave = counted or count_failure(outcome, self.key, self.states, self.context.publisher, self.settings)
             quiet = wave.already_alarmed
         logger.log(
             logging.INFO if quiet else logging.WARNING,

@@ -363,9 +363,10 @@ def test_dead_letters_lists_poison_messages_without_consuming_then_replays_one(
     # poison, so it is dead-lettered again after its 3rd delivery.
     result = run_cli(cli_env, *run)
     assert "dead-lettered 1" in result.stdout
-    assert re.findall(r"failed on message (p-\d \(delivery \d of 3\))", result.stderr) == [
-        f"{oldest} (delivery 2 of 3)",
-        f"{oldest} (delivery 3 of 3)",
+    # The function sees the replay's own MessageId (`<id>.replay-<ms>`), as on Service Bus.
+    assert re.findall(r"failed on message (p-\d)\.replay-\d+ \((delivery \d of 3)\)", result.stderr) == [
+        (oldest, "delivery 2 of 3"),
+        (oldest, "delivery 3 of 3"),
     ]
     assert main([*listing, "--queue", "refresh-requested"]) == 0
     assert re.findall(r"messageId=(\S+)", outputs(capsys)[0]) == [newest, oldest]

@@ -139,3 +139,58 @@ def test_many_connections_failing_the_same_way_raise_one_alarm_and_nothing_is_he
     per_connection = [r.levelname for r in caplog.records if r.getMessage().startswith("OAuth token refresh failed")]
     assert per_connection == ["WARNING"] * 3 + ["INFO"] * 3
     assert state_items(cosmos_database, state_container_name, "failure") == []
+
+
+def test_most_of_a_wave_failing_with_a_connection_code_is_ours_one_alarm_and_all_asked_again_once_fixed(
+    app_env, cosmos_container, manager, event_tap, caplog, monkeypatch
+):
+    # INTEGRATION_MANAGER_URL pointing at another environment: every connection is "not found". It used to leave
+    # one failure record per connection, no alarm, and the whole fleet suppressed for 24 h after the fix.
+    monkeypatch.setenv("TOKEN_REFRESH_SYSTEMIC_FAILURE_THRESHOLD", "3")
+    runtime.reset()
+    expires_at = datetime.now(UTC) + timedelta(minutes=10)
+    manager.script = lambda call: Answer(404, {"error": "connection_not_found"})
+    caplog.set_level("INFO")
+    for n in range(6):
+        seed_expiring(cosmos_container, f"conn-{n}", expires_at)
+        invoke(sync_refresh_handler, trigger(refresh_request(f"conn-{n}", "salesforce", "t-1", expires_at)))
+    published = event_tap.drain()
+    failed = of_type(published, REFRESH_FAILED)
+    # Each connection has its outcome; from the wave's threshold on (3 of the 3 that ended), they are ours.
+    assert [f["data"]["retryable"] for f in failed] == [False, False, True, True, True, True]
+    [alarm] = of_type(published, SYSTEMIC_FAILURE)
+    assert (alarm["data"]["code"], alarm["data"]["httpStatus"], alarm["data"]["connections"]) == (
+        "connection_not_found",
+        404,
+        3,
+    )
+    assert "INTEGRATION_MANAGER_URL" in alarm["data"]["check"]
+    # The cause is fixed: the next check asks again for every one of them (none held against it), and they refresh.
+    manager.script, manager.container = None, cosmos_container
+    invoke(manager_check_handler, trigger(check_event()))
+    requests = event_tap.of_type(REFRESH_REQUESTED)
+    assert sorted(r["data"]["connectionId"] for r in requests) == [f"conn-{n}" for n in range(6)]
+    for request in requests:
+        invoke(sync_refresh_handler, trigger(json.dumps(request).encode(), message_id=request["id"]))
+    assert len(event_tap.of_type(REFRESHED)) == 6
+
+
+def test_a_few_connections_failing_with_their_own_code_among_many_refreshed_are_each_their_own(
+    app_env, cosmos_container, manager, event_tap, monkeypatch
+):
+    monkeypatch.setenv("TOKEN_REFRESH_SYSTEMIC_FAILURE_THRESHOLD", "3")
+    runtime.reset()
+    expires_at = datetime.now(UTC) + timedelta(minutes=10)
+    broken = {"conn-7", "conn-8", "conn-9"}
+    manager.container, manager.token_lifetime = cosmos_container, timedelta(hours=3)  # refreshed: not due again
+    manager.script = lambda call: (
+        Answer(400, {"error": "invalid_grant"}, keep_document=True) if call.connection_id in broken else Answer()
+    )
+    for n in range(10):
+        seed_expiring(cosmos_container, f"conn-{n}", expires_at)
+        invoke(sync_refresh_handler, trigger(refresh_request(f"conn-{n}", "salesforce", "t-1", expires_at)))
+    published = event_tap.drain()
+    assert [f["data"]["retryable"] for f in of_type(published, REFRESH_FAILED)] == [False] * 3
+    assert of_type(published, SYSTEMIC_FAILURE) == []
+    invoke(manager_check_handler, trigger(check_event()))
+    assert event_tap.of_type(REFRESH_REQUESTED) == []  # each failure stays held against its own connection

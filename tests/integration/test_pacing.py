@@ -4,16 +4,23 @@ RabbitMQ (the events the platform sees, with their notBefore)."""
 
 import logging
 import random
+import time
 from collections import Counter, defaultdict
+from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime, timedelta
 
+import requests
+
 import manager_check_handler
+import sync_refresh_handler
 from shared import runtime
-from shared.events import CHECK_EXPIRING, REFRESH_REQUESTED, CheckExpiringData, CloudEvent, make_event
+from shared.events import CHECK_EXPIRING, REFRESH_REQUESTED, REFRESHED, CheckExpiringData, CloudEvent, make_event
+from shared.messaging import ServiceBusTransport
 from shared.refresh_schedule import BACKLOG_ALARM
-from shared.times import parse_time
-from tests.support.documents import seed_expiring
-from tests.support.helpers import invoke, most_in_any_window, trigger
+from shared.times import parse_time, utc_now
+from tests.support.documents import request_for, seed_connection, seed_expiring
+from tests.support.helpers import invoke, most_in_any_window, refresh_request, trigger
+from tests.support.service_bus import RecordingClient, RecordingSender
 
 
 def run_check(event_tap, now=None):
@@ -135,3 +142,70 @@ def test_the_spread_delays_requests_within_the_window_and_never_the_urgent_ones(
     delays = [ms(requests[f"later-{n}"]["notBefore"]) - now.timestamp() * 1000 for n in range(30)]
     assert all(0 <= d <= 600_000 + 1000 for d in delays)
     assert len({int(d // 60_000) for d in delays}) >= 5  # spread over the window, not bunched
+
+
+# Pacing at call time (shared.token_refresh._wait_for_call_slot) ---------------------------------------------------
+
+
+def test_requests_delivered_all_at_once_keep_the_rate_limit_at_call_time(
+    app_env, cosmos_container, manager, event_tap, monkeypatch
+):
+    # Requests delivered late (the host or RabbitMQ down for a while, a 429 storm) all arrive at once; nothing at call
+    # time kept the limit: 42-60 calls in 1 s at salesforce=4/s. Now each call takes the integration's next free slot
+    # in the state container (every host shares it), waits for it, or comes back for it as a scheduled copy.
+    monkeypatch.setenv("TOKEN_REFRESH_RATE_LIMITS", "zoom=4/s")
+    runtime.reset()
+    client = RecordingClient()
+    runtime.use_retry_scheduler(ServiceBusTransport(client))
+    requests = [request_for(f"c-{n}", seed_connection(cosmos_container, f"c-{n}")) for n in range(16)]
+    with ThreadPoolExecutor(16) as pool:  # every request at once, as after an outage
+        list(pool.map(lambda request: invoke(sync_refresh_handler, trigger(request, 1)), requests))
+    delivered = 0
+    while scheduled := client.senders.get(REFRESH_REQUESTED, RecordingSender("", 0)).scheduled[delivered:]:
+        delivered += len(scheduled)
+        for message, at in sorted(scheduled, key=lambda copy: copy[1]):  # each at its time, as Service Bus does
+            time.sleep(max(0.0, (at - utc_now()).total_seconds()))
+            invoke(sync_refresh_handler, trigger(b"".join(message.body), 1, message_id=message.message_id))
+    assert len(event_tap.of_type(REFRESHED)) == 16
+    assert len(manager.calls) == 16  # each once: a paced copy is no retry
+    stamps = [call.received_at for call in manager.calls]
+    assert most_in_any_window(stamps, 1.0) <= 4 + 1
+    assert most_in_any_window(stamps, 3.0) <= 4 * 3 + 1
+    assert delivered > 0  # some came back later: the slots were further off than a delivery may wait (2.5 s)
+
+
+def test_a_call_slot_costs_a_limited_integration_one_read_and_one_write_of_cosmos_per_refresh(
+    app_env, cosmos_container, manager, event_tap, monkeypatch
+):
+    monkeypatch.setenv("TOKEN_REFRESH_RATE_LIMITS", "zoom=50/s")
+    runtime.reset()
+    counted: list[str] = []
+    send = requests.Session.send
+
+    def counting_send(session, request, **kwargs):  # the app's requests to Cosmos, as bench/run.py counts them
+        if request.url.startswith(app_env["COSMOS_ENDPOINT"]):
+            counted.append(request.url)
+        return send(session, request, **kwargs)
+
+    def cosmos_requests_per_refresh(integration_id: str) -> float:
+        seeded = [f"{integration_id}-{n}" for n in range(5)]
+        requests_ = [
+            refresh_request(
+                connection_id,
+                integration_id,
+                "t-1",
+                seed_connection(cosmos_container, connection_id, integrationId=integration_id),
+            )
+            for connection_id in seeded
+        ]
+        invoke(sync_refresh_handler, trigger(requests_[0], 1))  # warm: clients, containers, the slot document
+        counted.clear()
+        for request in requests_[1:]:
+            invoke(sync_refresh_handler, trigger(request, 1))
+        return len(counted) / (len(requests_) - 1)
+
+    monkeypatch.setattr(requests.Session, "send", counting_send)
+    unlimited = cosmos_requests_per_refresh("github")
+    limited = cosmos_requests_per_refresh("zoom")
+    assert limited - unlimited == 2  # the slot document: one point read, one etag-guarded replace
+    assert len(event_tap.of_type(REFRESHED)) == 10

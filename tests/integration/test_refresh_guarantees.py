@@ -264,10 +264,12 @@ def test_a_cosmos_outage_that_outlasts_the_retries_is_raised_for_the_queue_to_de
     assert REFRESH_REQUESTED not in client.senders or client.senders[REFRESH_REQUESTED].scheduled == []
 
 
-def test_a_cosmos_outage_after_the_claim_waits_for_its_lease_and_the_copy_does_not_call_again(
+def test_a_cosmos_outage_after_the_claim_sends_a_copy_that_takes_it_over_without_calling_again(
     app_env, cosmos_faults, cosmos_container, manager, event_tap, monkeypatch
 ):
-    monkeypatch.setenv("TOKEN_REFRESH_CLAIM_LEASE_MS", "2000")
+    # A short calls window (retry budget 5 s + timeouts + in-flight 2 s), so the copy comes in seconds.
+    monkeypatch.setenv("INTEGRATION_MANAGER_TIMEOUT_MS", "1000")
+    monkeypatch.setenv("INTEGRATION_MANAGER_CONNECT_TIMEOUT_MS", "500")
     runtime.reset()
     client = RecordingClient()
     runtime.use_retry_scheduler(ServiceBusTransport(client))
@@ -279,9 +281,11 @@ def test_a_cosmos_outage_after_the_claim_waits_for_its_lease_and_the_copy_does_n
     invoke(sync_refresh_handler, trigger(request, 1))
     assert [e.routing_key for e in event_tap.drain()] == [REFRESHED]  # published before the claim's write
     [(copy, at)] = client.senders[REFRESH_REQUESTED].scheduled
-    assert at >= started + timedelta(milliseconds=2000)  # not before the lease ends: then it may take over
+    # Not before this delivery's calls are surely over (its calls window, 8.5 s), long before the lease (10 min) ends.
+    assert started + timedelta(seconds=8) <= at <= started + timedelta(seconds=15)
     cosmos_faults.clear_faults()
     time.sleep(max(0.0, (at - utc_now()).total_seconds()))
+    # A different MessageId, and delivery 1: it takes the claim over as the successor of the delivery that held it.
     invoke(sync_refresh_handler, trigger(b"".join(copy.body), 1, message_id=copy.message_id))
     assert len(manager.calls) == 1  # it looked first: the token was refreshed
     [again] = event_tap.of_type(REFRESHED)

@@ -12,7 +12,7 @@ from shared.failure_classes import FailureKind
 from shared.manager_client import RefreshOutcome, parse_retry_after
 from shared.messaging import service_bus_message, service_bus_message_id
 from shared.times import utc_now
-from shared.token_refresh import call_with_retries
+from shared.token_refresh import call_with_retries, earlier_in_retry_chain, scheduled_retry_number
 from tests.support.documents import request_for
 from tests.support.helpers import check_event
 
@@ -109,3 +109,34 @@ def test_a_later_round_of_a_request_gets_a_message_id_of_its_own_and_a_copy_of_a
     check = check_event()
     assert service_bus_message_id(check) == check.id  # only refresh requests have rounds
     assert service_bus_message(first).session_id is None  # the refresh queue is not session-enabled
+
+
+# Scheduled copies after a Cosmos outage (shared.token_refresh.earlier_in_retry_chain) ------------------------------
+
+
+@pytest.mark.parametrize(
+    ("earlier", "later", "expected"),
+    [
+        ("req", "req.retry-0.1", True),  # the round's first delivery scheduled it
+        ("req.retry-0.1", "req.retry-0.2", True),
+        ("req.round-2", "req.retry-2.1", True),
+        ("req.retry-2.3", "req.retry-2.4", True),
+        ("req.retry-0.2", "req.retry-0.2", False),  # itself: a redelivery, judged by the delivery count
+        ("req.retry-0.3", "req.retry-0.2", False),  # a later one
+        ("req", "req.retry-1.1", False),  # another round's
+        ("req.round-1", "req.retry-2.1", False),
+        ("other", "req.retry-0.1", False),
+        ("req", "req", False),  # not a scheduled copy
+        ("req", "req.round-1", False),
+    ],
+)
+def test_a_scheduled_copy_succeeds_only_its_own_earlier_deliveries(earlier, later, expected):
+    assert earlier_in_retry_chain(earlier, later) is expected
+
+
+@pytest.mark.parametrize(
+    ("message_id", "number"),
+    [(None, 0), ("req", 0), ("req.round-3", 0), ("req.retry-0.1", 1), ("req.retry-3.12", 12), ("x.retry-0.1.y", 0)],
+)
+def test_the_retry_number_travels_in_the_message_id(message_id, number):
+    assert scheduled_retry_number(message_id) == number
