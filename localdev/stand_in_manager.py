@@ -19,6 +19,7 @@ import contextlib
 import json
 import socket
 import ssl
+import sys
 import threading
 import time
 from collections.abc import Callable
@@ -32,6 +33,12 @@ from urllib.parse import unquote
 class _Server(ThreadingHTTPServer):
     # socketserver's default backlog of 5 refuses a burst of concurrent connects; real servers take more.
     request_queue_size = 128
+
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        # A client that gave up (its read timeout) resets the connection: expected, not worth a traceback.
+        if isinstance(sys.exc_info()[1], (ConnectionResetError, BrokenPipeError)):
+            return
+        super().handle_error(request, client_address)
 
 
 PATH_PREFIX = "/api/v1/integrations/"

@@ -80,7 +80,7 @@ def count_connection_failure(
     before it is reported. One such failure is the connection's; most of a wave failing with the same code is
     ours (INTEGRATION_MANAGER_URL pointing at another environment, a provider's rotated client secret). When the
     wave has TOKEN_REFRESH_SYSTEMIC_FAILURE_THRESHOLD connections and more than half of the requests that ended
-    within the last window length (TOKEN_REFRESH_SYSTEMIC_FAILURE_WINDOW_MS), the alarm is raised once, the
+    since its first failure (within TOKEN_REFRESH_SYSTEMIC_FAILURE_WINDOW_MS), the alarm is raised once, the
     wave's failures are no longer held against their connections (StateStore.hold_failures: the next check asks
     again), and this one and the rest of the wave are reported as systemic (retryable). Returns the outcome to
     report and the wave. Best effort, as count_failure."""
@@ -93,9 +93,8 @@ def count_connection_failure(
         if wave is None or wave.connections < settings.systemic_failure_threshold:
             return outcome, WaveReport(wave)
         if not wave.alarmed:
-            # Requests that ended within one window length before now (the wave's own window starts with its first
-            # failure, after the successes that came before it), + this one, whose claim ends after the report.
-            ended = states.outcomes_since(now - settings.systemic_failure_window_ms) + 1
+            # Requests that ended since the wave's first failure, + this one, whose claim ends after the report.
+            ended = states.outcomes_since(wave.window_start_ms) + 1
             if 2 * wave.connections <= ended:
                 return outcome, WaveReport(wave)  # a few connections among many: each one's own failure
             wave = replace(wave, alarmed=True, raised_now=states.alarm_wave(signature(outcome), now))

@@ -235,9 +235,9 @@ class Settings(BaseSettings):
         alias="TOKEN_REFRESH_RETRY_DELAY_MS",
         ge=0,
         le=3_600_000,
-        description="a transient failure comes back as a scheduled copy of the request this long after the first "
-        "failed delivery, doubling per retry up to 15 min (Service Bus: a scheduled message; local host: a durable "
-        "delay queue)",
+        description="a transient failure (integration-manager's or Cosmos') comes back as a scheduled copy of the "
+        "request this long after the first failed delivery, doubling per retry up to 15 min and up to a quarter of the "
+        "time the token has left (Service Bus: a scheduled message; local host: a durable delay queue)",
         json_schema_extra={"zero": "the queue redelivers at once"},
     )
     failure_cooldown_ms: int = Field(

@@ -72,6 +72,9 @@ class _PacedLater(Exception):
 # A delivery waits at most this long for its integration's next call slot (and at most half its retry budget);
 # past it, it comes back as a scheduled copy at the slot instead of holding a worker.
 PACING_MAX_WAIT_MS = 10_000
+# Call slots are spaced this much wider than the limit: between its slot and integration-manager a call is delayed by
+# a varying few ms (a thread waking, the connection pool), and delayed calls must not bunch past the limit.
+PACING_HEADROOM = 1.05
 
 
 def outcome_event(
@@ -217,6 +220,57 @@ def refresh_connection_token(
         if is_store_outage(error) and job.retry_after_store_outage(error):
             return None  # a scheduled copy comes back later; this delivery is complete
         raise
+
+
+def schedule_after_store_outage(
+    event: CloudEvent,
+    request: RefreshRequestedData,
+    settings: Settings,
+    scheduler: RetryScheduler | None,
+    error: BaseException,
+    *,
+    message_id: str | None,
+    not_before_ms: int = 0,
+) -> bool:
+    """Cosmos failed during a refresh: schedule a copy of the request TOKEN_REFRESH_RETRY_DELAY_MS later (doubling per
+    copy, never before `not_before_ms`), as after a failure of integration-manager, so an outage of minutes
+    dead-letters nothing. The claim cannot be written meanwhile, so the copy's number travels in its MessageId. False,
+    and the caller raises (the queue redelivers), without a scheduler, once the deliveries are used up, or when the
+    copy could not be scheduled."""
+    retries = scheduled_retry_number(message_id)
+    if scheduler is None or settings.retry_delay_ms <= 0 or retries + 1 >= settings.max_delivery_count:
+        return False
+    now = now_ms()
+    at_ms = max(now + retry_delay_ms(settings, retries, request.expires_at, now), not_before_ms)
+    try:
+        scheduler.schedule_retry(
+            event, retries + 1, datetime.fromtimestamp(at_ms / 1000, UTC), attempt_round=request.attempt_round or 0
+        )
+    except Exception as schedule_error:  # noqa: BLE001 - not scheduled: the queue redelivers instead
+        logger.warning("Could not schedule a retry: %s", type(schedule_error).__name__)
+        return False
+    logger.warning(
+        "Cosmos DB failed (%s); the refresh of connection (connectionId=%r integrationId=%r tenantId=%r) will be "
+        "retried in %.1f s (retry %d of %d); check COSMOS_ENDPOINT and the account's health",
+        describe_store_error(error),
+        request.connection_id,
+        request.integration_id,
+        request.tenant_id,
+        (at_ms - now) / 1000,
+        retries + 1,
+        settings.max_delivery_count - 1,
+    )
+    return True
+
+
+def retry_delay_ms(settings: Settings, retries: int, expires_at: datetime | None, now: int) -> int:
+    """How long after this delivery the next scheduled copy comes: TOKEN_REFRESH_RETRY_DELAY_MS doubling per retry,
+    up to RETRY_DELAY_MAX_MS, and never more than a quarter of the time the token has left (but at least the setting):
+    after an outage the next attempt must still come before the token expires, with room for more."""
+    delay = min(settings.retry_delay_ms * 2**retries, RETRY_DELAY_MAX_MS)
+    if expires_at is not None:
+        delay = min(delay, max(settings.retry_delay_ms, (epoch_ms(expires_at) - now) // 4))
+    return delay
 
 
 def scheduled_retry_number(message_id: str | None) -> int:
@@ -533,7 +587,8 @@ class _RefreshJob:
             return
         max_wait_ms = min(PACING_MAX_WAIT_MS, self.settings.integration_manager_retry_budget_ms // 2)
         now = now_ms()
-        slot = self.states.take_call_slot(self.request.integration_id, math.ceil(1000 / rate), now, max_wait_ms)
+        spacing_ms = math.ceil(1000 * PACING_HEADROOM / rate)
+        slot = self.states.take_call_slot(self.request.integration_id, spacing_ms, now, max_wait_ms)
         if not slot.taken:
             raise _PacedLater(slot.at_ms)
         if slot.at_ms > now:
@@ -624,7 +679,7 @@ class _RefreshJob:
         if retries + 1 >= settings.max_delivery_count:
             return False  # deliveries used up: report it
         now = now_ms()
-        delay_ms = min(settings.retry_delay_ms * 2**retries, RETRY_DELAY_MAX_MS)
+        delay_ms = retry_delay_ms(settings, retries, self.request.expires_at, now)
         not_before, in_flight_until = self._no_call_before(outcome, now)
         at_ms = max(now + delay_ms, in_flight_until, not_before)
         self.states.finish_claim(
@@ -654,40 +709,19 @@ class _RefreshJob:
         return True
 
     def retry_after_store_outage(self, error: BaseException) -> bool:
-        """Cosmos failed (unreachable, 5xx, 429 after the SDK's retries): come back as a scheduled copy, as after a
-        failure of integration-manager, so an outage of minutes dead-letters nothing. The claim cannot be written
-        meanwhile: a claim this delivery acquired stays in progress, and the copy comes no earlier than the end of
-        this delivery's calls window (callsUntil); it then takes the claim over as this delivery's successor
-        (earlier_in_retry_chain) and looks at the connection again before any call. False, and the error is raised
-        (the queue redelivers), without a scheduler or once the deliveries are used up."""
-        settings = self.settings
-        retries = scheduled_retry_number(self.message_id)
-        if not self._schedules_retries() or retries + 1 >= settings.max_delivery_count:
-            return False
-        now = now_ms()
-        at_ms = max(now + min(settings.retry_delay_ms * 2**retries, RETRY_DELAY_MAX_MS), self.held_until_ms)
-        scheduler = self.context.retry_scheduler
-        assert scheduler is not None  # noqa: S101 - _schedules_retries() said so
-        try:
-            scheduler.schedule_retry(
-                self.event,
-                retries + 1,
-                datetime.fromtimestamp(at_ms / 1000, UTC),
-                attempt_round=self.request.attempt_round or 0,
-            )
-        except Exception as schedule_error:  # noqa: BLE001 - not scheduled: the queue redelivers instead
-            logger.warning("Could not schedule a retry: %s", type(schedule_error).__name__)
-            return False
-        logger.warning(
-            "Cosmos DB failed (%s); the refresh of connection (%s) will be retried in %.1f s (retry %d of %d); "
-            "check COSMOS_ENDPOINT and the account's health",
-            describe_store_error(error),
-            self.ids,
-            (at_ms - now) / 1000,
-            retries + 1,
-            settings.max_delivery_count - 1,
+        """Cosmos failed (unreachable, 5xx, 429 after the SDK's retries): come back as a scheduled copy (see
+        schedule_after_store_outage). A claim this delivery acquired stays in progress, and the copy comes no earlier
+        than the end of this delivery's calls window (callsUntil); it then takes the claim over as this delivery's
+        successor (earlier_in_retry_chain) and looks at the connection again before any call."""
+        return schedule_after_store_outage(
+            self.event,
+            self.request,
+            self.settings,
+            self.context.retry_scheduler,
+            error,
+            message_id=self.message_id,
+            not_before_ms=self.held_until_ms,
         )
-        return True
 
     def _record_permanent_failure(self, outcome: RefreshOutcome, current: ConnectionState | None) -> None:
         """Keep the next checks from requesting a connection that failed for good. Keyed to the
@@ -774,6 +808,13 @@ def handle_refresh_requested_message(
     delivery = max(1, delivery_count or 1)
     envelope, request = parse_trigger_message(body, REFRESH_REQUESTED, message_id, delivery)
     telemetry.bind(connectionId=request.connection_id, integrationId=request.integration_id, tenantId=request.tenant_id)
-    return refresh_connection_token(
-        envelope, request, RefreshContext.from_runtime(), delivery_count=delivery, message_id=message_id or None
-    )
+    try:
+        context = RefreshContext.from_runtime()  # a new process creates its clients now (with a key: the container)
+    except Exception as error:
+        scheduler = runtime.retry_scheduler()
+        if is_store_outage(error) and schedule_after_store_outage(
+            envelope, request, runtime.settings(), scheduler, error, message_id=message_id or None
+        ):
+            return None
+        raise
+    return refresh_connection_token(envelope, request, context, delivery_count=delivery, message_id=message_id or None)

@@ -313,3 +313,21 @@ def test_a_cosmos_outage_that_outlasts_the_checks_wait_is_raised_for_the_queue_t
     with pytest.raises(CosmosHttpResponseError):
         invoke(manager_check_handler, trigger(check_event()))
     assert event_tap.drain() == []
+
+
+def test_a_new_process_whose_first_refresh_meets_a_cosmos_outage_schedules_a_copy(
+    app_env, cosmos_faults, cosmos_container, manager, event_tap
+):
+    # A host started (or restarted) during an outage creates its clients, and the state container, on its first
+    # invocation: that failed before the refresh began, was redelivered at once and dead-lettered within 20 s.
+    runtime.reset()
+    client = RecordingClient()
+    runtime.use_retry_scheduler(ServiceBusTransport(client))
+    request = request_for("c-1", seed_connection(cosmos_container))
+    cosmos_faults.inject_fault(path="/colls", status=500, times=-1)  # every request to a container
+    invoke(sync_refresh_handler, trigger(request, 1))  # no exception: nothing for the queue to redeliver
+    [(copy, _)] = client.senders[REFRESH_REQUESTED].scheduled
+    assert copy.message_id == f"{request.id}.retry-0.1"
+    cosmos_faults.clear_faults()
+    invoke(sync_refresh_handler, trigger(b"".join(copy.body), 1, message_id=copy.message_id))
+    assert [e.routing_key for e in event_tap.drain()] == [REFRESHED]

@@ -11,8 +11,9 @@ from shared.events import RefreshRequestedData, make_event
 from shared.failure_classes import FailureKind
 from shared.manager_client import RefreshOutcome, parse_retry_after
 from shared.messaging import service_bus_message, service_bus_message_id
+from shared.settings import load_settings
 from shared.times import utc_now
-from shared.token_refresh import call_with_retries, earlier_in_retry_chain, scheduled_retry_number
+from shared.token_refresh import call_with_retries, earlier_in_retry_chain, retry_delay_ms, scheduled_retry_number
 from tests.support.documents import request_for
 from tests.support.helpers import check_event
 
@@ -140,3 +141,17 @@ def test_a_scheduled_copy_succeeds_only_its_own_earlier_deliveries(earlier, late
 )
 def test_the_retry_number_travels_in_the_message_id(message_id, number):
     assert scheduled_retry_number(message_id) == number
+
+
+def test_the_retry_delay_doubles_but_always_leaves_room_before_the_token_expires():
+    # After an outage of about a minute, retries doubling from 1 s waited up to 32 s more: tokens with 80 s left
+    # expired waiting for a copy that came after the outage had ended.
+    settings = load_settings({"TOKEN_REFRESH_RETRY_DELAY_MS": "1000"})
+    now = 1_000_000_000
+    far = datetime.fromtimestamp((now + 3_600_000) / 1000, UTC)  # an hour left
+    assert [retry_delay_ms(settings, n, far, now) for n in range(6)] == [1000, 2000, 4000, 8000, 16000, 32000]
+    soon = datetime.fromtimestamp((now + 40_000) / 1000, UTC)  # 40 s left: never more than 10 s
+    assert [retry_delay_ms(settings, n, soon, now) for n in range(6)] == [1000, 2000, 4000, 8000, 10000, 10000]
+    expired = datetime.fromtimestamp((now - 5_000) / 1000, UTC)
+    assert retry_delay_ms(settings, 5, expired, now) == 1000  # at least the setting
+    assert retry_delay_ms(settings, 20, None, now) == 15 * 60 * 1000  # no expiry: the cap
