@@ -9,7 +9,7 @@ export VENV
 AZCLI_VENV ?= .venv-azcli
 export AZCLI_VENV
 
-.PHONY: setup setup-python demo test unit worker-test bench lint run stand-in-manager services-up services-down clean azure-cli deploy
+.PHONY: setup setup-python demo test unit worker-test bench soak lint run stand-in-manager services-up services-down clean azure-cli deploy
 
 setup:
 	bash scripts/setup.sh
@@ -43,6 +43,11 @@ deploy:
 # Performance figures against baselines measured in the same run: bench/results.json, bench/RESULTS.md.
 bench: setup
 	$(PYTHON) bench/run.py
+
+# The pipeline run continuously for minutes under every fault class: bench/soak-results.json, docs/scale.md#the-soak.
+# SOAK_ARGS="--duration 90 --seed N" for a short run or a replay.
+soak: setup
+	$(PYTHON) bench/soak.py $(SOAK_ARGS)
 
 lint: setup-python
 	$(PYTHON) -m ruff check .

@@ -73,6 +73,16 @@ class DuplicateDetection:
             self._append(message_id, now, horizon)
             return True
 
+    def forget(self, message_id: str) -> None:
+        """The message first_time accepted never reached the queue (its send failed): as Service Bus does not record
+        a MessageId it did not take, the next send of it is accepted. (If the failed send did reach the queue after
+        all, the message comes twice: the claim absorbs a duplicate, while a lost copy would be lost for good.)"""
+        with self._lock, self._file_turn():
+            self._read_file()
+            self._accepted.pop(message_id, None)
+            self._accepted[message_id] = 0.0  # accepted at the epoch: long expired (first_time compares times)
+            self._append(message_id, 0.0, self._clock().timestamp() - self.window.total_seconds())
+
     def _forget_expired(self, horizon: float) -> None:
         """Drop expired entries from the front (the oldest). One accepted out of order (another process's, a
         clock that stepped back) may stay a while longer; first_time compares times, never presence alone."""

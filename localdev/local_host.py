@@ -230,6 +230,7 @@ class LocalHost:
                 hold_max_s=schedule_hold_max_s,
                 scrub=self._scrub,
                 accepts=self._accepts if self.duplicates is not None else None,
+                forget=self.duplicates.forget if self.duplicates is not None else None,
             )
             if refresh is not None
             else None

@@ -102,11 +102,14 @@ class DeliveryScheduler:
         prefetch: int = SCHEDULE_PREFETCH,
         scrub: Scrubber | None = None,
         accepts: Callable[[str], bool] | None = None,
+        forget: Callable[[str], None] | None = None,
     ):
         self._settings = settings
         # The target queue's duplicate detection, asked when a retry is scheduled (as Service Bus checks a
-        # scheduled message when it is sent): False drops the retry. None: no duplicate detection.
+        # scheduled message when it is sent): False drops the retry. None: no duplicate detection. `forget` takes
+        # back an accepted MessageId whose send failed.
         self._accepts = accepts
+        self._forget = forget
         self.target = target_queue
         # Released messages go to <queue>.due, which the host consumes alongside <queue>: a due request
         # never waits behind a flood of new ones still to be scheduled.
@@ -170,7 +173,12 @@ class DeliveryScheduler:
             type=event.type,
             headers={SERVICE_BUS_MESSAGE_ID_HEADER: message_id},
         )
-        where = self.deliver_later(event.to_json(), properties, math.ceil(at.timestamp() * 1000))
+        try:
+            where = self.deliver_later(event.to_json(), properties, math.ceil(at.timestamp() * 1000))
+        except Exception:
+            if self._forget is not None:
+                self._forget(message_id)  # not sent: the next send of this copy must not be dropped as a duplicate
+            raise
         logger.debug("Retry %d of message %s scheduled for %s in %s", retry, event.id, format_time(at), where)
 
     def _route(self, due_ms: float) -> str:

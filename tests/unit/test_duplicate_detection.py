@@ -21,7 +21,7 @@ from localdev.local_host import (
     replay_message_id,
     service_bus_message_id_of,
 )
-from localdev.scheduled_delivery import SERVICE_BUS_MESSAGE_ID_HEADER, retry_message_id
+from localdev.scheduled_delivery import SERVICE_BUS_MESSAGE_ID_HEADER, DeliveryScheduler, retry_message_id
 from localdev.service_bus_model import queue_properties
 from shared.errors import SettingsError
 from shared.events import REFRESH_REQUESTED, RefreshRequestedData, make_event
@@ -252,3 +252,42 @@ def test_a_state_dir_the_host_cannot_write_to_is_one_error_before_it_starts(monk
     host = LocalHost(load_settings({"RABBITMQ_URL": "amqp://127.0.0.1:1/"}))
     assert host.duplicates is not None and host.duplicates.window == timedelta(hours=2)
     assert (tmp_path / "state" / "servicebus").is_dir()
+
+
+# A send that failed --------------------------------------------------------------------------------------------
+
+
+def test_a_message_id_whose_send_failed_is_forgotten_also_by_the_other_hosts_sharing_the_history(tmp_path):
+    # Service Bus records a MessageId only when it takes the message. A retry whose send failed (RabbitMQ was
+    # restarting) stayed recorded here, so its next send was dropped as a duplicate and the request was lost.
+    clock, path = Clock(), tmp_path / "history.jsonl"
+    host, other = DuplicateDetection(WINDOW, clock, path), DuplicateDetection(WINDOW, clock, path)
+    assert host.first_time("req.retry-0.6") is True
+    host.forget("req.retry-0.6")
+    assert other.first_time("req.retry-0.6") is True  # the next send, from any host
+    assert host.first_time("req.retry-0.6") is False  # that one was taken: its duplicates are dropped
+    assert DuplicateDetection(WINDOW, clock, path).first_time("req.retry-0.6") is False  # a new process reads it so
+
+
+def test_a_retry_the_schedule_could_not_send_is_accepted_when_it_is_sent_again():
+    duplicates = DuplicateDetection(WINDOW, Clock())
+    schedule = DeliveryScheduler(
+        load_settings({"RABBITMQ_URL": "amqp://127.0.0.1:1/"}),
+        "refresh",
+        accepts=duplicates.first_time,
+        forget=duplicates.forget,
+    )
+    event = numbered_refresh_request(1)
+    sent = []
+
+    def broker_down(*args):
+        raise pika.exceptions.AMQPConnectionError("connection refused")
+
+    schedule.deliver_later = broker_down
+    with pytest.raises(pika.exceptions.AMQPConnectionError):
+        schedule.schedule_retry(event, 6, datetime.now(UTC))
+    schedule.deliver_later = lambda *args: sent.append(args) or "refresh.scheduled"
+    schedule.schedule_retry(event, 6, datetime.now(UTC))  # the redelivered message schedules it again
+    assert len(sent) == 1
+    schedule.schedule_retry(event, 6, datetime.now(UTC))  # a true duplicate of a sent one is still dropped
+    assert len(sent) == 1
