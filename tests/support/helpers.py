@@ -11,6 +11,7 @@ from typing import Any
 
 from azure.functions.servicebus import ServiceBusMessage
 
+from bench.soak_figures import most_in_any_window  # noqa: F401 - one definition: the soak judges limits so too
 from localdev.local_host import LocalInvocationContext
 from shared import telemetry
 from shared.events import CheckExpiringData, CloudEvent, RefreshRequestedData, make_event
@@ -123,13 +124,3 @@ def outputs(capsys: Any) -> tuple[str, str]:
 def telemetry_fields() -> dict[str, str]:
     """The fields shared.telemetry attaches to the current invocation's log records (empty outside one)."""
     return dict(telemetry._fields.get())
-
-
-def most_in_any_window(times: list[float], window: float) -> int:
-    """The most of `times` in any half-open window [t, t + window): the rate a limit is judged by."""
-    ordered, most, start = sorted(times), 0, 0
-    for end, moment in enumerate(ordered):
-        while moment - ordered[start] >= window:
-            start += 1
-        most = max(most, end - start + 1)
-    return most
