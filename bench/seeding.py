@@ -1,4 +1,4 @@
-"""Connection documents for the benchmarks, shaped as the platform stores them (DESIGN.md section 5)."""
+"""Connection documents for the benchmarks, shaped as the platform stores them (docs/settings.md)."""
 
 from __future__ import annotations
 

@@ -175,7 +175,7 @@ class CloudEvent(BaseModel):
 
 def make_event(data: _Payload, event_id: str | None = None, time: datetime | None = None) -> CloudEvent:
     """An event of `data`'s type. Its id: `event_id`, else the deterministic id of a refresh request
-    with an expiry (DESIGN.md section 3), else a random one."""
+    with an expiry (docs/events.md), else a random one."""
     if event_id is None and isinstance(data, RefreshRequestedData) and data.expires_at is not None:
         event_id = refresh_request_id(data, data.expires_at)
     return CloudEvent(

@@ -1,6 +1,6 @@
 """Every deterministic id the app derives (UUIDv5 under fixed namespaces, so ids are stable across
 processes, hosts and deployments): the same input always gives the same id, which is what makes
-duplicates recognisable (DESIGN.md section 3)."""
+duplicates recognisable (docs/events.md)."""
 
 from __future__ import annotations
 

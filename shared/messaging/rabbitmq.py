@@ -1,5 +1,5 @@
 """The bridge to the platform's RabbitMQ: a topic exchange, routing key = event type, persistent
-messages, publisher confirms (DESIGN.md section 3).
+messages, publisher confirms (docs/events.md).
 
 Created once per worker process and safe to use from several invocation threads at once: a pika
 connection is not thread-safe, so one thread at a time drives it -- and that thread also sends what

@@ -151,7 +151,7 @@ class ServiceBusTransport:
 
 
 def service_bus_message(event: CloudEvent) -> Any:
-    """The Service Bus message an event is sent as (DESIGN.md section 3): the CloudEvent as the body,
+    """The Service Bus message an event is sent as (docs/events.md): the CloudEvent as the body,
     its MessageId (service_bus_message_id), its type as application property, and for a refresh request the check
     scheduled, its scheduled enqueue time. No session: the refresh queue is not session-enabled (a session slot of
     the Functions processor would hold each one-message session for sessionIdleTimeout; docs/scale.md), and the

@@ -8,7 +8,7 @@ import pytest
 from localdev import settings_doc
 from shared.settings import SettingsError, expected_form, load_settings, setting_fields
 
-# DESIGN.md §4, the contract: each setting and the default it states ("—" = none).
+# The design contract (docs/settings.md): each setting and the default it states ("—" = none).
 DESIGN_SETTINGS = {
     "TOKEN_REFRESH_ENABLED": "`true`",
     "TOKEN_REFRESH_INTERVAL_MS": "`3600000`",
@@ -63,7 +63,7 @@ def test_the_doc_lists_every_setting_of_the_model_once_with_its_description():
 def test_the_design_contract_settings_are_documented_with_their_defaults():
     rows = documented_rows()
     for setting, default in DESIGN_SETTINGS.items():
-        assert setting in rows, f"{setting} (DESIGN.md §4) is missing from docs/settings.md"
+        assert setting in rows, f"{setting} (the design contract) is missing from docs/settings.md"
         documented = rows[setting][0]
         assert documented == default or documented.startswith(default + " ("), (setting, documented)
 
