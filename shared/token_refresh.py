@@ -276,11 +276,11 @@ def retry_delay_ms(settings: Settings, retries: int, expires_at: datetime | None
 def scheduled_retry_number(message_id: str | None) -> int:
     """Which scheduled retry a delivery is (0: not a retry), from its MessageId `<id>.retry-<round>.<n>`
     (shared.messaging.service_bus.ServiceBusTransport.schedule_retry)."""
-    match = _RETRY_MESSAGE_ID.search(message_id or "")
-    return int(match.group(1)) if match else 0
+    match = _RETRY_CHAIN.match(message_id or "")
+    return int(match["n"]) if match else 0
 
 
-_RETRY_MESSAGE_ID = re.compile(r"\.retry-[0-9]+\.([0-9]{1,6})$")
+# A scheduled copy's MessageId, `<id>.retry-<round>.<n>`.
 _RETRY_CHAIN = re.compile(r"^(?P<id>.+)\.retry-(?P<round>[0-9]{1,7})\.(?P<n>[0-9]{1,6})$")
 
 
