@@ -11,14 +11,14 @@ import logging
 import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
-from datetime import UTC, datetime, timedelta
+from datetime import datetime, timedelta
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from shared.errors import InvalidConnectionDocumentError, SettingsError
 from shared.settings import LOOPBACK_HOSTS, Settings
-from shared.times import EPOCH_MS_FLOOR, format_time, parse_expires_at
+from shared.times import EPOCH_MS_FLOOR, format_time, parse_expires_at, utc_now
 
 logger = logging.getLogger(__name__)
 
@@ -241,7 +241,7 @@ class ConnectionStore:
         max_age_cutoff_ts = None
         if self._max_age_ms > 0:
             # `_ts` is in epoch seconds.
-            max_age_cutoff_ts = int((now or datetime.now(UTC)).timestamp() - self._max_age_ms / 1000)
+            max_age_cutoff_ts = int((now or utc_now()).timestamp() - self._max_age_ms / 1000)
             parameters.append({"name": "@maxAgeCutoffTs", "value": max_age_cutoff_ts})
         pager = self._container.query_items(
             query=expiring_connections_query(with_max_age=max_age_cutoff_ts is not None, soonest_first=soonest_first),

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import logging
 import statistics
-import time
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any
@@ -30,7 +29,7 @@ from shared.messaging import EventPublisher
 from shared.refresh_schedule import WAITING, IntegrationSchedule, RefreshScheduler
 from shared.settings import SAFETY_MARGIN_MS, Settings
 from shared.state_store import StateStore
-from shared.times import format_time, now_ms, utc_now
+from shared.times import format_time, monotonic_s, now_ms, utc_now
 
 logger = logging.getLogger(__name__)
 
@@ -239,7 +238,7 @@ def request_refresh_for_expiring_connections(
     Raises PublishError, or the Cosmos error of a failed page, after the earlier pages were published. Safe to
     run again for the same event: request ids are deterministic, so a rerun sends the same ids and the refresh
     step recognises requests it has handled."""
-    started = time.monotonic()
+    started = monotonic_s()
     summary = CheckSummary()
     threshold = capped_threshold(check, settings, utc_now())
     scheduler = None
@@ -278,7 +277,7 @@ def request_refresh_for_expiring_connections(
                 scheduler.save()  # after the publish: a crash in between schedules them again, same ids
         # After every page, also one with nothing to publish: a long run of suppressed or invalid
         # pages must hand off too, before the function times out.
-        if page.continuation and (time.monotonic() - started) * 1000 >= settings.check_time_budget_ms:
+        if page.continuation and (monotonic_s() - started) * 1000 >= settings.check_time_budget_ms:
             # Hand the rest of the scan to a follow-up invocation before the function times out.
             if scheduler is not None:
                 scheduler.save(final=True)  # the follow-up continues from it
@@ -300,7 +299,7 @@ def request_refresh_for_expiring_connections(
         scheduler.report()
         summary.schedules = [s for s in scheduler.schedules.values() if s.paced]
         summary.late = sum(s.late for s in summary.schedules)
-    summary.duration_ms = int((time.monotonic() - started) * 1000)
+    summary.duration_ms = int((monotonic_s() - started) * 1000)
     logger.info(
         "Check-expiring run finished (found=%d published=%d invalid=%d suppressed=%d deferred=%d pages=%d "
         "durationMs=%d continued=%s waiting=%d late=%d)",

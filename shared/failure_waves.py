@@ -25,7 +25,7 @@ from shared.manager_client import RefreshOutcome
 from shared.messaging import EventPublisher
 from shared.settings import Settings
 from shared.state_store import WAVE_KEYS_KEPT, FailureWave, StateStore
-from shared.times import now_ms
+from shared.times import now_ms, utc_now
 
 logger = logging.getLogger(__name__)
 
@@ -141,7 +141,7 @@ def raise_alarm(outcome: RefreshOutcome, wave: FailureWave, publisher: EventPubl
         extra={"alarm": ALARM, "code": outcome.error_code, "httpStatus": outcome.http_status},
     )
     data = SystemicFailureData(
-        detected_at=datetime.now(UTC),
+        detected_at=utc_now(),
         window_started_at=datetime.fromtimestamp(wave.window_start_ms / 1000, UTC),
         code=outcome.error_code or "refresh_failed",
         http_status=outcome.http_status,

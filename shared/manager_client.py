@@ -15,7 +15,7 @@ import json
 import logging
 import re
 from dataclasses import dataclass, replace
-from datetime import UTC, datetime
+from datetime import datetime
 from email.utils import parsedate_to_datetime
 from typing import Any
 from urllib.parse import quote, urlsplit
@@ -26,6 +26,7 @@ from shared.errors import InvalidConnectionIdError, SettingsError
 from shared.failure_classes import FailureKind, classify, classify_reported_failure
 from shared.http_pool import pooled_session
 from shared.settings import Settings
+from shared.times import utc_now
 
 logger = logging.getLogger(__name__)
 
@@ -240,7 +241,7 @@ def parse_retry_after(value: str | None, now: datetime | None = None) -> float |
         return None
     if moment.tzinfo is None:
         return None
-    delta = (moment - (now or datetime.now(UTC))).total_seconds()
+    delta = (moment - (now or utc_now())).total_seconds()
     return min(max(delta, 0.0), 3600.0)
 
 

@@ -2,19 +2,44 @@
 
 from __future__ import annotations
 
+import contextlib
 import time
+from collections.abc import Callable, Iterator
 from datetime import UTC, datetime, timedelta
 from typing import Any
+
+# The clock every module of the app reads (wall time, epoch seconds) and the one durations are timed with. Replaced
+# only by use_clock: the deterministic simulation (tests/unit/simulation) runs the protocol on a virtual clock.
+_wall_clock: Callable[[], float] = time.time
+_monotonic_clock: Callable[[], float] = time.monotonic
+
+
+@contextlib.contextmanager
+def use_clock(wall: Callable[[], float], monotonic: Callable[[], float] | None = None) -> Iterator[None]:
+    """Within the block, every time the app reads comes from `wall` (epoch seconds) and durations from `monotonic`
+    (seconds; `wall` when omitted)."""
+    global _wall_clock, _monotonic_clock
+    saved = _wall_clock, _monotonic_clock
+    _wall_clock, _monotonic_clock = wall, monotonic or wall
+    try:
+        yield
+    finally:
+        _wall_clock, _monotonic_clock = saved
 
 
 def utc_now() -> datetime:
     """Now, as an aware UTC datetime."""
-    return datetime.now(UTC)
+    return datetime.fromtimestamp(_wall_clock(), UTC)
 
 
 def now_ms() -> int:
     """Epoch milliseconds: the unit of every time the state store keeps."""
-    return int(time.time() * 1000)
+    return int(_wall_clock() * 1000)
+
+
+def monotonic_s() -> float:
+    """Seconds on a clock that never goes back: for durations (retry budgets, a check's time budget)."""
+    return _monotonic_clock()
 
 
 def format_time(moment: datetime) -> str:

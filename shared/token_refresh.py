@@ -50,7 +50,7 @@ from shared.manager_client import IntegrationManagerClient, RefreshOutcome
 from shared.messaging import EventPublisher, RetryScheduler
 from shared.settings import Settings, rate_limit
 from shared.state_store import TERMINAL_STATES, ClaimResult, ClaimState, StateStore
-from shared.times import epoch_ms, now_ms, parse_expires_at, utc_now
+from shared.times import epoch_ms, monotonic_s, now_ms, parse_expires_at, utc_now
 
 logger = logging.getLogger(__name__)
 
@@ -112,7 +112,7 @@ def call_with_retries(
     Waits grow exponentially from `initial_backoff_s` (up to 10 s) with as much jitter, or follow the
     callee's Retry-After when that is longer; after a call that may still be in flight, at least
     `in_flight_s`. Returns the last outcome and the number of calls made."""
-    started = time.monotonic()
+    started = monotonic_s()
     first = call()
     if not first.transient or max_attempts <= 1:
         return first, 1  # the usual case: no retry machinery to set up
@@ -124,7 +124,7 @@ def call_with_retries(
 
     def out_of_budget(state: Any) -> bool:
         # tenacity's stop_before_delay, timed from the first call (made above, before tenacity's clock started).
-        return time.monotonic() - started + (state.upcoming_sleep or 0.0) >= budget_s
+        return monotonic_s() - started + (state.upcoming_sleep or 0.0) >= budget_s
 
     retrying = Retrying(
         retry=retry_if_result(lambda outcome: outcome.transient),

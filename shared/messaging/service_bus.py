@@ -11,13 +11,13 @@ import logging
 import threading
 from collections import deque
 from collections.abc import Sequence
-from datetime import UTC, datetime
+from datetime import datetime
 from typing import Any
 
 from shared.events import CHECK_EXPIRING, CONTENT_TYPE, REFRESH_REQUESTED, CloudEvent
 from shared.messaging.publisher import SendBatch
 from shared.settings import Settings
-from shared.times import parse_time
+from shared.times import parse_time, utc_now
 
 logger = logging.getLogger(__name__)
 
@@ -182,4 +182,4 @@ def scheduled_time(event: CloudEvent) -> datetime | None:
     if event.type != REFRESH_REQUESTED or not event.data.get("notBefore"):
         return None
     at = parse_time(str(event.data["notBefore"]))
-    return at if at > datetime.now(UTC) else None
+    return at if at > utc_now() else None
