@@ -24,7 +24,7 @@ from shared.events import (
     make_event,
     parse_trigger_message,
 )
-from shared.ids import connection_key, refresh_request_id
+from shared.ids import connection_key, follow_up_check_id, refresh_request_id
 from shared.messaging import EventPublisher
 from shared.refresh_schedule import WAITING, IntegrationSchedule, RefreshScheduler
 from shared.settings import SAFETY_MARGIN_MS, Settings
@@ -281,7 +281,10 @@ def request_refresh_for_expiring_connections(
             # Hand the rest of the scan to a follow-up invocation before the function times out.
             if scheduler is not None:
                 scheduler.save(final=True)  # the follow-up continues from it
-            follow_up = make_event(check.model_copy(update={"continuation": page.continuation}))
+            follow_up = make_event(
+                check.model_copy(update={"continuation": page.continuation}),
+                event_id=follow_up_check_id(check.timestamp, page.continuation),
+            )
             publisher.publish([follow_up])
             summary.continued = True
             logger.info(

@@ -14,6 +14,7 @@ _KEY_NAMESPACE = uuid.UUID("0e1b7d2c-5a6f-4c3e-9f8a-2b7c6d5e4f30")
 _REFRESH_REQUEST_NAMESPACE = uuid.UUID("5b0f7c1e-8d1e-4b7a-9a55-3f6a2a0e6c11")
 _OUTCOME_NAMESPACE = uuid.UUID("a3c1f0d2-6e4b-4f7a-8c9d-1b2e3f4a5c6d")
 _ALARM_NAMESPACE = uuid.UUID("7d3e9b1a-2c4f-4e6a-8b5d-9f0a1c2e3d4b")
+_FOLLOW_UP_NAMESPACE = uuid.UUID("c6a4e2b8-3f1d-4d5c-9e7a-5b8c1d2e3f60")
 
 
 class NamesAConnection(Protocol):
@@ -62,6 +63,12 @@ def outcome_event_id(request_id: str, attempt_round: int, event_type: str) -> st
 def alarm_event_id(signature: str, window_started_at: datetime) -> str:
     """One systemic-failure event per kind of failure and window: a re-published alarm has the same id."""
     return str(uuid.uuid5(_ALARM_NAMESPACE, f"{signature}\x1f{format_time(window_started_at)}"))
+
+
+def follow_up_check_id(scan_timestamp: datetime, continuation: str) -> str:
+    """Deterministic id of the follow-up check a scan hands off to at `continuation`: a check run again after an
+    error (a redelivery) hands off with the same id, so it continues one chain instead of starting a second."""
+    return str(uuid.uuid5(_FOLLOW_UP_NAMESPACE, f"{format_time(scan_timestamp)}\x1f{continuation}"))
 
 
 def idempotency_key(request_id: str, attempt_round: int) -> str:

@@ -55,6 +55,26 @@ def test_a_scan_past_its_time_budget_continues_in_a_follow_up_without_gaps_or_re
     assert invocations >= 60 // 7
 
 
+def test_a_check_run_again_hands_off_to_the_same_follow_up_so_one_chain_continues(
+    app_env, cosmos_container, event_tap, monkeypatch
+):
+    # A redelivered check (an error after its hand-off was published) scans again from the same place: its follow-up
+    # must carry the same id, so duplicate detection (and anyone counting checks) sees one chain, not two.
+    monkeypatch.setenv("TOKEN_REFRESH_PAGE_SIZE", "7")
+    monkeypatch.setenv("TOKEN_REFRESH_CHECK_TIME_BUDGET_MS", "1")
+    runtime.reset()
+    seed(cosmos_container, 20)
+    now = utc_now()
+    check = make_event(CheckExpiringData(timestamp=now, threshold_time=now + timedelta(hours=1)))
+    follow_ups = []
+    for _delivery in range(2):
+        invoke(manager_check_handler, trigger(check))
+        follow_ups += [c.body for c in event_tap.drain() if c.routing_key == CHECK_EXPIRING]
+    assert len(follow_ups) == 2
+    assert follow_ups[0]["data"]["continuation"] == follow_ups[1]["data"]["continuation"]
+    assert follow_ups[0]["id"] == follow_ups[1]["id"]
+
+
 def test_five_hundred_invocations_reuse_one_connection_per_service(
     app_env, cosmos_server, cosmos_container, manager, event_tap, rabbitmq
 ):
