@@ -8,6 +8,7 @@ CLI load `local.settings.json` `Values` into the environment first. A bad value 
 from __future__ import annotations
 
 import logging
+import math
 from typing import Annotated, Any
 from urllib.parse import urlsplit
 
@@ -24,6 +25,21 @@ logger = logging.getLogger(__name__)
 SAFETY_MARGIN_MS = 5 * 60 * 1000
 
 DAY_MS = 86_400_000
+
+# host.json's limits that settings must fit in (tests/unit/test_settings.py checks these equal host.json):
+# `extensions.serviceBus.maxAutoLockRenewalDuration` (00:05:00): the Functions host renews a message's lock this
+# long, and a redelivery waits at most this long for an earlier delivery's calls to be over
+# (shared/token_refresh.py TAKE_OVER_MAX_WAIT_MS); `functionTimeout` (00:10:00): an invocation runs at most this long.
+LOCK_RENEWAL_MS = 5 * 60 * 1000
+FUNCTION_TIMEOUT_MS = 10 * 60 * 1000
+# check_expiring_timer ticks every minute (its function.json): checks are TOKEN_REFRESH_INTERVAL_MS rounded up to
+# whole minutes apart (docs/settings.md#timer-cadence).
+TIMER_TICK_MS = 60_000
+
+# Defaults (docs/settings.md#defaults): an hourly check, and a threshold the risky-threshold warning accepts with
+# room to spare: the interval + SAFETY_MARGIN_MS + a check's time budget (4 min) + one timer tick = 70 min.
+DEFAULT_INTERVAL_MS = 3_600_000
+DEFAULT_EXPIRATION_THRESHOLD_MS = 4_200_000
 DEFAULT_SKIP_STATUSES = ("revoked", "disabled", "deleted")
 LOOPBACK_HOSTS = ("127.0.0.1", "localhost")
 
@@ -40,20 +56,21 @@ class Settings(BaseSettings):
         "once per process",
     )
     interval_ms: int = Field(
-        3_600_000,
+        DEFAULT_INTERVAL_MS,
         alias="TOKEN_REFRESH_INTERVAL_MS",
         ge=1000,
         le=7 * DAY_MS,
         description="time between check-expiring runs (see [Cadence](#timer-cadence))",
     )
     expiration_threshold_ms: int = Field(
-        3_600_000,
+        DEFAULT_EXPIRATION_THRESHOLD_MS,
         alias="TOKEN_REFRESH_EXPIRATION_THRESHOLD_MS",
         ge=0,
         le=365 * DAY_MS,
-        description="refresh tokens that expire within this many ms of the check. A warning is logged when it is "
+        description="refresh tokens that expire within this many ms of the check. At least the interval (refused "
+        "below, see [Settings that must agree](#settings-that-must-agree)); a warning is logged when it is "
         "shorter than the interval + 5 min: a token could then expire between two checks. "
-        "**Recommended: interval + 5 to 10 min** (e.g. `3900000` for an hourly check)",
+        "**Recommended: interval + 5 to 10 min** (the default: interval + 10 min, see [Defaults](#defaults))",
     )
     skip_statuses: Annotated[tuple[str, ...], NoDecode] = Field(
         DEFAULT_SKIP_STATUSES,
@@ -254,7 +271,8 @@ class Settings(BaseSettings):
         alias="TOKEN_REFRESH_CLAIM_LEASE_MS",
         ge=1000,
         le=DAY_MS,
-        description="how long a refresh claim protects an in-flight refresh (≥ the function timeout)",
+        description="how long a refresh claim protects an in-flight refresh: at least the function timeout and "
+        "the calls window (see [Settings that must agree](#settings-that-must-agree))",
     )
     max_age_ms: int = Field(
         0,
@@ -405,7 +423,120 @@ class Settings(BaseSettings):
             )
         return self
 
+    @model_validator(mode="after")
+    def _check_settings_agree(self) -> Settings:
+        # Settings each valid alone can contradict each other so that a request can never be answered
+        # (docs/settings.md#settings-that-must-agree): every such contradiction, in one message.
+        problems = [
+            problem
+            for problem in (
+                self._in_flight_problem(),
+                self._calls_window_problem(),
+                self._claim_lease_problem(),
+                self._threshold_problem(),
+            )
+            if problem
+        ]
+        if problems:
+            raise SettingsError(" | ".join(problems))
+        return self
+
+    def _calls_window_text(self) -> str:
+        return (
+            f"calls window (INTEGRATION_MANAGER_RETRY_BUDGET_MS={self.integration_manager_retry_budget_ms} + "
+            f"INTEGRATION_MANAGER_CONNECT_TIMEOUT_MS={self.integration_manager_connect_timeout_ms} + "
+            f"INTEGRATION_MANAGER_TIMEOUT_MS={self.integration_manager_timeout_ms} + "
+            f"INTEGRATION_MANAGER_IN_FLIGHT_MS={self.integration_manager_in_flight_ms} = {self.calls_window_ms} ms)"
+        )
+
+    def _in_flight_problem(self) -> str | None:
+        # shared/token_refresh.py _call_and_report: a delivery whose claim says an earlier call may still be in
+        # flight for longer than INTEGRATION_MANAGER_RETRY_BUDGET_MS ends without calling. With scheduled retries the
+        # copy comes after the in-flight window; with TOKEN_REFRESH_RETRY_DELAY_MS=0 the queue redelivers at once,
+        # every delivery finds (nearly) the whole window left, and the last one is dead-lettered without an outcome.
+        in_flight, budget = self.integration_manager_in_flight_ms, self.integration_manager_retry_budget_ms
+        if self.retry_delay_ms > 0 or in_flight <= budget:
+            return None
+        return (
+            f"{_setting_value('INTEGRATION_MANAGER_IN_FLIGHT_MS', in_flight)} is longer than "
+            f"{_setting_value('INTEGRATION_MANAGER_RETRY_BUDGET_MS', budget)} while TOKEN_REFRESH_RETRY_DELAY_MS=0 "
+            "(the queue redelivers at once): after a call that may still be in flight, every redelivery would end "
+            "without calling and the request would be dead-lettered without an outcome. Set "
+            f"INTEGRATION_MANAGER_IN_FLIGHT_MS to at most {budget}, INTEGRATION_MANAGER_RETRY_BUDGET_MS to at least "
+            f"{in_flight}, or TOKEN_REFRESH_RETRY_DELAY_MS above 0"
+        )
+
+    def _calls_window_problem(self) -> str | None:
+        # shared/token_refresh.py _take_over_from_earlier_delivery: a redelivery (a lost lock, a dead host) waits at
+        # most the lock renewal for the earlier delivery's calls window to end; otherwise it ends without calling,
+        # and so does every redelivery after it. The function timeout bounds the window too.
+        limit, what = min(
+            (
+                LOCK_RENEWAL_MS,
+                "the Service Bus lock renewal (host.json extensions.serviceBus.maxAutoLockRenewalDuration",
+            ),
+            (FUNCTION_TIMEOUT_MS, "the function timeout (host.json functionTimeout"),
+        )
+        window = self.calls_window_ms
+        if window <= limit:
+            return None
+        return (
+            f"The {self._calls_window_text()} is longer than {what}, {limit} ms): a redelivery after a lost lock or "
+            "a dead host would end without calling, and the request would be dead-lettered without an outcome. "
+            "Lower INTEGRATION_MANAGER_IN_FLIGHT_MS or INTEGRATION_MANAGER_RETRY_BUDGET_MS (or the timeouts) by "
+            f"{window - limit} ms in all"
+        )
+
+    def _claim_lease_problem(self) -> str | None:
+        # shared/token_refresh.py _claim: once the lease has run out, a duplicate request takes the claim and calls,
+        # while the holder may still be calling (its calls window) or running (the function timeout).
+        lease = self.claim_lease_ms
+        shorter_than = []
+        if lease < FUNCTION_TIMEOUT_MS:
+            shorter_than.append(f"the function timeout (host.json functionTimeout, {FUNCTION_TIMEOUT_MS} ms)")
+        if lease < self.calls_window_ms:
+            shorter_than.append(f"the {self._calls_window_text()}")
+        if not shorter_than:
+            return None
+        return (
+            f"{_setting_value('TOKEN_REFRESH_CLAIM_LEASE_MS', lease)} is shorter than {' and '.join(shorter_than)}: "
+            "a claim would run out while its delivery may still be calling, and a duplicate request would call "
+            "integration-manager at the same time. Set TOKEN_REFRESH_CLAIM_LEASE_MS to at least "
+            f"{max(FUNCTION_TIMEOUT_MS, self.calls_window_ms)}"
+        )
+
+    def _threshold_problem(self) -> str | None:
+        # A check requests the tokens expiring within the threshold; the next one comes check_gap_ms later. A token
+        # expiring between the two is first requested after it expired. (Less than SAFETY_MARGIN_MS beyond the
+        # interval leaves little time to refresh: warn_about_risky_threshold warns, it does not refuse.)
+        threshold, interval, gap = self.expiration_threshold_ms, self.interval_ms, self.check_gap_ms
+        if threshold >= gap:
+            return None
+        between = "" if gap == interval else f" (rounded up to the timer's whole minutes: {gap} ms)"
+        return (
+            f"{_setting_value('TOKEN_REFRESH_EXPIRATION_THRESHOLD_MS', threshold)} is shorter than the time between "
+            f"two checks, {_setting_value('TOKEN_REFRESH_INTERVAL_MS', interval)}{between}: a token expiring between "
+            "two checks would be requested only after it expired. Set TOKEN_REFRESH_EXPIRATION_THRESHOLD_MS to at "
+            f"least {gap} (recommended: {gap + SAFETY_MARGIN_MS} or more), or TOKEN_REFRESH_INTERVAL_MS lower"
+        )
+
     # Derived views -----------------------------------------------------------------------------
+
+    @property
+    def calls_window_ms(self) -> int:
+        """The latest after claiming a request that a delivery may still be calling, or a call of it still be
+        running at integration-manager: its retry budget, the last call's timeouts and the in-flight window."""
+        return (
+            self.integration_manager_retry_budget_ms
+            + self.integration_manager_connect_timeout_ms
+            + self.integration_manager_timeout_ms
+            + self.integration_manager_in_flight_ms
+        )
+
+    @property
+    def check_gap_ms(self) -> int:
+        """The longest time between two checks: TOKEN_REFRESH_INTERVAL_MS rounded up to the timer's whole minutes."""
+        return max(TIMER_TICK_MS, math.ceil(self.interval_ms / TIMER_TICK_MS) * TIMER_TICK_MS)
 
     @property
     def service_bus_configured(self) -> bool:
@@ -520,6 +651,11 @@ def value_note(setting: str, value: int) -> str | None:
 def _with_note(setting: str, value: int) -> str:
     note = value_note(setting, value)
     return f"{value} ({note})" if note else str(value)
+
+
+def _setting_value(setting: str, value: int) -> str:
+    """`SETTING=value (note)`, as a message about settings that contradict each other names each of them."""
+    return f"{setting}={_with_note(setting, value)}"
 
 
 def expected_form(setting: str) -> str:

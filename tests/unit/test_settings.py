@@ -1,11 +1,17 @@
 """Settings: defaults, every bad value fails fast naming the setting, secrets never echoed."""
 
+import json
 import logging
+import re
+from pathlib import Path
 
 import pytest
 
+from shared import settings as settings_module
 from shared.errors import SettingsError
 from shared.settings import DEFAULT_SKIP_STATUSES, load_settings, rate_limit, warn_about_risky_threshold
+
+APP_ROOT = Path(__file__).resolve().parents[2]
 
 SECRET = "s3cr3t-value-that-must-not-leak"
 
@@ -14,7 +20,7 @@ def test_defaults_follow_the_design_contract():
     settings = load_settings({})
     assert settings.enabled is True
     assert settings.interval_ms == 3_600_000
-    assert settings.expiration_threshold_ms == 3_600_000
+    assert settings.expiration_threshold_ms == 4_200_000  # the interval + 10 min (docs/settings.md#defaults)
     assert settings.cosmos_database == "integrations"
     assert settings.cosmos_connections_container == "integration_connections"
     assert settings.rabbitmq_exchange == "integration.events"
@@ -209,3 +215,184 @@ def test_a_bad_rate_limit_names_the_entry_and_the_expected_form(value, problem):
 def test_a_bad_spread_names_the_setting(value):
     with pytest.raises(SettingsError, match=r"TOKEN_REFRESH_SPREAD_MS: .*expected a whole number of milliseconds"):
         load_settings({"TOKEN_REFRESH_SPREAD_MS": value})
+
+
+# Settings that must agree (docs/settings.md#settings-that-must-agree) -------------------------------------------
+
+
+def refused(values: dict[str, str]) -> str:
+    with pytest.raises(SettingsError) as raised:
+        load_settings(values)
+    return str(raised.value)
+
+
+def test_the_defaults_do_not_trip_the_apps_own_risky_threshold_warning(caplog):
+    with caplog.at_level(logging.WARNING):
+        warn_about_risky_threshold(load_settings({}))
+    assert caplog.text == ""
+    settings = load_settings({})
+    # Comfortably above: the interval + the safety margin + a check's time budget + one timer tick.
+    assert settings.expiration_threshold_ms >= (
+        settings.interval_ms + settings_module.SAFETY_MARGIN_MS + settings.check_time_budget_ms + 60_000
+    )
+
+
+def test_the_runbooks_interval_and_threshold_still_load_with_the_warning(caplog):
+    runbook = {"TOKEN_REFRESH_INTERVAL_MS": "3600000", "TOKEN_REFRESH_EXPIRATION_THRESHOLD_MS": "3600000"}
+    with caplog.at_level(logging.WARNING):
+        warn_about_risky_threshold(load_settings(runbook))
+    assert "can expire between two checks" in caplog.text
+
+
+def test_local_settings_example_values_load_without_a_warning(caplog):
+    values = json.loads((APP_ROOT / "local.settings.json.example").read_text(encoding="utf-8"))["Values"]
+    with caplog.at_level(logging.WARNING):
+        warn_about_risky_threshold(load_settings(values))
+    assert caplog.text == ""
+
+
+def test_in_flight_longer_than_the_retry_budget_is_refused_when_retries_are_redeliveries():
+    """Issue #22 item 4: the redelivery comes at once, finds the in-flight window longer than it may wait, and ends
+    without calling: 10 deliveries within milliseconds, 1 call, 0 events."""
+    message = refused(
+        {
+            "INTEGRATION_MANAGER_IN_FLIGHT_MS": "120000",
+            "INTEGRATION_MANAGER_RETRY_BUDGET_MS": "60000",
+            "TOKEN_REFRESH_RETRY_DELAY_MS": "0",
+        }
+    )
+    assert message.count("Invalid application settings") == 1
+    for named in (
+        "INTEGRATION_MANAGER_IN_FLIGHT_MS=120000",
+        "INTEGRATION_MANAGER_RETRY_BUDGET_MS=60000",
+        "TOKEN_REFRESH_RETRY_DELAY_MS=0",
+        "INTEGRATION_MANAGER_IN_FLIGHT_MS to at most 60000",
+    ):
+        assert named in message, message
+
+
+@pytest.mark.parametrize(
+    "values",
+    [
+        # Scheduled retries come back after the in-flight window: every copy can call.
+        {"INTEGRATION_MANAGER_IN_FLIGHT_MS": "120000", "INTEGRATION_MANAGER_RETRY_BUDGET_MS": "60000"},
+        # A redelivery that comes at once waits the whole window out within its budget.
+        {
+            "INTEGRATION_MANAGER_IN_FLIGHT_MS": "60000",
+            "INTEGRATION_MANAGER_RETRY_BUDGET_MS": "60000",
+            "TOKEN_REFRESH_RETRY_DELAY_MS": "0",
+        },
+        {
+            "INTEGRATION_MANAGER_IN_FLIGHT_MS": "0",
+            "INTEGRATION_MANAGER_RETRY_BUDGET_MS": "0",
+            "TOKEN_REFRESH_RETRY_DELAY_MS": "0",
+        },
+    ],
+)
+def test_in_flight_within_the_budget_or_with_scheduled_retries_is_accepted(values):
+    load_settings(values)
+
+
+def test_the_calls_window_is_the_retry_budget_the_timeouts_and_the_in_flight_window():
+    assert load_settings({}).calls_window_ms == 60_000 + 5_000 + 30_000 + 60_000
+    settings = load_settings(
+        {
+            "INTEGRATION_MANAGER_RETRY_BUDGET_MS": "5000",
+            "INTEGRATION_MANAGER_CONNECT_TIMEOUT_MS": "1000",
+            "INTEGRATION_MANAGER_TIMEOUT_MS": "2000",
+            "INTEGRATION_MANAGER_IN_FLIGHT_MS": "3000",
+        }
+    )
+    assert settings.calls_window_ms == 11_000
+
+
+def test_a_calls_window_longer_than_the_lock_renewal_is_refused():
+    """Issue #22 item 4 (the same shape): a redelivery after a lost lock waits at most the lock renewal for the
+    earlier delivery's calls, and ends without calling while they may still run."""
+    message = refused(
+        {
+            "INTEGRATION_MANAGER_RETRY_BUDGET_MS": "300000",
+            "INTEGRATION_MANAGER_IN_FLIGHT_MS": "60000",
+            "TOKEN_REFRESH_CLAIM_LEASE_MS": "3600000",
+        }
+    )
+    assert message.count("Invalid application settings") == 1
+    for named in (
+        "INTEGRATION_MANAGER_RETRY_BUDGET_MS=300000",
+        "INTEGRATION_MANAGER_IN_FLIGHT_MS=60000",
+        "INTEGRATION_MANAGER_TIMEOUT_MS=30000",
+        "INTEGRATION_MANAGER_CONNECT_TIMEOUT_MS=5000",
+        "= 395000 ms",
+        "maxAutoLockRenewalDuration",
+        "300000",
+    ):
+        assert named in message, message
+
+
+@pytest.mark.parametrize("lease", ["1000", "155000", "599999"])
+def test_a_claim_lease_shorter_than_the_function_timeout_is_refused(lease):
+    """Issue #22 item 10: with a 1 s lease a 3 s call and a duplicate request made 2 concurrent calls."""
+    message = refused({"TOKEN_REFRESH_CLAIM_LEASE_MS": lease})
+    assert f"TOKEN_REFRESH_CLAIM_LEASE_MS={lease}" in message
+    assert "functionTimeout, 600000 ms" in message
+    assert "TOKEN_REFRESH_CLAIM_LEASE_MS to at least 600000" in message
+
+
+def test_a_claim_lease_shorter_than_the_calls_window_names_the_calls_window(monkeypatch):
+    monkeypatch.setattr(settings_module, "FUNCTION_TIMEOUT_MS", 60_000)  # a host with a shorter timeout
+    message = refused({"TOKEN_REFRESH_CLAIM_LEASE_MS": "100000"})
+    assert "TOKEN_REFRESH_CLAIM_LEASE_MS=100000" in message
+    assert "INTEGRATION_MANAGER_IN_FLIGHT_MS=60000" in message and "= 155000 ms" in message
+    assert "TOKEN_REFRESH_CLAIM_LEASE_MS to at least 155000" in message
+
+
+@pytest.mark.parametrize(
+    ("interval", "threshold", "at_least"),
+    [
+        ("3600000", "60000", 3_600_000),
+        ("3600000", "3599999", 3_600_000),
+        ("3600000", "0", 3_600_000),
+        ("90000", "100000", 120_000),  # the timer ticks on whole minutes: a check every 2 minutes
+        ("5000", "30000", 60_000),
+    ],
+)
+def test_a_threshold_shorter_than_the_time_between_two_checks_is_refused(interval, threshold, at_least):
+    message = refused({"TOKEN_REFRESH_INTERVAL_MS": interval, "TOKEN_REFRESH_EXPIRATION_THRESHOLD_MS": threshold})
+    assert f"TOKEN_REFRESH_EXPIRATION_THRESHOLD_MS={threshold}" in message
+    assert f"TOKEN_REFRESH_INTERVAL_MS={interval}" in message
+    assert f"TOKEN_REFRESH_EXPIRATION_THRESHOLD_MS to at least {at_least}" in message
+
+
+@pytest.mark.parametrize(
+    ("interval", "threshold"), [("3600000", "3600000"), ("90000", "120000"), ("5000", "90000"), ("60000", "3900000")]
+)
+def test_a_threshold_that_reaches_every_token_before_it_expires_is_accepted(interval, threshold):
+    load_settings({"TOKEN_REFRESH_INTERVAL_MS": interval, "TOKEN_REFRESH_EXPIRATION_THRESHOLD_MS": threshold})
+
+
+def test_every_contradiction_is_reported_in_one_message():
+    message = refused(
+        {
+            "INTEGRATION_MANAGER_IN_FLIGHT_MS": "120000",
+            "TOKEN_REFRESH_RETRY_DELAY_MS": "0",
+            "TOKEN_REFRESH_CLAIM_LEASE_MS": "1000",
+            "TOKEN_REFRESH_EXPIRATION_THRESHOLD_MS": "60000",
+        }
+    )
+    assert message.startswith("Invalid application settings: ")
+    assert message.count(" | ") == 2, message
+    assert "INTEGRATION_MANAGER_IN_FLIGHT_MS=120000" in message
+    assert "TOKEN_REFRESH_CLAIM_LEASE_MS=1000" in message
+    assert "TOKEN_REFRESH_EXPIRATION_THRESHOLD_MS=60000" in message
+
+
+def host_json_duration_ms(text: str) -> int:
+    hours, minutes, seconds = re.fullmatch(r"(\d+):(\d+):(\d+(?:\.\d+)?)", text).groups()
+    return int((int(hours) * 3600 + int(minutes) * 60 + float(seconds)) * 1000)
+
+
+def test_the_host_json_limits_the_settings_must_fit_are_the_ones_in_host_json():
+    host = json.loads((APP_ROOT / "host.json").read_text(encoding="utf-8"))
+    function_timeout = host_json_duration_ms(host["functionTimeout"])
+    lock_renewal = host_json_duration_ms(host["extensions"]["serviceBus"]["maxAutoLockRenewalDuration"])
+    assert (function_timeout, lock_renewal) == (settings_module.FUNCTION_TIMEOUT_MS, settings_module.LOCK_RENEWAL_MS)

@@ -6,13 +6,22 @@ import difflib
 import pytest
 
 from localdev import settings_doc
-from shared.settings import SettingsError, expected_form, load_settings, setting_fields
+from shared.settings import (
+    FUNCTION_TIMEOUT_MS,
+    LOCK_RENEWAL_MS,
+    Settings,
+    SettingsError,
+    expected_form,
+    load_settings,
+    setting_fields,
+)
 
 # The design contract (docs/settings.md): each setting and the default it states ("—" = none).
 DESIGN_SETTINGS = {
     "TOKEN_REFRESH_ENABLED": "`true`",
     "TOKEN_REFRESH_INTERVAL_MS": "`3600000`",
-    "TOKEN_REFRESH_EXPIRATION_THRESHOLD_MS": "`3600000`",
+    # Not the runbook's 3600000, which trips the app's own warning (the runbook's values: RUNBOOK_SETTINGS).
+    "TOKEN_REFRESH_EXPIRATION_THRESHOLD_MS": "`4200000`",
     "COSMOS_ENDPOINT": "—",
     "COSMOS_KEY": "—",
     "COSMOS_DATABASE": "`integrations`",
@@ -24,6 +33,41 @@ DESIGN_SETTINGS = {
     "INTEGRATION_MANAGER_URL": "—",
     "INTEGRATION_MANAGER_TOKEN": "—",
 }
+
+# The platform's runbook values: accepted (with the risky-threshold warning) and documented as the runbook's.
+RUNBOOK_SETTINGS = {"TOKEN_REFRESH_INTERVAL_MS": "3600000", "TOKEN_REFRESH_EXPIRATION_THRESHOLD_MS": "3600000"}
+
+# What leads each rule of Settings._check_settings_agree in docs/settings.md#settings-that-must-agree, in order.
+AGREEMENT_RULES = (
+    "`TOKEN_REFRESH_RETRY_DELAY_MS` = 0 and `INTEGRATION_MANAGER_IN_FLIGHT_MS` > `INTEGRATION_MANAGER_RETRY_BUDGET_MS`",
+    f"calls window > {min(LOCK_RENEWAL_MS, FUNCTION_TIMEOUT_MS)} ms",
+    f"`TOKEN_REFRESH_CLAIM_LEASE_MS` < the larger of the calls window and {FUNCTION_TIMEOUT_MS} ms",
+    "`TOKEN_REFRESH_EXPIRATION_THRESHOLD_MS` < `TOKEN_REFRESH_INTERVAL_MS` rounded up to whole minutes",
+)
+
+
+def doc_section(heading: str) -> str:
+    text = settings_doc.DOC.read_text(encoding="utf-8")
+    start = text.index(f"\n### {heading}\n")
+    end = text.find("\n#", start + 1)
+    return text[start : end if end > 0 else len(text)]
+
+
+def test_the_doc_states_each_rule_of_the_settings_that_must_agree_once_with_the_host_json_limits():
+    rows = [line for line in doc_section("Settings that must agree").splitlines() if line.startswith("| ")][1:]
+    assert len(rows) == len(AGREEMENT_RULES), rows
+    for rule, row in zip(AGREEMENT_RULES, rows, strict=True):
+        assert row.startswith(f"| {rule}"), (rule, row)
+
+
+def test_the_doc_states_the_defaults_and_the_runbooks_values():
+    section = " ".join(doc_section("Defaults").split())
+    defaults = Settings.model_fields
+    assert f"`TOKEN_REFRESH_INTERVAL_MS` defaults to `{defaults['interval_ms'].default}`" in section
+    assert f"`TOKEN_REFRESH_EXPIRATION_THRESHOLD_MS` to `{defaults['expiration_threshold_ms'].default}`" in section
+    for setting, value in RUNBOOK_SETTINGS.items():
+        assert f"`{setting}={value}`" in section
+    load_settings(RUNBOOK_SETTINGS)  # accepted
 
 
 def documented_rows() -> dict[str, list[str]]:
