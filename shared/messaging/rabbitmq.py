@@ -12,6 +12,7 @@ import logging
 import threading
 from collections import deque
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 from shared.errors import PublishError, UnroutableEventsError
@@ -19,6 +20,19 @@ from shared.events import CONTENT_TYPE, CloudEvent
 from shared.messaging.publisher import SendBatch
 
 logger = logging.getLogger(__name__)
+
+
+@dataclass(eq=False)
+class _Batch(SendBatch):
+    """A send's events as the connection's thread follows them: `published` of them went out on the current
+    channel. A batch is done only once every event was published *and* confirmed: an ack with multiple=True
+    can settle everything in flight while the rest of a batch larger than the confirm window is still to go."""
+
+    published: int = 0
+
+    def settle_if_confirmed(self) -> None:
+        if self.published == len(self.events) and self.unconfirmed == 0:
+            self.done = True
 
 
 class RabbitMqTransport:
@@ -64,11 +78,14 @@ class RabbitMqTransport:
         self._confirm_window = max(1, confirm_window)
         self._confirm_timeout_s = confirm_timeout_s
         self._lock = threading.Lock()  # held by the one thread that drives the connection
-        self._queued: deque[SendBatch] = deque()  # append/popleft are atomic: no lock needed to queue
+        self._queued: deque[_Batch] = deque()  # append/popleft are atomic: no lock needed to queue
         self._connection: Any = None
         self._channel: Any = None
         self._next_tag = 1
-        self._in_flight: dict[int, SendBatch] = {}  # delivery tag -> its batch, until confirmed
+        self._in_flight: dict[int, _Batch] = {}  # delivery tag -> its batch, until confirmed
+        # The batch the connection's thread took from the queue and is publishing: neither queued nor (entirely)
+        # in flight, so a failure must settle it too, or its sender would wait for confirms that never come.
+        self._publishing: _Batch | None = None
         self.connections_opened = 0
 
     def send(self, events: Sequence[CloudEvent]) -> None:
@@ -77,7 +94,7 @@ class RabbitMqTransport:
         (`confirm_timeout_s`) it reconnects once and publishes the unconfirmed events again (same message ids);
         a second failure raises pika's error. Raises PublishError when the broker nacks, UnroutableEventsError
         for unroutable events when `mandatory`."""
-        batch = SendBatch(list(events))
+        batch = _Batch(list(events))
         self._queued.append(batch)
         with self._lock:
             while not batch.done:
@@ -140,43 +157,76 @@ class RabbitMqTransport:
             text = text.replace(self._password, "***")
         return text[:200]
 
-    def _drive(self, mine: SendBatch) -> None:
-        """Publish what is queued and wait for confirms until `mine` is settled; after a lost
-        connection, queue the unconfirmed batches again (once each: one reconnect per send)."""
+    def _drive(self, mine: _Batch) -> None:
+        """Publish what is queued and wait for confirms until `mine` is settled. When that fails, every batch
+        taken from the queue and not settled -- in flight, or being published -- gets its outcome at once: after
+        a lost connection or channel it is queued again (once each: one reconnect per send) or, if it already
+        was, fails; an unexpected error fails it. No sender is left waiting for confirms that cannot come."""
         errors = self._pika.exceptions
         had_connection = self._connection is not None
         try:
             self._publish_queued()
             self._await_confirms(lambda: mine.done)
         except (errors.AMQPConnectionError, errors.AMQPChannelError, errors.StreamLostError) as error:
-            unsettled = {id(batch): batch for batch in [*self._in_flight.values(), mine] if not batch.done}
-            self._reset()
-            for batch in unsettled.values():
+            unsettled = self._unsettled(mine)
+            channel_only = isinstance(error, errors.AMQPChannelError)
+            if channel_only and self._connection is not None and self._connection.is_open:
+                self._drop_channel()  # the connection is fine: a new channel on it
+            else:
+                self._reset()
+            again = []
+            for batch in unsettled:
                 batch.attempts += 1
                 if batch.attempts >= 2:
                     batch.error, batch.done = error, True  # its sender raises; it is not published later
                 elif batch not in self._queued:
-                    batch.unconfirmed = batch.nacked = 0
+                    batch.unconfirmed = batch.nacked = batch.published = 0
                     batch.returned = []
-                    self._queued.appendleft(batch)
+                    again.append(batch)
+            self._queued.extendleft(reversed(again))  # first in line, in the order they were taken
             if not mine.done:
                 # A connection that could not be made is tried once more in silence: if that fails
                 # too, the PublishError says so (one line, not two).
                 logger.log(
                     logging.WARNING if had_connection else logging.DEBUG,
-                    "RabbitMQ connection %s (%s); reconnecting",
+                    "RabbitMQ %s %s (%s); %s",
+                    "channel" if channel_only else "connection",
                     "lost" if had_connection else "could not be made",
                     error.__class__.__name__,
+                    "opening a new channel" if self._connection is not None else "reconnecting",
                 )
+        except Exception as error:  # noqa: BLE001 - unexpected: each sender of a taken batch raises it
+            unsettled = self._unsettled(mine)
+            self._reset()  # the connection's state is unknown
+            for batch in unsettled:
+                batch.error, batch.done = error, True
+        finally:
+            self._publishing = None
+
+    def _unsettled(self, mine: _Batch) -> list[_Batch]:
+        """The batches taken from the queue (or `mine`) whose outcome is still open."""
+        taken = [*self._in_flight.values(), self._publishing, mine]
+        return list({id(batch): batch for batch in taken if batch is not None and not batch.done}.values())
 
     def _publish_queued(self) -> None:
         channel = self._ensure_channel()
-        half_window = self._confirm_window // 2
         while self._queued:
             batch = self._queued.popleft()
             if batch.done:  # failed while queued (the connection could not be made): not sent at all
                 continue
-            for event in batch.events:
+            self._publishing = batch
+            self._publish(channel, batch)
+            self._publishing = None
+            batch.settle_if_confirmed()
+
+    def _publish(self, channel: Any, batch: _Batch) -> None:
+        """Publish the batch's events, waiting for confirms whenever `confirm_window` are in flight. An event
+        pika cannot send (basic_publish raises, the connection and channel fine) fails its batch with a
+        PublishError; a lost connection or channel is raised (the caller queues the batch again)."""
+        errors = self._pika.exceptions
+        half_window = self._confirm_window // 2
+        for event in batch.events:
+            try:
                 channel.basic_publish(
                     exchange=self._exchange,
                     routing_key=event.type,
@@ -189,34 +239,53 @@ class RabbitMqTransport:
                         delivery_mode=self._pika.DeliveryMode.Persistent,
                     ),
                 )
-                self._in_flight[self._next_tag] = batch
-                batch.unconfirmed += 1
-                self._next_tag += 1
-                if len(self._in_flight) >= self._confirm_window:
-                    self._await_confirms(lambda: len(self._in_flight) <= half_window)
-            if not batch.events:
-                batch.done = True
+            except (errors.AMQPConnectionError, errors.AMQPChannelError):
+                raise
+            except Exception as error:  # noqa: BLE001 - this batch's own fault (pika marshals before it writes)
+                batch.error = PublishError(
+                    f"RabbitMQ could not publish event {event.id} (routing key {event.type[:64]!r}): "
+                    f"{error.__class__.__name__}: {error}"
+                )
+                batch.error.__cause__ = error
+                batch.done = True  # its published events stay in flight: their confirms settle nothing more
+                return
+            self._in_flight[self._next_tag] = batch
+            batch.unconfirmed += 1
+            batch.published += 1
+            self._next_tag += 1
+            if len(self._in_flight) >= self._confirm_window:
+                self._await_confirms(lambda: len(self._in_flight) <= half_window)
 
     def _await_confirms(self, settled: Callable[[], bool]) -> None:
         if settled():
             return
         timed_out: list[bool] = []
-        timer = self._connection.call_later(self._confirm_timeout_s, lambda: timed_out.append(True))
+        channel = self._channel
+        # A timer of the underlying connection's I/O loop: its callback runs inside _flush_output. (The blocking
+        # connection's call_later only runs callbacks from process_data_events: inside _flush_output it never
+        # fired, and a confirm that never came was waited for as long as the connection lived.)
+        ioloop = self._connection._impl.ioloop
+        timer = ioloop.call_later(self._confirm_timeout_s, lambda: timed_out.append(True))
         try:
-            # Blocks on the socket (no polling) until enough acks arrived, the timer fired, or the
-            # connection closed -- the same wait pika's blocking channel uses internally.
-            self._connection._flush_output(settled, lambda: timed_out)
+            # Blocks on the socket (no polling) until enough acks arrived, the timer fired, the channel
+            # closed or the connection closed -- the same wait pika's blocking channel uses internally.
+            self._connection._flush_output(settled, lambda: timed_out, lambda: not channel.is_open)
         finally:
-            self._connection.remove_timeout(timer)
+            ioloop.remove_timeout(timer)
         if not self._connection.is_open:
             raise self._pika.exceptions.StreamLostError("connection closed while waiting for publisher confirms")
+        if not settled() and not channel.is_open:
+            reason = getattr(channel, "_closing_reason", None)
+            if isinstance(reason, self._pika.exceptions.AMQPChannelError):
+                raise reason
+            raise self._pika.exceptions.ChannelWrongStateError("channel closed while waiting for publisher confirms")
         if not settled():
             raise self._pika.exceptions.AMQPConnectionError("no publisher confirms within the timeout")
 
     def _on_confirm(self, frame: Any) -> None:
         method = frame.method
         tags = [method.delivery_tag]
-        if method.multiple:
+        if method.multiple:  # every delivery up to this tag, whichever batches (threads) they belong to
             tags = [tag for tag in self._in_flight if tag <= method.delivery_tag]
         for tag in tags:
             batch = self._in_flight.pop(tag, None)
@@ -225,7 +294,7 @@ class RabbitMqTransport:
             if method.NAME == "Basic.Nack":
                 batch.nacked += 1
             batch.unconfirmed -= 1
-            batch.done = batch.unconfirmed == 0
+            batch.settle_if_confirmed()
 
     def _on_return(self, _channel: Any, method: Any, properties: Any, _body: bytes) -> None:
         # The broker sends basic.return before the message's confirm: the batch is still in flight.
@@ -250,6 +319,15 @@ class RabbitMqTransport:
             self._channel = blocking._impl
             self._next_tag, self._in_flight = 1, {}
         return self._channel
+
+    def _drop_channel(self) -> None:
+        """Forget a closed channel (the connection stays): its unconfirmed deliveries will never be confirmed."""
+        channel, self._channel, self._in_flight = self._channel, None, {}
+        if channel is not None and channel.is_open:
+            try:
+                channel.close()
+            except Exception:
+                logger.debug("closing a broken RabbitMQ channel failed", exc_info=True)
 
     def _reset(self) -> None:
         connection, self._connection, self._channel = self._connection, None, None

@@ -1,10 +1,12 @@
 """The RabbitMQ bridge against a real broker: contract properties, confirms, reconnects, threads."""
 
 import threading
+import time
 
 import pika
 import pytest
 
+from shared.errors import PublishError
 from shared.events import CONTENT_TYPE, REFRESH_REQUESTED
 from shared.messaging import RabbitMqTransport
 from tests.support.event_taps import EventTap
@@ -141,3 +143,84 @@ def test_a_dropped_connection_during_concurrent_sends_loses_no_confirmed_event(t
     assert set(confirmed) <= received, "a send returned but its event never reached the broker"
     assert len(failures) <= 8, "a lost connection should cost at most the sends in flight"
     assert transport.connections_opened == 2
+
+
+@pytest.mark.parametrize("confirm_window", [3, 200])
+def test_a_batch_larger_than_the_confirm_window_is_entirely_confirmed_when_send_returns(
+    rabbitmq, exchange, event_tap, confirm_window
+):
+    # 1,000 events (a page may hold that many): once the broker's acks (multiple=True) emptied the window mid-batch,
+    # send used to return with the batch's tail unconfirmed -- still in pika's output buffer, not even sent. A
+    # window of 3 empties it often enough to show that nearly every time; 200 is the default.
+    transport = RabbitMqTransport(rabbitmq.url, exchange, confirm_window=confirm_window)
+    try:
+        transport.send([numbered_refresh_request(n) for n in range(1000)])
+        # Routed before confirmed: every event is in the tap's queue the moment send returns.
+        assert event_tap.channel.queue_declare(event_tap.queue, passive=True).method.message_count == 1000
+    finally:
+        transport.close()
+    received = [event.body["data"]["connectionId"] for event in event_tap.drain()]
+    assert sorted(received) == sorted(f"conn-{n}" for n in range(1000))
+
+
+def test_events_the_broker_refuses_in_a_large_batch_fail_the_send(rabbitmq, exchange, transport):
+    # A queue that refuses what exceeds its length (x-overflow reject-publish): the broker nacks those events.
+    connection = pika.BlockingConnection(pika.URLParameters(rabbitmq.url))
+    try:
+        channel = connection.channel()
+        channel.exchange_declare(exchange, exchange_type="topic", durable=True)
+        arguments = {"x-max-length": 950, "x-overflow": "reject-publish"}
+        queue = channel.queue_declare("", exclusive=True, arguments=arguments).method.queue
+        channel.queue_bind(queue, exchange, routing_key="#")
+        with pytest.raises(PublishError, match=r"refused 50 of 1000 event\(s\)"):
+            transport.send([numbered_refresh_request(n) for n in range(1000)])
+    finally:
+        connection.close()
+
+
+def test_an_event_pika_cannot_publish_fails_its_own_send_at_once_and_the_connection_stays(transport, event_tap):
+    # Sender A fills its confirm window; sender B queues a batch meanwhile, which A's thread then publishes. Its
+    # second event cannot be sent (a routing key over AMQP's 255 bytes): basic_publish raises before that event
+    # is in flight. That error used to leave A's send, whose events were fine, and B's send returned as if all
+    # of B had been sent once its first event was confirmed. (With the unsendable event first, B's batch was
+    # orphaned: tests/unit/test_messaging_rabbitmq.py.)
+    transport._confirm_window = 2
+    unsendable = numbered_refresh_request(3).model_copy(update={"type": "t" * 256})
+    b_started, outcome = threading.Event(), {}
+    wait_as_is = transport._await_confirms
+
+    def wait_until_b_queued(settled):
+        if not b_started.is_set():
+            b_started.set()
+            for _ in range(1000):
+                if transport._queued:
+                    break
+                threading.Event().wait(0.005)
+        wait_as_is(settled)
+
+    def send(name, events):
+        started = time.monotonic()
+        try:
+            transport.send(events)
+            outcome[name] = None
+        except Exception as error:  # noqa: BLE001 - what the send raised is the test's subject
+            outcome[name] = error
+        outcome[f"{name} seconds"] = time.monotonic() - started
+
+    transport.send([numbered_refresh_request(0)])  # connected
+    transport._await_confirms = wait_until_b_queued
+    a = threading.Thread(target=send, args=("A", [numbered_refresh_request(1), numbered_refresh_request(2)]))
+    a.start()
+    assert b_started.wait(10)
+    b = threading.Thread(target=send, args=("B", [numbered_refresh_request(4), unsendable]))
+    b.start()
+    for thread in (a, b):
+        thread.join(timeout=20)
+    assert outcome["A"] is None
+    assert isinstance(outcome["B"], PublishError)
+    assert "could not publish event id-3" in str(outcome["B"])
+    assert outcome["B seconds"] < 5, "B waited out the confirm timeout"
+    transport.send([numbered_refresh_request(5)])  # the connection still serves
+    received = {event.body["data"]["connectionId"] for event in event_tap.drain()}
+    assert {"conn-0", "conn-1", "conn-2", "conn-5"} <= received  # conn-4 too, perhaps: B's sender retries it anyway
+    assert transport.connections_opened == 1
