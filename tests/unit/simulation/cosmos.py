@@ -146,7 +146,7 @@ class MemoryContainer:
         **kwargs: Any,
     ) -> Paged:
         """A registered query over the live items, paged by `max_item_count` (`by_page`, continuation tokens)."""
-        function = QUERIES.get(query)
+        function = registered_query(query)
         if function is None:
             raise AssertionError(f"unregistered query text (the app's query changed?): {query!r}")
         params = {p["name"]: p["value"] for p in parameters or []}
@@ -292,42 +292,35 @@ def _expiring(soonest_first: bool) -> QueryFunction:
     return run
 
 
-def _current_state(items: list[Item], p: Params) -> list[Any]:
-    return [
-        {
-            k: v
-            for k, v in (("status", i.get("status")), ("expiresAt", _expires_at(i)), ("_ts", i["_ts"]))
-            if v is not None
-        }
-        for i in items
-        if i["id"] == p["@id"] and i.get("tenantId") == p["@tenantId"]
-    ]
+def _project(item: Item, select: str) -> Item:
+    """A SELECT list of `c.path.to.field [AS alias]` items over one document (undefined fields are left out, as Cosmos
+    leaves them out of a projection)."""
+    row: Item = {}
+    for part in select.split(","):
+        path, _, alias = part.strip().partition(" AS ")
+        value: Any = item
+        for name in path.strip().removeprefix("c.").split("."):
+            value = value.get(name) if isinstance(value, dict) else None
+        if value is not None:
+            row[alias.strip() or path.strip().rsplit(".", 1)[-1]] = value
+    return row
 
 
-def _history(items: list[Item], p: Params) -> list[Any]:
-    def selected(i: Item) -> bool:
-        return (
-            i["id"] in p["@ids"]
-            or i.get("kind") == "held"
-            or (
-                i.get("kind") == "claim"
-                and i.get("state") == p["@refreshed"]
-                and i.get("updatedAt", 0) >= p["@since"]
-                and i.get("connectionKey") in p["@keys"]
-            )
+def _current_state(i: Item, p: Params) -> bool:
+    return i["id"] == p["@id"] and i.get("tenantId") == p["@tenantId"]
+
+
+def _history(i: Item, p: Params) -> bool:
+    return (
+        i["id"] in p["@ids"]
+        or i.get("kind") == "held"
+        or (
+            i.get("kind") == "claim"
+            and i.get("state") == p["@refreshed"]
+            and i.get("updatedAt", 0) >= p["@since"]
+            and i.get("connectionKey") in p["@keys"]
         )
-
-    fields = ("id", "kind", "connectionKey", "documentTs", "lastFailureAt", "code", "failures", "updatedAt")
-    rows = []
-    for i in filter(selected, items):
-        row = {k: i[k] for k in (*fields, "state", "round", "since") if k in i}
-        data = (i.get("outcome") or {}).get("data") or {}
-        if "retryable" in data:
-            row["retryable"] = data["retryable"]
-        if "code" in (data.get("error") or {}):
-            row["errorCode"] = data["error"]["code"]
-        rows.append(row)
-    return rows
+    )
 
 
 def _outcomes_since(items: list[Item], p: Params) -> list[Any]:
@@ -342,29 +335,41 @@ def _outcomes_since(items: list[Item], p: Params) -> list[Any]:
     ]
 
 
-# Copied from shared/state_store.py (connection_history, outcomes_since) and shared/connection_store.py
-# (current_state): a change there must show up here as an unregistered query.
-HISTORY_QUERY = (
-    "SELECT c.id, c.kind, c.connectionKey, c.documentTs, c.lastFailureAt, c.code, c.failures, c.updatedAt, "
-    "c.state, c.round, c.outcome.data.retryable, c.outcome.data.error.code AS errorCode, c.since "
-    "FROM c WHERE ARRAY_CONTAINS(@ids, c.id) OR c.kind = 'held' OR (c.kind = 'claim' AND c.state = @refreshed "
-    "AND c.updatedAt >= @since AND ARRAY_CONTAINS(@keys, c.connectionKey))"
-)
+# Copied from shared/state_store.py (outcomes_since, and the WHERE of connection_history) and shared/connection_store.py
+# (current_state's WHERE): a change there must show up here as an unregistered query.
 OUTCOMES_SINCE_QUERY = (
     "SELECT VALUE COUNT(1) FROM c WHERE c.kind = 'claim' AND c.updatedAt >= @since "
     "AND (c.state = @refreshed OR c.state = @failed)"
 )
-CURRENT_STATE_QUERY = (
-    "SELECT c.status, c.oauth.expiresAt AS expiresAt, c._ts FROM c WHERE c.id = @id AND c.tenantId = @tenantId"
+HISTORY_WHERE = (
+    "ARRAY_CONTAINS(@ids, c.id) OR c.kind = 'held' OR (c.kind = 'claim' AND c.state = @refreshed "
+    "AND c.updatedAt >= @since AND ARRAY_CONTAINS(@keys, c.connectionKey))"
 )
+CURRENT_STATE_WHERE = "c.id = @id AND c.tenantId = @tenantId"
 
 QUERIES: dict[str, QueryFunction] = {
     expiring_connections_query(with_max_age=False): _expiring(soonest_first=False),
     expiring_connections_query(with_max_age=False, soonest_first=True): _expiring(soonest_first=True),
-    CURRENT_STATE_QUERY: _current_state,
-    HISTORY_QUERY: _history,
     OUTCOMES_SINCE_QUERY: _outcomes_since,
 }
+# `SELECT <fields> FROM c WHERE <where>` queries, by the exact text of their WHERE: the field list is projected as
+# written (so adding a field to a projection needs no change here), the WHERE is this Python predicate.
+WHERES: dict[str, Callable[[Item, Params], bool]] = {
+    CURRENT_STATE_WHERE: _current_state,
+    HISTORY_WHERE: _history,
+}
+
+
+def registered_query(query: str) -> QueryFunction | None:
+    """The function answering `query`: by its exact text, or a projection over a registered WHERE."""
+    if query in QUERIES:
+        return QUERIES[query]
+    select, found, where = query.partition(" FROM c WHERE ")
+    if not found or not select.startswith("SELECT ") or select.startswith("SELECT VALUE") or where not in WHERES:
+        return None
+    predicate, fields = WHERES[where], select.removeprefix("SELECT ")
+    return lambda items, p: [_project(i, fields) for i in items if predicate(i, p)]
+
 
 # Patch filter predicates by exact text (none used yet): each a Python function of the stored item.
 FILTER_PREDICATES: dict[str, Callable[[Item], bool]] = {}

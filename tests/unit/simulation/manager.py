@@ -36,6 +36,7 @@ ANSWERS: dict[str, int] = {
     "401": 2,
 }
 RETRY_AFTERS_S = (1.0, 5.0, 30.0, 50.0, 120.0)
+SCRIPTED_RETRY_AFTER = {"429_50": 50.0}  # scripted answers with a fixed Retry-After
 
 
 @dataclass
@@ -92,6 +93,9 @@ class Manager:
         elif answer in ("timeout", "timeout_refreshed"):
             server = self.read_timeout_s + rng.uniform(0.0, self.in_flight_s)
             client = self.read_timeout_s
+        elif answer == "timeout_max":  # runs on for the whole in-flight window the app allows for
+            server = self.read_timeout_s + self.in_flight_s
+            client = self.read_timeout_s
         elif answer == "504":  # the gateway gives up; the manager goes on for at most the in-flight window
             client = rng.uniform(5.0, 30.0)
             server = client + rng.uniform(0.0, self.in_flight_s)
@@ -99,7 +103,7 @@ class Manager:
             server = client = rng.uniform(3.0, 25.0)
         else:
             server = client = rng.uniform(0.05, 2.0)
-        client = min(client, server) if answer not in ("timeout", "timeout_refreshed", "504") else client
+        client = min(client, server) if answer not in ("timeout", "timeout_refreshed", "timeout_max", "504") else client
         refreshes = answer in ("ok", "ok_slow", "ok_no_expiry", "timeout_refreshed") or (
             answer == "504" and rng.random() < 0.5
         )
@@ -126,7 +130,10 @@ class Manager:
         if call.refreshed and answer != "ok_no_expiry":
             doc = self.read_doc(connection_id)
             new_expiry = (doc or {}).get("oauth", {}).get("expiresAt")
-        return self._outcome(answer, new_expiry, rng.choice(RETRY_AFTERS_S))
+        retry_after = SCRIPTED_RETRY_AFTER.get(answer, rng.choice(RETRY_AFTERS_S))
+        return self._outcome(
+            answer.partition("_")[0] if answer in SCRIPTED_RETRY_AFTER else answer, new_expiry, retry_after
+        )
 
     def _server_done(self, call: Call) -> None:
         doc = self.read_doc(call.connection_id)
@@ -151,7 +158,7 @@ class Manager:
             return RefreshOutcome(
                 True, http_status=200, expires_at=parse_expires_at(new_expiry) if new_expiry else None
             )
-        if answer in ("timeout", "timeout_refreshed"):
+        if answer in ("timeout", "timeout_refreshed", "timeout_max"):
             return failed("timeout", "integration-manager did not answer in time", may_be_in_flight=True)
         if answer == "network":
             return failed("network_error", "could not reach integration-manager (ConnectionError)")

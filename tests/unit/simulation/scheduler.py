@@ -38,6 +38,7 @@ class Actor:
     started_at: float
     message: Any = None  # the bus message of a delivery
     delivery: int = 0
+    count: int = 0  # the DeliveryCount it was handed
     wake_at: float = 0.0  # runnable once the clock reaches it
     label: str = "start"
     allowed: tuple[str, ...] = ()  # the directives its next operation admits (besides PROCEED and CRASH)
