@@ -20,6 +20,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 from localdev.errors import OperatorError, UsageError
+from shared.claim import Claim
 from shared.connection_store import ExpiringConnection
 from shared.connection_store import connection_from_row as shared_connection_from_row
 from shared.errors import (
@@ -250,37 +251,37 @@ def request_refresh(
     return 0
 
 
-def _attempt_round(claim: dict[str, Any] | None, requested_at: datetime) -> int:
-    """The attempt round of a request published now for this claim (shared.state_store.next_attempt_round)."""
-    from shared.state_store import next_attempt_round
+def _attempt_round(claim: Claim | None, requested_at: datetime) -> int:
+    """The attempt round of a request published now for this claim (shared.claim.next_attempt_round)."""
+    from shared.claim import next_attempt_round
 
-    return next_attempt_round(claim, int(requested_at.timestamp() * 1000)) if claim else 0
+    return next_attempt_round(claim.document(), int(requested_at.timestamp() * 1000)) if claim else 0
 
 
 def _earlier_request(
     state_store: Callable[[], Any] | None, request_id: str, requested_at: datetime, scrub: Scrubber
-) -> tuple[dict[str, Any] | None, list[str]]:
+) -> tuple[Claim | None, list[str]]:
     """The claim of a request id seen before (deterministic ids), and what the handler will do with it."""
     if state_store is None:
         return None, []
-    from shared.state_store import TERMINAL_STATES, ClaimState, superseded
+    from shared.claim import TERMINAL_STATES, superseded
 
     try:
-        claim = state_store().get_claim(request_id)
+        claim = state_store().claims.get(request_id)
     except Exception as error:  # informational only: the request is published either way
         logger.debug("reading the claim failed", exc_info=True)
         return None, [f"could not look up earlier attempts of this request ({describe_error(error, scrub)})."]
     if claim is None:
         return None, []
     requested_at_ms = int(requested_at.timestamp() * 1000)
-    state = claim.get("state")
+    state = claim.state
     if state in TERMINAL_STATES and not superseded(claim, requested_at_ms):
         return claim, [
             f"this request id already ended ({state}); sync_refresh_handler will not call integration-manager "
             "for it again (it logs 'this request was already handled'). A new request id needs a changed "
             "oauth.expiresAt (e.g. after the user reconnects)."
         ]
-    if state == ClaimState.IN_PROGRESS and claim.get("leaseUntil", 0) > requested_at_ms:
+    if claim.held_at(requested_at_ms):
         return claim, [
             "another invocation is refreshing this connection right now; this request is skipped while it does."
         ]

@@ -26,10 +26,10 @@ from shared.events import (
 )
 from shared.ids import connection_key, follow_up_check_id, refresh_request_id
 from shared.messaging import EventPublisher
-from shared.refresh_schedule import WAITING, IntegrationSchedule, RefreshScheduler
+from shared.refresh_schedule import IntegrationSchedule, RefreshScheduler
 from shared.settings import SAFETY_MARGIN_MS, Settings
 from shared.state_store import StateStore
-from shared.times import format_time, monotonic_s, now_ms, utc_now
+from shared.times import epoch_ms, format_time, monotonic_s, now_ms, utc_now
 
 logger = logging.getLogger(__name__)
 
@@ -38,9 +38,10 @@ logger = logging.getLogger(__name__)
 class CheckSummary:
     """What one check invocation did; its fields are the summary log line's. `found`: connections requested;
     `published`: refresh-requested events sent; `invalid`: unusable documents skipped; `suppressed`: failed
-    permanently, document unchanged since; `deferred`: see select_for_refresh; `continued`: a follow-up check
-    took over the rest of the scan. With pacing (shared.refresh_schedule): `waiting`: already scheduled by an
-    earlier check; `late`: scheduled after their token expires; `schedules`: per integration."""
+    permanently, token unchanged since; `deferred`: see select_for_refresh; `continued`: a follow-up check
+    took over the rest of the scan. With pacing (shared.refresh_schedule): `waiting`: scheduled by an earlier check
+    for a time still to come (its claim is SCHEDULED); `late`: scheduled after their token expires; `schedules`:
+    per integration."""
 
     found: int = 0
     published: int = 0
@@ -98,28 +99,38 @@ def plan_check(store: ConnectionStore, states: StateStore, threshold: datetime, 
     scheduler = RefreshScheduler(settings, states, scan="dry-run") if settings.scheduling else None
     dry_run = DryRun([], [], 0)
     for page in store.expiring_connection_pages(threshold, settings.skip_statuses, soonest_first=settings.scheduling):
-        timed, waiting = timed_requests(select_for_refresh(page.connections, states, settings).requested, scheduler)
-        dry_run.requests.extend(timed)
-        dry_run.waiting += waiting
+        selection = select_for_refresh(page.connections, states, settings)
+        dry_run.requests.extend(timed_requests(selection.requested, scheduler))
+        dry_run.waiting += selection.waiting
     dry_run.schedules = list(scheduler.schedules.values()) if scheduler else []
     return dry_run
 
 
 def timed_requests(
     connections: list[ExpiringConnection], scheduler: RefreshScheduler | None
-) -> tuple[list[tuple[ExpiringConnection, datetime | None]], int]:
+) -> list[tuple[ExpiringConnection, datetime | None]]:
     """A page's connections to request, each with the time `scheduler` gives it (None: at once; without a scheduler,
-    all at once, in the page's order), and how many an earlier check's schedule still holds (left out)."""
+    all at once, in the page's order)."""
     if scheduler is None:
-        return [(connection, None) for connection in connections], 0
-    timed, waiting = [], 0
-    for connection in soonest_expiring_first(connections):
-        when = scheduler.time_for(connection)
-        if when is WAITING:
-            waiting += 1
-        else:
-            timed.append((connection, when))
-    return timed, waiting
+        return [(connection, None) for connection in connections]
+    return [(connection, scheduler.time_for(connection)) for connection in soonest_expiring_first(connections)]
+
+
+def note_scheduled(timed: list[tuple[ExpiringConnection, datetime | None]], states: StateStore) -> None:
+    """After a page's publish: record each request paced to a later time as SCHEDULED (Claims.note_scheduled), so the
+    next checks leave exactly those alone while they wait. Best effort: without it the next check requests them
+    again (duplicates, which the claim absorbs)."""
+    now = now_ms()
+    try:
+        for connection, when in timed:
+            if when is not None:
+                key = connection_key(connection.tenant_id, connection.integration_id, connection.connection_id)
+                states.claims.note_scheduled(request_id_of(connection), key, epoch_ms(when), now)
+    except Exception as error:  # noqa: BLE001 - the requests are published; this only saves duplicates
+        logger.warning(
+            "Could not record the scheduled refresh requests (%s); the next check may request them again",
+            describe_store_error(error),
+        )
 
 
 def soonest_expiring_first(connections: list[ExpiringConnection]) -> list[ExpiringConnection]:
@@ -134,9 +145,10 @@ class Selection:
     lifetimes (ms) of those deferred, for warn_about_short_token_lifetimes."""
 
     requested: list[ExpiringConnection]
-    suppressed: int  # failed permanently, document unchanged since (no refresh storm)
+    suppressed: int  # failed permanently, token unchanged since (no refresh storm)
     deferred_lifetimes_ms: list[int]  # refreshed by us lately and still valid past the next check
     attempt_rounds: dict[str, int] = field(default_factory=dict)  # request id -> its round (absent: 0)
+    waiting: int = 0  # scheduled by an earlier check for a time still to come: left alone
 
     def event(self, connection: ExpiringConnection, requested_at: datetime, not_before: datetime | None) -> CloudEvent:
         """The refresh-requested event of one of the `requested` connections, with its attempt round."""
@@ -146,16 +158,19 @@ class Selection:
 
 def select_for_refresh(connections: list[ExpiringConnection], states: StateStore, settings: Settings) -> Selection:
     """Of a page of expiring connections, those to request now. Not requested:
-    - a connection whose refresh failed permanently for this same document version within the
+    - a connection whose refresh failed permanently for this same token (expiresAt) within the
       cooldown: it would fail again;
     - a refresh loop: a connection this app refreshed within the last threshold whose token is still
       valid at the next check plus the safety margin. A token issued for less than the threshold is
       due again the moment it is refreshed (1-hour tokens, a 65-minute threshold: every check would
-      refresh it again); it is left for the check that finds it about to expire."""
+      refresh it again); it is left for the check that finds it about to expire;
+    - this very request, scheduled by an earlier check for a time still to come (its claim is SCHEDULED), or
+      come within SCHEDULED_GRACE_MS: it is waiting for its time. Only that request: a new document, a
+      reconnected connection or a deferred one is never held back by an earlier check's backlog."""
     now = now_ms()
     keys = {connection_key(c.tenant_id, c.integration_id, c.connection_id): c for c in connections}
     history = states.connection_history(
-        {key: c.document_ts for key, c in keys.items()},
+        {key: request_id_of(c) for key, c in keys.items()},
         now,
         settings.failure_cooldown_ms,
         refreshed_since_ms=now - settings.expiration_threshold_ms,
@@ -167,12 +182,16 @@ def select_for_refresh(connections: list[ExpiringConnection], states: StateStore
         record = history.suppressed.get(key)
         if record is not None:
             logger.info(
-                "Not requesting refresh for connection %r (%s): it failed permanently (%s) and its document "
+                "Not requesting refresh for connection %r (%s): it failed permanently (%s) and its token "
                 "has not changed since",
                 connection.connection_id,
                 connection.integration_id,
                 record.get("code"),
             )
+            continue
+        scheduled_for = history.scheduled_for.get(key)
+        if scheduled_for is not None and now < scheduled_for + SCHEDULED_GRACE_MS:
+            selection.waiting += 1
             continue
         refreshed_at = history.refreshed_at.get(key)
         expires = int(connection.expires_at.timestamp() * 1000) if connection.expires_at else None
@@ -182,6 +201,10 @@ def select_for_refresh(connections: list[ExpiringConnection], states: StateStore
         selection.requested.append(connection)
     return selection
 
+
+# A request scheduled by an earlier check still counts as waiting this long after its time: a delivery comes a little
+# late (a busy queue, a host restarting). Past it, the next check requests it again (a duplicate the claim absorbs).
+SCHEDULED_GRACE_MS = 60_000
 
 # A check-expiring event's thresholdTime may exceed its timestamp + the threshold by this much (clock
 # skew between the timer and the handler); anything later is capped (see capped_threshold).
@@ -244,7 +267,7 @@ def request_refresh_for_expiring_connections(
     scheduler = None
     if settings.scheduling:
         scan = format_time(check.timestamp)
-        scheduler = RefreshScheduler(settings, states, scan, continuing=check.continuation is not None)
+        scheduler = RefreshScheduler(settings, states, scan)
     pages = store.expiring_connection_pages(
         threshold,
         settings.skip_statuses,
@@ -260,8 +283,8 @@ def request_refresh_for_expiring_connections(
         summary.suppressed += selection.suppressed
         summary.deferred += len(selection.deferred_lifetimes_ms)
         deferred_lifetimes.extend(selection.deferred_lifetimes_ms)
-        timed, waiting = timed_requests(selection.requested, scheduler)
-        summary.waiting += waiting
+        timed = timed_requests(selection.requested, scheduler)
+        summary.waiting += selection.waiting
         requested_at = utc_now()
         events = [selection.event(connection, requested_at, when) for connection, when in timed]
         if events:
@@ -274,6 +297,7 @@ def request_refresh_for_expiring_connections(
             )
             summary.published += publisher.publish(events)
             if scheduler is not None:
+                note_scheduled(timed, states)
                 scheduler.save()  # after the publish: a crash in between schedules them again, same ids
         # After every page, also one with nothing to publish: a long run of suppressed or invalid
         # pages must hand off too, before the function times out.

@@ -15,8 +15,12 @@ its time (Service Bus scheduled messages; the local host's schedule queue).
   free time instead.
 - A request scheduled after its token's expiry is late: the backlog cannot finish in time at the
   limit. It is still scheduled, as early as the limit allows, and counted (IntegrationSchedule.late).
-- Requests an earlier check scheduled are still waiting while that schedule runs: a later check
-  leaves them alone (`waiting`) instead of scheduling them twice and pushing new ones back.
+- Requests an earlier check scheduled are waiting for their time: a later check leaves exactly those alone (their
+  claims are SCHEDULED: shared.expiring_check.select_for_refresh) instead of scheduling them twice.
+- A new request is never held back by an earlier check's backlog it is not part of: when the grid, continued after
+  that backlog, would give it a time past its token's window, it takes the first free time of a grid of its own
+  starting now (`urgent`). Its call then takes the integration's next call slot at call time, between the
+  backlog's (shared.token_refresh: pacing at call time), so the limit still holds.
 """
 
 from __future__ import annotations
@@ -36,15 +40,6 @@ from shared.times import format_time, now_ms
 
 logger = logging.getLogger(__name__)
 
-
-class Waiting:
-    """RefreshScheduler.time_for's answer for a request an earlier check's schedule already holds."""
-
-    def __repr__(self) -> str:
-        return "WAITING"
-
-
-WAITING = Waiting()
 
 # A grid time is never sooner than this after the check hands it out: the time it takes to publish and deliver
 # a request must not make it late, or it would bunch up with the next one and break the limit.
@@ -71,13 +66,14 @@ class IntegrationSchedule:
     late: int = 0
     first_late_expiry_ms: int | None = None  # the soonest expiry among the late ones
     latest_expiry_ms: int | None = None  # the latest expiry scheduled: the wave's "by when"
-    waiting: int = 0
+    urgent: int = 0  # requests that would have waited past their window behind an earlier check's backlog
     # The grid (with a limit): time of index k = origin + k * spacing; _next_free maps a taken index to a
     # candidate for the next free one (a disjoint-set forest with path compression: O(1) amortised).
     _origin_ms: float = 0.0
     _next_free: dict[int, int] = field(default_factory=dict)
     _last_index: int = -1
-    _earlier: dict[str, Any] | None = None  # the pacing document as this invocation found it
+    _urgent_origin_ms: float = 0.0  # the grid of its own that urgent requests take (from now), with its free list
+    _urgent_next_free: dict[int, int] = field(default_factory=dict)
     _stored: dict[str, Any] | None = None  # ... as this invocation last read or wrote it (its etag saves a read)
     _spread: bool = False
     _unsaved: bool = False
@@ -104,32 +100,29 @@ class RefreshScheduler:
         states: StateStore,
         scan: str,
         *,
-        continuing: bool = False,
         clock: Callable[[], int] = now_ms,
         rng: random.Random | None = None,
     ):
         self._settings = settings
         self._states = states
         self._scan = scan
-        self._continuing = continuing
         self._clock = clock
         self._rng = rng or random.Random()  # noqa: S311 - spreading load, not a secret
         self.schedules: dict[str, IntegrationSchedule] = {}
         self._saved_at = clock()
 
-    def time_for(self, connection: ExpiringConnection) -> datetime | Waiting | None:
+    def time_for(self, connection: ExpiringConnection) -> datetime | None:
         """The time to deliver `connection`'s refresh request: an aware datetime (now or later) when a limit or the
-        spread applies to its integration, None (at once) otherwise, or WAITING when an earlier check's schedule
-        already holds it."""
+        spread applies to its integration, None (at once) otherwise."""
         now = self._clock()
         schedule = self._schedule(connection.integration_id, now)
         expires = None if connection.expires_at is None else int(connection.expires_at.timestamp() * 1000)
-        if self._already_scheduled(schedule, expires, now):
-            schedule.waiting += 1
-            return WAITING
         target, window_end = self._target(now, expires)
         spacing = schedule.spacing_ms
-        slot = target if spacing is None else self._take_grid_time(schedule, spacing, now, target, window_end)
+        if spacing is None:
+            slot = target
+        else:
+            slot = self._take_grid_time(schedule, spacing, now, target, window_end=window_end, expires=expires)
         self._count(schedule, slot, expires)
         return datetime.fromtimestamp(slot / 1000, UTC) if schedule.paced else None
 
@@ -175,14 +168,15 @@ class RefreshScheduler:
                 "rateLimitPerSecond": schedule.rate_per_s,
             }
             logger.info(
-                "Scheduled %d refresh request(s) of integration %r from %s to %s (limit %s, late %d, waiting %d)",
+                "Scheduled %d refresh request(s) of integration %r from %s to %s (limit %s, late %d, ahead of an "
+                "earlier backlog %d)",
                 schedule.scheduled,
                 schedule.integration_id,
                 numbers["firstAt"],
                 numbers["lastAt"],
                 describe_rate(schedule.rate_per_s),
                 schedule.late,
-                schedule.waiting,
+                schedule.urgent,
                 extra=numbers,
             )
             if schedule.late:
@@ -210,25 +204,11 @@ class RefreshScheduler:
             earlier = None
             if rate is not None or self._settings.spread_ms > 0:
                 earlier = self._states.pacing(integration_id)
-            schedule = IntegrationSchedule(
-                integration_id, rate, _earlier=earlier, _stored=earlier, _spread=self._settings.spread_ms > 0
-            )
+            schedule = IntegrationSchedule(integration_id, rate, _stored=earlier, _spread=self._settings.spread_ms > 0)
             # Continue where the schedule so far ends, or start now (plus the lead).
             schedule._origin_ms = float(max(now + SCHEDULE_LEAD_MS, (earlier or {}).get("nextSlotMs") or 0))
             self.schedules[integration_id] = schedule
         return schedule
-
-    def _already_scheduled(self, schedule: IntegrationSchedule, expires: int | None, now: int) -> bool:
-        """An earlier check scheduled this request and its schedule is still running: the scan is in expiresAt
-        order, so it scheduled every token expiring by the last one it scheduled. (Not for a follow-up of the
-        same scan: its rows come after those; its own earlier pages are in the document too.)"""
-        earlier = schedule._earlier
-        if earlier is None or expires is None:
-            return False
-        if self._continuing and earlier.get("scan") == self._scan:
-            return False
-        through = earlier.get("scheduledThroughMs")
-        return now < (earlier.get("nextSlotMs") or 0) and through is not None and expires <= through
 
     def _target(self, now: int, expires: int | None) -> tuple[int, int | None]:
         """When the request should go (now, or a random time within the spread) and the end of its window: the
@@ -242,23 +222,48 @@ class RefreshScheduler:
         return now + int(self._rng.random() * room), now + room
 
     def _take_grid_time(
-        self, schedule: IntegrationSchedule, spacing: float, now: int, target: int, window_end: int | None
+        self,
+        schedule: IntegrationSchedule,
+        spacing: float,
+        now: int,
+        target: int,
+        *,
+        window_end: int | None,
+        expires: int | None,
     ) -> int:
         """The first free grid time at or after `target`; if that is past `window_end` (taken by others), the
-        earliest free one from now instead, when earlier."""
+        earliest free one from now instead, when earlier. If even that leaves less than SAFETY_MARGIN_MS before
+        `expires` only because an earlier check's backlog fills the grid, a time of the urgent grid instead."""
         origin = schedule._origin_ms
         earliest = max(0, math.ceil((now + SCHEDULE_LEAD_MS - origin) / spacing))  # never one already (nearly) past
         wanted = max(earliest, math.ceil((target - origin) / spacing))
-        index = self._free_index(schedule, wanted)
+        index = self._free_index(schedule._next_free, wanted)
         if window_end is not None and origin + index * spacing > window_end and wanted > earliest:
-            index = min(index, self._free_index(schedule, earliest))  # as early as the limit allows
+            index = min(index, self._free_index(schedule._next_free, earliest))  # as early as the limit allows
+        pushed_by_earlier_backlog = origin > now + SCHEDULE_LEAD_MS
+        if expires is not None and origin + index * spacing > expires - SAFETY_MARGIN_MS and pushed_by_earlier_backlog:
+            # Too late for its token only because an earlier check's backlog fills the grid before it: not its backlog.
+            return self._take_urgent_time(schedule, spacing, now, target)
         schedule._next_free[index] = index + 1
         schedule._last_index = max(schedule._last_index, index)
         return math.ceil(origin + index * spacing)
 
+    @classmethod
+    def _take_urgent_time(cls, schedule: IntegrationSchedule, spacing: float, now: int, target: int) -> int:
+        """The first free time at or after `target` of the schedule's urgent grid, which starts now (plus the lead)
+        and is spaced at the limit: urgent requests keep the limit among themselves, and pacing at call time
+        interleaves them with the backlog's."""
+        if not schedule._urgent_next_free:
+            schedule._urgent_origin_ms = float(now + SCHEDULE_LEAD_MS)
+        origin = schedule._urgent_origin_ms
+        wanted = max(0, math.ceil((max(target, now + SCHEDULE_LEAD_MS) - origin) / spacing))
+        index = cls._free_index(schedule._urgent_next_free, wanted)
+        schedule._urgent_next_free[index] = index + 1
+        schedule.urgent += 1
+        return math.ceil(origin + index * spacing)
+
     @staticmethod
-    def _free_index(schedule: IntegrationSchedule, index: int) -> int:
-        next_free = schedule._next_free
+    def _free_index(next_free: dict[int, int], index: int) -> int:
         free = index
         while free in next_free:
             free = next_free[free]

@@ -1,10 +1,9 @@
 """State this app owns, in its own Cosmos container (COSMOS_STATE_CONTAINER, partition key /id).
 The platform's connection documents are never written.
 
-- Claims, one per refresh request (id = the request's deterministic event id): at most one
-  invocation calls integration-manager for a request at a time, a request that already ended is
-  not called again, and the outcome event is kept so that a redelivery can publish it if the first
-  publish failed.
+- Claims, one per refresh request (id = the request's deterministic event id): shared.claim, the one module
+  that writes them; at most one delivery calls integration-manager for a request at a time, a request that
+  already ended is not called again, and the outcome event is kept for a redelivery to publish.
 - Failure records, one per connection: a connection whose refresh failed permanently is not
   requested again until its document changes (Cosmos `_ts`) or TOKEN_REFRESH_FAILURE_COOLDOWN_MS
   has passed (docs/failure-handling.md).
@@ -17,37 +16,13 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
-from enum import StrEnum
-from typing import Any, Literal
+from typing import Any
 
+from shared.claim import Claims, ClaimState, next_attempt_round
 from shared.ids import text_key
 from shared.settings import Settings
 
 logger = logging.getLogger(__name__)
-
-CLAIM_TTL_S = 7 * 24 * 3600  # claims outlive any redelivery or duplicate-detection window
-
-
-class ClaimState(StrEnum):
-    """Where a refresh request is (a claim's `state`; stored as the string value)."""
-
-    IN_PROGRESS = "in_progress"  # an invocation holds it (until leaseUntil)
-    RETRY_PENDING = "retry_pending"  # a transient failure: the next delivery (or scheduled copy) goes on
-    REFRESHED = "refreshed"
-    FAILED = "failed"
-    SKIPPED = "skipped"  # ended without an outcome: the connection was revoked or deleted while retrying
-
-
-TERMINAL_STATES = (ClaimState.REFRESHED, ClaimState.FAILED, ClaimState.SKIPPED)
-
-
-@dataclass
-class ClaimResult:
-    """StateStore.claim's answer: `status` (see there) and the claim document as stored, the caller's own when
-    "acquired", the existing one otherwise."""
-
-    status: Literal["acquired", "done", "busy", "conflict"]
-    claim: dict[str, Any] | None
 
 
 class StateStore:
@@ -86,150 +61,26 @@ class StateStore:
 
     # Claims --------------------------------------------------------------------------------------
 
-    def get_claim(self, request_id: str) -> dict[str, Any] | None:
-        """The claim of a request (its event id), or None: never claimed, or dropped by TTL (CLAIM_TTL_S)."""
-        return self._get(f"claim-{request_id}")
-
-    def claim(  # noqa: PLR0911 - one return per way a claim can end
-        self,
-        request_id: str,
-        key: str,
-        now_ms: int,
-        lease_ms: int,
-        requested_at_ms: int | None = None,
-        *,
-        take_over_live_lease: bool = False,
-        holder: dict[str, Any] | None = None,
-        calls_window_ms: int = 0,
-        attempt_round: int | None = None,
-    ) -> ClaimResult:
-        """Claim the request: "acquired" (go ahead), "done" (it ended: see the stored outcome), "busy" (another
-        invocation holds a live lease; `take_over_live_lease` when the caller knows that holder is gone) or
-        "conflict" (the request id belongs to another connection: a claim is bound to the connection that first
-        used it). Take-overs are etag-guarded: of two contenders, one wins. `round` counts the times a later
-        check asked again after the request had ended retryable; outcome event ids and idempotency keys include
-        it. `holder` (message id and delivery count) and `callsUntil` (now + `calls_window_ms`) say who holds a
-        live claim and until when its calls may run, for a redelivery of the same message to take over safely.
-
-        `key` is the connection_key; `now_ms` and `requested_at_ms` are epoch ms, `lease_ms` and
-        `calls_window_ms` durations in ms. Cosmos errors other than a lost race propagate."""
-        from azure.core import MatchConditions
-        from azure.cosmos.exceptions import CosmosAccessConditionFailedError, CosmosResourceExistsError
-
-        item_id = f"claim-{request_id}"
-        fresh = {
-            "id": item_id,
-            "kind": "claim",
-            "connectionKey": key,
-            "state": ClaimState.IN_PROGRESS,
-            "leaseUntil": now_ms + lease_ms,
-            "attempts": 0,
-            "published": False,
-            "updatedAt": now_ms,
-            "round": 0,
-            "holder": holder,
-            "callsUntil": now_ms + calls_window_ms,
-            "ttl": CLAIM_TTL_S,
-        }
-        try:
-            return ClaimResult("acquired", self._container.create_item(fresh))
-        except CosmosResourceExistsError:
-            existing = self._get(item_id)
-        if existing is None:  # removed in between (TTL): take it fresh
-            return ClaimResult("acquired", self._container.upsert_item(fresh))
-        if existing.get("connectionKey") != key:
-            return ClaimResult("conflict", existing)
-        asked_again = superseded(existing, requested_at_ms, attempt_round)
-        if existing["state"] in TERMINAL_STATES and not asked_again:
-            return ClaimResult("done", existing)
-        if (
-            existing["state"] == ClaimState.IN_PROGRESS
-            and existing.get("leaseUntil", 0) > now_ms
-            and not take_over_live_lease
-        ):
-            return ClaimResult("busy", existing)
-        # A retry of an earlier delivery, or a lease that ran out (its holder died): take it over,
-        # but only if nobody else did first (etag).
-        taken = existing | {
-            "state": ClaimState.IN_PROGRESS,
-            "leaseUntil": now_ms + lease_ms,
-            "updatedAt": now_ms,
-            "holder": holder,
-            "callsUntil": now_ms + calls_window_ms,
-        }
-        if asked_again:  # a later check asked again after transient failures ended it: a new attempt
-            taken = {k: v for k, v in taken.items() if k != "outcome"} | {
-                "published": False,
-                "notBefore": 0,
-                "retries": 0,
-                "copies": 0,
-                "round": existing.get("round", 0) + 1,
-            }
-        try:
-            replaced = self._container.replace_item(
-                item_id, taken, etag=existing["_etag"], match_condition=MatchConditions.IfNotModified
-            )
-        except CosmosAccessConditionFailedError:
-            return ClaimResult("busy", existing)
-        return ClaimResult("acquired", replaced)
-
-    def finish_claim(
-        self,
-        claim: dict[str, Any],
-        state: str,
-        attempts: int,
-        now_ms: int,
-        *,
-        outcome: dict | None = None,
-        published: bool = False,
-        not_before_ms: int = 0,
-        in_flight_until_ms: int = 0,
-        retries: int | None = None,
-        copies: int | None = None,
-    ) -> dict[str, Any]:
-        """Record how this delivery ended: its outcome event and whether that was published. `not_before_ms`: the
-        callee's Retry-After, for the next delivery; `in_flight_until_ms`: until when the last call may still be
-        running at integration-manager (no new call before).
-
-        `state` is a ClaimState; `attempts` counts the calls made for the request so far. Ends the lease, so the
-        next delivery can claim at once. A plain write (no etag): only the claim's holder calls it. Returns the
-        stored document. Times are epoch ms."""
-        updated = {k: v for k, v in claim.items() if not k.startswith("_")}
-        updated.update(
-            state=state,
-            attempts=attempts,
-            updatedAt=now_ms,
-            leaseUntil=0,
-            notBefore=not_before_ms,
-            inFlightUntil=in_flight_until_ms,
-            callsUntil=0,
-        )
-        if outcome is not None:
-            updated.update(outcome=outcome, published=published)
-        if retries is not None:  # scheduled retries of this round so far (failures: TOKEN_REFRESH_MAX_DELIVERY_COUNT)
-            updated["retries"] = retries
-        if copies is not None:  # scheduled copies of this round so far (retries, and calls paced to a later slot)
-            updated["copies"] = copies
-        return self._container.upsert_item(updated)
-
-    def mark_published(self, claim: dict[str, Any]) -> None:
-        """Record that a stored outcome, published late by a redelivery, has now been published."""
-        updated = {k: v for k, v in claim.items() if not k.startswith("_")} | {"published": True}
-        self._container.upsert_item(updated)
+    @property
+    def claims(self) -> Claims:
+        """The refresh requests' claims (shared.claim: the one module that writes them)."""
+        return Claims(self._container)
 
     # Failure records -----------------------------------------------------------------------------
 
-    def record_permanent_failure(self, key: str, document_ts: int | None, code: str, now_ms: int, ttl_ms: int) -> None:
-        """Record that the connection `key` failed for good with `code` at document version `document_ts` (Cosmos
-        `_ts`), counting repeats; connection_history reads it. `ttl_ms` (the cooldown) > 0 lets Cosmos drop the
-        record after it; 0 sets no TTL."""
+    def record_permanent_failure(self, key: str, request_id: str, code: str, now_ms: int, ttl_ms: int) -> None:
+        """Record that the connection `key` failed for good with `code` for the token of request `request_id` (the
+        token's version: connection and expiresAt), counting repeats; connection_history reads it. Keyed to the
+        token, not the document's `_ts`: integration-manager may write failure details onto the document, which
+        must not lift the record, while a reconnect issues a new token. `ttl_ms` (the cooldown) > 0 lets Cosmos
+        drop the record after it; 0 sets no TTL."""
         item_id = f"failure-{key}"
         previous = self._get(item_id)
         record = {
             "id": item_id,
             "kind": "failure",
             "connectionKey": key,
-            "documentTs": document_ts,
+            "requestId": request_id,
             "code": code,
             "lastFailureAt": now_ms,
             "failures": (previous or {}).get("failures", 0) + 1,
@@ -240,25 +91,23 @@ class StateStore:
 
     def connection_history(
         self,
-        candidates: dict[str, int | None],
+        candidates: dict[str, str],
         now_ms: int,
         cooldown_ms: int,
         refreshed_since_ms: int,
         request_ids: dict[str, str] | None = None,
     ) -> ConnectionHistory:
-        """What this app did lately to `candidates` (connection key -> document _ts), in one query:
-        a permanent failure recorded for the same document version within the cooldown (not requested
-        again), the latest refresh since `refreshed_since_ms` (a claim that ended refreshed), and for
-        `request_ids` (connection key -> the id of the request a check would send now) the attempt round that
-        request must carry (next_attempt_round)."""
+        """What this app did lately to `candidates` (connection key -> the id of the request a check would send now,
+        i.e. its token's version), in one query: a permanent failure recorded for the same token within the
+        cooldown (not requested again), the latest refresh since `refreshed_since_ms` (a claim that ended
+        refreshed), and for `request_ids` (connection key -> the id of the request a check would send now) the
+        attempt round that request must carry (next_attempt_round) and, when an earlier check scheduled it for a later
+        time and no delivery has come yet, that time (Claims.note_scheduled)."""
         if not candidates:
-            return ConnectionHistory({}, {}, {})
+            return ConnectionHistory({}, {}, {}, {})
         claim_ids = {f"claim-{request_id}": key for key, request_id in (request_ids or {}).items()}
         rows = self._container.query_items(
-            "SELECT c.id, c.kind, c.connectionKey, c.documentTs, c.lastFailureAt, c.code, c.failures, c.updatedAt, "
-            "c.state, c.round, c.outcome.data.retryable, c.outcome.data.error.code AS errorCode, c.since "
-            "FROM c WHERE ARRAY_CONTAINS(@ids, c.id) OR c.kind = 'held' OR (c.kind = 'claim' AND c.state = @refreshed "
-            "AND c.updatedAt >= @since AND ARRAY_CONTAINS(@keys, c.connectionKey))",
+            CONNECTION_HISTORY_QUERY,
             parameters=[
                 {
                     "name": "@ids",
@@ -270,7 +119,7 @@ class StateStore:
             ],
             enable_cross_partition_query=True,
         )
-        history = ConnectionHistory({}, {}, {})
+        history = ConnectionHistory({}, {}, {}, {})
         rows = list(rows)
         # Codes whose failures since then were most of a wave (hold_failures): not held against the connections.
         held = {row.get("code"): row.get("since", 0) for row in rows if row.get("kind") == "held"}
@@ -289,10 +138,12 @@ class StateStore:
                         row | {"retryable": True} if was_systemic(row.get("errorCode"), row.get("updatedAt")) else row
                     )
                     history.attempt_rounds[key] = next_attempt_round(ended, now_ms)
+                    if row.get("state") == ClaimState.SCHEDULED:
+                        history.scheduled_for[key] = int(row.get("scheduledFor") or 0)
                 if row.get("state") == ClaimState.REFRESHED and row.get("updatedAt", 0) >= refreshed_since_ms:
                     history.refreshed_at[key] = max(history.refreshed_at.get(key, 0), row.get("updatedAt", 0))
             elif (
-                row.get("documentTs") == candidates[key]
+                row.get("requestId") == candidates[key]
                 and now_ms - row.get("lastFailureAt", 0) < cooldown_ms
                 and not was_systemic(row.get("code"), row.get("lastFailureAt"))
             ):
@@ -485,6 +336,15 @@ class StateStore:
         return None
 
 
+# StateStore.connection_history's one query: the page's failure records and claims, the held codes, recent refreshes.
+CONNECTION_HISTORY_QUERY = (
+    "SELECT c.id, c.kind, c.connectionKey, c.requestId, c.lastFailureAt, c.code, c.failures, c.updatedAt, "
+    "c.state, c.round, c.outcome.data.retryable, c.outcome.data.error.code AS errorCode, c.since, c.scheduledFor "
+    "FROM c WHERE ARRAY_CONTAINS(@ids, c.id) OR c.kind = 'held' OR (c.kind = 'claim' AND c.state = @refreshed "
+    "AND c.updatedAt >= @since AND ARRAY_CONTAINS(@keys, c.connectionKey))"
+)
+
+
 @dataclass(frozen=True)
 class ConnectionHistory:
     """connection_history's answer, by connection key."""
@@ -492,6 +352,7 @@ class ConnectionHistory:
     suppressed: dict[str, dict[str, Any]]  # key -> its permanent failure record, still in force
     refreshed_at: dict[str, int]  # key -> when this app last refreshed it (epoch ms)
     attempt_rounds: dict[str, int]  # key -> the round of the request a check sends now (absent: never claimed)
+    scheduled_for: dict[str, int]  # key -> when an earlier check scheduled that request, not yet delivered (epoch ms)
 
 
 @dataclass(frozen=True)
@@ -516,36 +377,3 @@ class FailureWave:
 # A wave document keeps this many connection keys at most: the highest threshold allowed
 # (TOKEN_REFRESH_SYSTEMIC_FAILURE_THRESHOLD), small enough for a cheap document.
 WAVE_KEYS_KEPT = 200
-
-
-def superseded(claim: dict[str, Any], requested_at_ms: int | None, attempt_round: int | None = None) -> bool:
-    """A request that ended with a transient failure and was asked for again by a later check (the
-    same connection and expiresAt give the same request id): it gets a new attempt. So does one that ended as the
-    connection's own failure when the later check sent it in a later round (`attempt_round`): the check found that
-    failure was ours after all (StateStore.hold_failures, next_attempt_round)."""
-    outcome = (claim.get("outcome") or {}).get("data") or {}
-    retryable = outcome.get("retryable") is True or (attempt_round or 0) > int(claim.get("round") or 0)
-    return ended_retryable(claim.get("state"), retryable) and (
-        requested_at_ms is not None and requested_at_ms > claim.get("updatedAt", 0)
-    )
-
-
-def ended_retryable(state: Any, retryable: Any) -> bool:
-    """The claim ended with `refresh.failed`, retryable: a later request for it is a new attempt (a new round)."""
-    return state == ClaimState.FAILED and retryable is True
-
-
-def next_attempt_round(claim: dict[str, Any], now_ms: int) -> int:
-    """The attempt round of a request a check sends at `now_ms` for this claim (a projection with `state`, `round`,
-    `retryable` and `updatedAt` will do): the claim's round while the request is pending or done, the next one once
-    it ended retryable -- the round the claim moves to when that request arrives (StateStore.claim). The round is
-    part of the request's Service Bus MessageId (shared.messaging.service_bus_message_id), so duplicate detection,
-    which drops a repeated MessageId for its whole history window, lets the new attempt through."""
-    current = int(claim.get("round") or 0)
-    retryable = (
-        claim["retryable"]
-        if "retryable" in claim
-        else ((claim.get("outcome") or {}).get("data") or {}).get("retryable")
-    )
-    later = now_ms > claim.get("updatedAt", 0)
-    return current + 1 if ended_retryable(claim.get("state"), retryable) and later else current

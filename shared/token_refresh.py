@@ -18,6 +18,7 @@ Per request (docs/failure-handling.md):
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import re
@@ -30,6 +31,7 @@ from typing import Any
 from tenacity import Retrying, retry_if_result, stop_after_attempt, wait_exponential, wait_random
 
 from shared import runtime, telemetry
+from shared.claim import TERMINAL_STATES, Claim, ClaimLostError, ClaimResult, Claims, ClaimState
 from shared.connection_store import ConnectionState, ConnectionStore
 from shared.cosmos_errors import describe_store_error, is_store_outage
 from shared.errors import RefreshRetryLaterError, RequestIdConflictError
@@ -49,7 +51,7 @@ from shared.ids import connection_key, idempotency_key, outcome_event_id
 from shared.manager_client import IntegrationManagerClient, RefreshOutcome
 from shared.messaging import EventPublisher, RetryScheduler
 from shared.settings import Settings, rate_limit
-from shared.state_store import TERMINAL_STATES, ClaimResult, ClaimState, StateStore
+from shared.state_store import StateStore
 from shared.times import epoch_ms, monotonic_s, now_ms, parse_expires_at, utc_now
 
 logger = logging.getLogger(__name__)
@@ -59,6 +61,10 @@ BACKOFF_MAX_S = 10.0
 
 class _NoLongerRefreshable(Exception):
     """Raised between retries: the connection was revoked or deleted since the request was made."""
+
+
+class _OutOfCallsWindow(Exception):
+    """Raised before a call: this delivery's calls window is used up (no call may start after it)."""
 
 
 class _PacedLater(Exception):
@@ -216,6 +222,13 @@ def refresh_connection_token(
     job = _RefreshJob(request_event, request, context, delivery_count, message_id)
     try:
         return job.run()
+    except ClaimLostError:
+        # Its lease ran out and another delivery took the request over: that one carries it on from here.
+        logger.warning(
+            "Stopped refreshing connection (%s): another delivery took the request over (the claim's lease ran out)",
+            job.ids,
+        )
+        return None
     except Exception as error:
         if is_store_outage(error) and job.retry_after_store_outage(error):
             return None  # a scheduled copy comes back later; this delivery is complete
@@ -327,6 +340,7 @@ class _RefreshJob:
         self.key = connection_key(request.tenant_id, request.integration_id, request.connection_id)
         self.requested_at_ms = int(request.requested_at.timestamp() * 1000)
         self.held_until_ms = 0  # a claim this delivery acquired: until its calls are surely over (0: none)
+        self.calls_deadline_ms = 0  # ... and the latest a call of it may start (its retry budget from the claim on)
         self.ids = (
             f"connectionId={request.connection_id!r} integrationId={request.integration_id!r} "
             f"tenantId={request.tenant_id!r}"
@@ -338,20 +352,26 @@ class _RefreshJob:
     def _skip(self, reason: str) -> None:
         logger.info("Not refreshing OAuth tokens for connection (%s): %s", self.ids, reason)
 
+    @property
+    def claims(self) -> Claims:
+        return self.states.claims
+
     def _claim(self, take_over_live_lease: bool = False) -> ClaimResult:
         settings = self.settings
-        # The latest this delivery may still be calling, or a call of it may still be running:
-        # its retry budget, the last call's timeouts, and the manager's in-flight window.
+        # The latest this delivery may still be calling, or a call of it may still be running: no call starts
+        # after the retry budget (counted from now, waits included: calls_deadline_ms), plus the last call's
+        # timeouts and the manager's in-flight window.
         calls_window_ms = (
             settings.integration_manager_retry_budget_ms
             + settings.integration_manager_connect_timeout_ms
             + settings.integration_manager_timeout_ms
             + settings.integration_manager_in_flight_ms
         )
-        claimed = self.states.claim(
+        now = now_ms()
+        claimed = self.claims.acquire(
             self.event.id,
             self.key,
-            now_ms(),
+            now,
             settings.claim_lease_ms,
             requested_at_ms=self.requested_at_ms,
             take_over_live_lease=take_over_live_lease,
@@ -360,14 +380,15 @@ class _RefreshJob:
             attempt_round=self.request.attempt_round,
         )
         if claimed.status == "acquired":
-            claim = claimed.claim
-            self.held_until_ms = int(min(claim.get("callsUntil") or 0, claim.get("leaseUntil") or 0))
+            assert claimed.claim is not None  # noqa: S101 - acquired claims are returned
+            self.held_until_ms = claimed.claim.calls_over_at()
+            self.calls_deadline_ms = now + settings.integration_manager_retry_budget_ms
         return claimed
 
-    def _redelivered_to_me(self, claim: dict[str, Any]) -> bool:
+    def _redelivered_to_me(self, claim: Claim) -> bool:
         """The live claim is held by an earlier delivery of this very message: the queue handed the
         message out again, so that delivery is over (its host died, or its lock was lost)."""
-        holder = claim.get("holder") or {}
+        holder = claim.holder or {}
         held_by = holder.get("messageId")
         if self.message_id is None or not isinstance(held_by, str):
             return False
@@ -377,11 +398,11 @@ class _RefreshJob:
         # scheduled it as it ended, so it is over too.
         return earlier_in_retry_chain(held_by, self.message_id)
 
-    def _take_over_from_earlier_delivery(self, claim: dict[str, Any]) -> ClaimResult:
+    def _take_over_from_earlier_delivery(self, claim: Claim) -> ClaimResult:
         """Take the claim of an earlier delivery of this message, once none of its calls can still be
         running (it may only have lost its lock): never two calls for one request at once."""
         # Never past the lease: once it runs out, anyone may take the claim anyway.
-        wait_ms = min(claim.get("callsUntil", 0), claim.get("leaseUntil", 0)) - now_ms()
+        wait_ms = claim.calls_over_at() - now_ms()
         if wait_ms > TAKE_OVER_MAX_WAIT_MS:
             raise RefreshRetryLaterError(
                 f"an earlier delivery of this request may be calling for {wait_ms / 1000:.0f} s more"
@@ -406,7 +427,7 @@ class _RefreshJob:
         if moved_to is not None:
             return self._already_refreshed(moved_to)
         claimed = self._claim()
-        if claimed.status == "busy" and self._redelivered_to_me(claimed.claim):
+        if claimed.status == "busy" and claimed.claim is not None and self._redelivered_to_me(claimed.claim):
             return self._continue_earlier_delivery(claimed.claim)
         return self._proceed(claimed, current)
 
@@ -418,21 +439,22 @@ class _RefreshJob:
         if claimed.status == "busy":
             self._skip("another invocation is refreshing it")
             return None
+        assert claimed.claim is not None  # noqa: S101 - every status but "acquired" comes with the stored claim
         if claimed.status == "done":
-            return _publish_stored_outcome(claimed.claim, self.states, self.context.publisher, self.ids)
+            return _publish_stored_outcome(claimed.claim, self.claims, self.context.publisher, self.ids)
         return self._call_and_report(claimed.claim, current)
 
-    def _continue_earlier_delivery(self, claim: dict[str, Any]) -> CloudEvent | None:
+    def _continue_earlier_delivery(self, claim: Claim) -> CloudEvent | None:
         """This message was handed out before and that delivery still holds the claim: it is over
         (killed, or its lock was lost), so finish its story instead of dropping the message."""
         claimed = self._take_over_from_earlier_delivery(claim)
-        if claimed.status != "acquired":
+        if claimed.status != "acquired" or claimed.claim is None:
             return self._proceed(claimed, None)
         # Look again: the earlier delivery may have refreshed it, or it was revoked meanwhile.
         current = self._current()
         reason = no_longer_refreshable(current, self.settings.skip_statuses)
         if reason:
-            self.states.finish_claim(claimed.claim, ClaimState.SKIPPED, claimed.claim.get("attempts", 0), now_ms())
+            self.claims.skip(claimed.claim, now_ms(), attempts=claimed.claim.attempts)
             self._skip(reason)
             return None
         moved_to = expiry_moved_forward(self.request, current)
@@ -445,58 +467,52 @@ class _RefreshJob:
         refreshed it: nothing to do. If it ran, finish its story: publish a stored outcome whose
         publish failed, or report `refreshed` for an attempt that died (or timed out) after the
         manager had done the refresh."""
-        existing = self.states.get_claim(self.event.id)
-        if existing is not None and existing.get("connectionKey") != self.key:
+        existing = self.claims.get(self.event.id)
+        if existing is not None and existing.connection_key != self.key:
             raise RequestIdConflictError(
                 f"request {self.event.id} was first used for another connection; not reporting it ({self.ids})"
             )
         if existing is None:
             self._skip("the token was refreshed since the request (oauth.expiresAt moved forward)")
             return None
-        if existing["state"] in TERMINAL_STATES:
-            return _publish_stored_outcome(existing, self.states, self.context.publisher, self.ids)
+        if existing.state in TERMINAL_STATES:
+            return _publish_stored_outcome(existing, self.claims, self.context.publisher, self.ids)
         # A redelivery: this message was handed out before and that invocation holds the claim; it
         # stopped after integration-manager had refreshed the token (the expiry moved), e.g. its host
         # was killed. A queue hands a message to one invocation at a time, so the holder is gone:
         # finish its story now instead of waiting out a lease longer than this invocation may run.
         # (Were it merely slow, `refreshed` is published twice -- at-least-once -- and nothing is called.)
         claimed = self._claim(take_over_live_lease=self.delivery > 1 or self._redelivered_to_me(existing))
-        if claimed.status == "busy":
+        if claimed.status == "busy" and claimed.claim is not None:
             # Its holder may still publish; wait for its lease when that fits the budget, then look again.
-            lease_left_ms = claimed.claim.get("leaseUntil", 0) - now_ms()
+            lease_left_ms = claimed.claim.lease_until - now_ms()
             if lease_left_ms > self.settings.integration_manager_retry_budget_ms:
                 self._skip("another invocation holds this request")
                 return None
             self.context.sleep(max(0, lease_left_ms) / 1000)
             claimed = self._claim()
-        if claimed.status == "busy":
+        if claimed.status == "busy" or claimed.claim is None:
             self._skip("another invocation holds this request")
             return None
         if claimed.status == "done":
-            return _publish_stored_outcome(claimed.claim, self.states, self.context.publisher, self.ids)
-        attempts = max(1, claimed.claim.get("attempts", 0))
+            return _publish_stored_outcome(claimed.claim, self.claims, self.context.publisher, self.ids)
+        attempts = max(1, claimed.claim.attempts)
         logger.info("OAuth tokens were refreshed by an earlier attempt of this request (%s)", self.ids)
         return self._report(claimed.claim, RefreshOutcome(True, expires_at=moved_to), attempts, None)
 
-    def _call_and_report(self, claim: dict[str, Any], current: ConnectionState | None) -> CloudEvent | None:
+    def _call_and_report(self, claim: Claim, current: ConnectionState | None) -> CloudEvent | None:
         settings = self.settings
-        # A call of an earlier delivery may still be running at integration-manager: no new call
-        # before its in-flight window has passed (and the connection has been looked at again).
-        in_flight_ms = claim.get("inFlightUntil", 0) - now_ms()
-        if in_flight_ms > settings.integration_manager_retry_budget_ms:
-            self.states.finish_claim(
-                claim,
-                ClaimState.RETRY_PENDING,
-                claim.get("attempts", 0),
-                now_ms(),
-                not_before_ms=claim.get("notBefore", 0),
-                in_flight_until_ms=claim["inFlightUntil"],
-            )
-            raise RefreshRetryLaterError(f"an earlier call may be in flight for {in_flight_ms / 1000:.0f} s more")
-        # A Retry-After answered to the previous delivery still holds for this one.
-        wait_ms = max(claim.get("notBefore", 0) - now_ms(), in_flight_ms)
+        # A call of an earlier delivery may still be running at integration-manager, or its Retry-After still holds:
+        # no new call before then (and the connection is looked at again first). The wait counts against this
+        # delivery's calls window: when it would reach past it, the request comes back later instead.
+        now = now_ms()
+        in_flight_ms = claim.in_flight_until - now
+        wait_ms = max(claim.not_before - now, in_flight_ms, 0)
+        if now + wait_ms >= self.calls_deadline_ms:
+            why = "an earlier call may still be in flight" if in_flight_ms > 0 else "integration-manager asked to wait"
+            return self._come_back_later(claim, now + wait_ms, claim.attempts, why)
         if wait_ms > 0:
-            self.context.sleep(min(wait_ms, settings.integration_manager_retry_budget_ms) / 1000)
+            self.context.sleep(wait_ms / 1000)
         logger.info("Refreshing OAuth tokens for connection (%s)", self.ids)
         previous: list[RefreshOutcome] = []
         look_first = in_flight_ms > 0
@@ -514,11 +530,15 @@ class _RefreshJob:
                 if moved_to is not None:
                     return RefreshOutcome(True, expires_at=moved_to)
             self._wait_for_call_slot()
+            if now_ms() >= self.calls_deadline_ms:
+                # Slow reads or waits used the window up: a call now could outlast the claim's calls window, which
+                # is what lets a redelivery take over safely.
+                raise _OutOfCallsWindow
             outcome = self.context.manager.refresh_connection(
                 self.request.integration_id,
                 self.request.connection_id,
                 self.request.tenant_id,
-                idempotency_key=idempotency_key(self.event.id, claim.get("round", 0)),
+                idempotency_key=idempotency_key(self.event.id, claim.round),
             )
             previous.append(outcome)
             return outcome
@@ -527,24 +547,35 @@ class _RefreshJob:
             outcome, calls = call_with_retries(
                 call,
                 settings.integration_manager_max_attempts,
-                settings.integration_manager_retry_budget_ms / 1000,
+                max(0, self.calls_deadline_ms - now_ms()) / 1000,
                 settings.integration_manager_backoff_initial_ms / 1000,
                 self.context.sleep,
                 in_flight_s=settings.integration_manager_in_flight_ms / 1000,
             )
         except _PacedLater as later:
-            return self._come_back_for_slot(claim, later.at_ms, claim.get("attempts", 0) + len(previous))
+            return self._come_back_later(claim, later.at_ms, claim.attempts + len(previous), "paced")
+        except _OutOfCallsWindow:
+            if not previous:
+                return self._come_back_later(claim, now_ms(), claim.attempts, "its calls window was used up")
+            outcome, calls = previous[-1], len(previous)
         except _NoLongerRefreshable as stop:
             # Ended for good, without an outcome event: as when a request finds it so at the start.
-            self.states.finish_claim(claim, ClaimState.SKIPPED, claim.get("attempts", 0) + len(previous), now_ms())
+            self.claims.skip(claim, now_ms(), attempts=claim.attempts + len(previous))
             self._skip(f"{stop} (after {len(previous)} failed call(s))")
             return None
         except Exception:
             # Unexpected: release the claim so a redelivery can try again at once, not after the lease.
-            self.states.finish_claim(claim, ClaimState.RETRY_PENDING, claim.get("attempts", 0) + 1, now_ms())
+            with contextlib.suppress(ClaimLostError):
+                self.claims.release(claim, now_ms(), attempts=claim.attempts + 1)
             self.held_until_ms = 0  # released: a retry need not wait for it
             raise
-        attempts = claim.get("attempts", 0) + calls
+        return self._after_calls(claim, outcome, claim.attempts + calls, current)
+
+    def _after_calls(
+        self, claim: Claim, outcome: RefreshOutcome, attempts: int, current: ConnectionState | None
+    ) -> CloudEvent | None:
+        """The calls of this delivery are over: report the outcome, or retry a transient failure later."""
+        settings = self.settings
         if not outcome.succeeded and outcome.may_be_in_flight:
             # The last call may have refreshed after all: look before reporting or retrying.
             moved_to = expiry_moved_forward(self.request, self._current())
@@ -557,13 +588,8 @@ class _RefreshJob:
                 return None  # a scheduled copy comes back later; this delivery is complete
         elif outcome.transient and self.delivery < settings.max_delivery_count:
             not_before, in_flight_until = self._no_call_before(outcome, now_ms())
-            self.states.finish_claim(
-                claim,
-                ClaimState.RETRY_PENDING,
-                attempts,
-                now_ms(),
-                not_before_ms=not_before,
-                in_flight_until_ms=in_flight_until,
+            self.claims.release(
+                claim, now_ms(), attempts=attempts, not_before_ms=not_before, in_flight_until_ms=in_flight_until
             )
             logger.warning(
                 "OAuth token refresh will be retried (%s code=%s httpStatus=%s attempts=%d delivery %d of %d)",
@@ -585,8 +611,13 @@ class _RefreshJob:
         rate = rate_limit(self.settings, self.request.integration_id)
         if rate is None:
             return
-        max_wait_ms = min(PACING_MAX_WAIT_MS, self.settings.integration_manager_retry_budget_ms // 2)
         now = now_ms()
+        # Never past the calls window: a slot after it comes back as a scheduled copy instead.
+        max_wait_ms = min(
+            PACING_MAX_WAIT_MS,
+            self.settings.integration_manager_retry_budget_ms // 2,
+            max(0, self.calls_deadline_ms - now - 1),
+        )
         spacing_ms = math.ceil(1000 * PACING_HEADROOM / rate)
         slot = self.states.take_call_slot(self.request.integration_id, spacing_ms, now, max_wait_ms)
         if not slot.taken:
@@ -594,41 +625,42 @@ class _RefreshJob:
         if slot.at_ms > now:
             self.context.sleep((slot.at_ms - now) / 1000)
 
-    def _come_back_for_slot(self, claim: dict[str, Any], at_ms: int, attempts: int) -> CloudEvent | None:
-        """The integration's next call slot is further off than this delivery may wait: release the claim and come
-        back then, as a scheduled copy (not a failure: it uses none of TOKEN_REFRESH_MAX_DELIVERY_COUNT), or, without
-        a scheduler, as a redelivery that waits for `notBefore`."""
+    def _come_back_later(self, claim: Claim, at_ms: int, attempts: int, why: str) -> CloudEvent | None:
+        """This delivery cannot call within its calls window (`why`: paced to a later slot of its integration, an
+        earlier call may still be in flight, a Retry-After): release the claim and come back at `at_ms`, as a
+        scheduled copy (not a failure: it uses none of TOKEN_REFRESH_MAX_DELIVERY_COUNT), or, without a scheduler, as a
+        redelivery that waits for `notBefore`."""
         now = now_ms()
         number = self._next_copy_number(claim)
         scheduled = self._schedules_retries()
-        self.states.finish_claim(
+        self.claims.release(
             claim,
-            ClaimState.RETRY_PENDING,
-            attempts,
             now,
-            not_before_ms=at_ms,
+            attempts=attempts,
+            not_before_ms=max(claim.not_before, at_ms),
+            in_flight_until_ms=claim.in_flight_until,
             copies=number if scheduled else None,
         )
         self.held_until_ms = 0
         logger.info(
-            "Pacing integration %r: its next call slot is in %.1f s; the refresh of connection (%s) comes back then",
-            self.request.integration_id,
-            (at_ms - now) / 1000,
+            "The refresh of connection (%s) comes back in %.1f s: %s (integration %r)",
             self.ids,
+            (at_ms - now) / 1000,
+            why,
+            self.request.integration_id,
         )
         if not scheduled:
-            raise RefreshRetryLaterError(f"paced: the next call slot is in {(at_ms - now) / 1000:.1f} s")
+            raise RefreshRetryLaterError(f"{why}: back in {(at_ms - now) / 1000:.1f} s")
         scheduler = self.context.retry_scheduler
         assert scheduler is not None  # noqa: S101 - _schedules_retries() said so
         at = datetime.fromtimestamp(at_ms / 1000, UTC)
-        scheduler.schedule_retry(self.event, number, at, attempt_round=claim.get("round", 0))
+        scheduler.schedule_retry(self.event, number, at, attempt_round=claim.round)
         return None
 
-    def _next_copy_number(self, claim: dict[str, Any]) -> int:
+    def _next_copy_number(self, claim: Claim) -> int:
         """The number of the next scheduled copy of this round (its MessageId `<id>.retry-<round>.<n>` must be new to
         duplicate detection): after every copy so far, retries and paced ones alike."""
-        so_far = max(claim.get("copies", 0), claim.get("retries", 0), scheduled_retry_number(self.message_id))
-        return so_far + 1
+        return max(claim.copies, claim.retries, scheduled_retry_number(self.message_id)) + 1
 
     def _verified(self, outcome: RefreshOutcome) -> RefreshOutcome:
         """A refresh is done when integration-manager says so and the expiry agrees: its answer carries a later
@@ -666,15 +698,15 @@ class _RefreshJob:
         """Transient failures come back as scheduled copies (else the queue redelivers at once)."""
         return self.context.retry_scheduler is not None and self.settings.retry_delay_ms > 0
 
-    def _retry_later(self, claim: dict[str, Any], outcome: RefreshOutcome, attempts: int) -> bool:
+    def _retry_later(self, claim: Claim, outcome: RefreshOutcome, attempts: int) -> bool:
         """Schedule the next delivery of a transient failure, TOKEN_REFRESH_RETRY_DELAY_MS after this
         one (doubling per retry, up to RETRY_DELAY_MAX_MS; never before a Retry-After or an in-flight
         window), and complete this one: a short outage cannot use up the deliveries. False when the
         request had all its deliveries (TOKEN_REFRESH_MAX_DELIVERY_COUNT, retries included)."""
         settings = self.settings
         # Failures so far: the claim's, and copies a Cosmos outage scheduled, which it could not record.
-        known = claim.get("copies", claim.get("retries", 0))
-        retries = claim.get("retries", 0) + max(0, scheduled_retry_number(self.message_id) - known)
+        known = max(claim.copies, claim.retries)
+        retries = claim.retries + max(0, scheduled_retry_number(self.message_id) - known)
         number = self._next_copy_number(claim)
         if retries + 1 >= settings.max_delivery_count:
             return False  # deliveries used up: report it
@@ -682,11 +714,10 @@ class _RefreshJob:
         delay_ms = retry_delay_ms(settings, retries, self.request.expires_at, now)
         not_before, in_flight_until = self._no_call_before(outcome, now)
         at_ms = max(now + delay_ms, in_flight_until, not_before)
-        self.states.finish_claim(
+        self.claims.release(
             claim,
-            ClaimState.RETRY_PENDING,
-            attempts,
             now,
+            attempts=attempts,
             not_before_ms=not_before,
             in_flight_until_ms=in_flight_until,
             retries=retries + 1,
@@ -695,7 +726,7 @@ class _RefreshJob:
         scheduler = self.context.retry_scheduler
         assert scheduler is not None  # noqa: S101 - _schedules_retries() said so
         at = datetime.fromtimestamp(at_ms / 1000, UTC)
-        scheduler.schedule_retry(self.event, number, at, attempt_round=claim.get("round", 0))
+        scheduler.schedule_retry(self.event, number, at, attempt_round=claim.round)
         logger.warning(
             "OAuth token refresh will be retried in %.1f s (%s code=%s httpStatus=%s attempts=%d retry %d of %d)",
             (at_ms - now) / 1000,
@@ -723,15 +754,16 @@ class _RefreshJob:
             not_before_ms=self.held_until_ms,
         )
 
-    def _record_permanent_failure(self, outcome: RefreshOutcome, current: ConnectionState | None) -> None:
-        """Keep the next checks from requesting a connection that failed for good. Keyed to the
-        document version: a success or a reconnect rewrites the document, so the record stops
-        matching by itself. Best effort: without it the next check asks again (one more call), while
-        a failing write must never cost the outcome event."""
+    def _record_permanent_failure(self, outcome: RefreshOutcome) -> None:
+        """Keep the next checks from requesting a connection that failed for good. Keyed to the token (this
+        request's id: connection and expiresAt): a reconnect issues a new token, so the record stops matching by
+        itself, while failure details integration-manager writes onto the document do not lift it. Best effort:
+        without it the next check asks again (one more call), while a failing write must never cost the outcome
+        event."""
         try:
             self.states.record_permanent_failure(
                 self.key,
-                current.document_ts if current else None,
+                self.event.id,
                 outcome.error_code or "",
                 now_ms(),
                 self.settings.failure_cooldown_ms,
@@ -744,7 +776,7 @@ class _RefreshJob:
             )
 
     def _report(
-        self, claim: dict[str, Any], outcome: RefreshOutcome, attempts: int, current: ConnectionState | None
+        self, claim: Claim, outcome: RefreshOutcome, attempts: int, current: ConnectionState | None
     ) -> CloudEvent:
         """Publish the outcome, then record it with the claim in one write. A failed publish is
         recorded as unpublished first, so the redelivery publishes the stored outcome without
@@ -754,17 +786,23 @@ class _RefreshJob:
             # Most of a wave failing with the same connection code is ours: then reported as systemic.
             ctx = self.context
             outcome, counted = count_connection_failure(outcome, self.key, self.states, ctx.publisher, self.settings)
-        event = outcome_event(self.request, outcome, attempts, self.event.id, claim.get("round", 0))
+        event = outcome_event(self.request, outcome, attempts, self.event.id, claim.round)
         state = ClaimState.REFRESHED if outcome.succeeded else ClaimState.FAILED
         stored = event.wire_dict()
         if outcome.about_connection:
-            self._record_permanent_failure(outcome, current)
+            self._record_permanent_failure(outcome)
         try:
             self.context.publisher.publish([event])
         except Exception:
-            self.states.finish_claim(claim, state, attempts, now_ms(), outcome=stored, published=False)
+            self.claims.finish(claim, state, now_ms(), attempts=attempts, outcome=stored, published=False)
             raise
-        self.states.finish_claim(claim, state, attempts, now_ms(), outcome=stored, published=True)
+        try:
+            self.claims.finish(claim, state, now_ms(), attempts=attempts, outcome=stored, published=True)
+        except ClaimLostError:
+            # Published, but another delivery took the request over meanwhile: it records its own ending.
+            logger.warning(
+                "Published the outcome for connection (%s), but another delivery holds the request now", self.ids
+            )
         if outcome.succeeded:
             logger.info("OAuth tokens refreshed successfully (%s attempts=%d)", self.ids, attempts)
             return event
@@ -786,17 +824,16 @@ class _RefreshJob:
         return event
 
 
-def _publish_stored_outcome(
-    claim: dict[str, Any], states: StateStore, publisher: EventPublisher, ids: str
-) -> CloudEvent | None:
+def _publish_stored_outcome(claim: Claim, claims: Claims, publisher: EventPublisher, ids: str) -> CloudEvent | None:
     """A request that already ended: publish its outcome only if that publish never succeeded."""
-    stored = claim.get("outcome")
-    if claim.get("published") or stored is None:
+    stored = claim.outcome
+    if claim.published or stored is None:
         logger.info("Not refreshing OAuth tokens for connection (%s): this request was already handled", ids)
         return None
     event = CloudEvent.model_validate(stored)
     publisher.publish([event])
-    states.mark_published(claim)
+    with contextlib.suppress(ClaimLostError):  # another delivery published and recorded it meanwhile
+        claims.mark_published(claim)
     logger.info("Published the stored outcome of an earlier refresh for connection (%s)", ids)
     return event
 

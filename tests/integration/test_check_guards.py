@@ -14,7 +14,7 @@ from shared.events import CHECK_EXPIRING, REFRESH_REQUESTED, CheckExpiringData, 
 from shared.ids import connection_key
 from shared.state_store import StateStore
 from tests.support.documents import seed_expiring
-from tests.support.helpers import invoke, trigger
+from tests.support.helpers import invoke, refresh_request, trigger
 
 
 def check(timestamp: datetime, threshold_time: datetime) -> CloudEvent:
@@ -100,10 +100,11 @@ def test_the_time_budget_is_checked_after_pages_with_nothing_to_publish(
     assert isinstance(states, StateStore)
     now = datetime.now(UTC)
     for n in range(4):
-        document = seed_expiring(cosmos_container, f"broken-{n}", now + timedelta(minutes=10))
+        expires_at = now + timedelta(minutes=10)
+        seed_expiring(cosmos_container, f"broken-{n}", expires_at)
         states.record_permanent_failure(
             connection_key("t-1", "salesforce", f"broken-{n}"),
-            document["_ts"],
+            refresh_request(f"broken-{n}", "salesforce", "t-1", expires_at).id,
             "invalid_grant",
             int(now.timestamp() * 1000),
             0,

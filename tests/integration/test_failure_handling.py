@@ -105,7 +105,7 @@ def test_a_request_held_by_a_live_invocation_is_left_alone(app_env, cosmos_conta
     request = request_for("c-1", expires_at)
     key = connection_key("t-1", "zoom", "c-1")
     # Another invocation claimed it and is still within its lease (a slow refresh).
-    assert runtime.state_store().claim(request.id, key, int(time.time() * 1000), 60_000).status == "acquired"
+    assert runtime.state_store().claims.acquire(request.id, key, int(time.time() * 1000), 60_000).status == "acquired"
     invoke(sync_refresh_handler, trigger(request))
     assert manager.calls == []
 
@@ -115,7 +115,7 @@ def test_a_claim_whose_holder_died_is_taken_over_after_its_lease(app_env, cosmos
     request = request_for("c-1", expires_at)
     key = connection_key("t-1", "zoom", "c-1")
     long_ago = int(time.time() * 1000) - 3_600_000
-    runtime.state_store().claim(request.id, key, long_ago, 1000)  # lease ran out an hour ago
+    runtime.state_store().claims.acquire(request.id, key, long_ago, 1000)  # lease ran out an hour ago
     invoke(sync_refresh_handler, trigger(request))
     assert len(manager.calls) == 1
     assert [e.routing_key for e in event_tap.drain()] == [REFRESHED]
@@ -132,7 +132,7 @@ def test_a_redelivery_finishes_the_story_of_an_invocation_killed_after_the_refre
     expires_at = seed_connection(cosmos_container)
     request = request_for("c-1", expires_at)
     key = connection_key("t-1", "zoom", "c-1")
-    assert runtime.state_store().claim(request.id, key, int(time.time() * 1000), 600_000).status == "acquired"
+    assert runtime.state_store().claims.acquire(request.id, key, int(time.time() * 1000), 600_000).status == "acquired"
     new_expiry = seed_connection(cosmos_container, expires_in=timedelta(hours=1))
     invoke(sync_refresh_handler, trigger(request, delivery))
     assert manager.calls == []
@@ -173,7 +173,7 @@ def requested_ids(event_tap):
     return sorted(e["data"]["connectionId"] for e in event_tap.of_type(REFRESH_REQUESTED))
 
 
-def test_a_permanent_failure_is_not_requested_again_until_the_document_changes(
+def test_a_permanent_failure_is_not_requested_again_until_the_token_changes(
     app_env, cosmos_container, manager, event_tap
 ):
     seed_connection(cosmos_container, "broken")
@@ -192,10 +192,32 @@ def test_a_permanent_failure_is_not_requested_again_until_the_document_changes(
     invoke(manager_check_handler, trigger(check_event()))  # next run: "broken" unchanged -> suppressed
     assert requested_ids(event_tap) == ["fine"]
 
-    time.sleep(1.1)  # Cosmos _ts has one-second resolution
-    seed_connection(cosmos_container, "broken")  # the user reconnected: the document changed
+    time.sleep(1.1)  # seed_connection's expiries have one-second resolution
+    seed_connection(cosmos_container, "broken")  # the user reconnected: a new token (a new expiresAt)
     invoke(manager_check_handler, trigger(check_event()))
     assert requested_ids(event_tap) == ["broken", "fine"]
+
+
+def test_failure_details_the_manager_writes_onto_the_document_do_not_lift_the_suppression(
+    app_env, cosmos_container, manager, event_tap
+):
+    # Was: suppression was keyed to the document's _ts as read before the call; a manager that records the failure on
+    # the connection (as Nango's setRefreshFailure does) changed _ts, and every check called it again.
+    expires_at = seed_connection(cosmos_container, "broken")
+
+    def fail_and_record_it(call):
+        document = cosmos_container.read_item("broken", partition_key="t-1")
+        cosmos_container.upsert_item(document | {"refreshFailure": {"code": "invalid_grant", "count": 1}})
+        return Answer(400, {"error": "invalid_grant"})
+
+    manager.script = fail_and_record_it
+    invoke(sync_refresh_handler, trigger(request_for("broken", expires_at)))
+    time.sleep(1.1)  # a later write would show in _ts
+    document = cosmos_container.read_item("broken", partition_key="t-1")
+    cosmos_container.upsert_item(document | {"refreshFailure": {"code": "invalid_grant", "count": 2}})
+    invoke(manager_check_handler, trigger(check_event()))
+    assert requested_ids(event_tap) == []
+    assert len(manager.calls) == 1
 
 
 def test_the_cooldown_lets_an_unchanged_failure_be_tried_again(

@@ -99,6 +99,31 @@ def test_a_check_while_an_earlier_schedule_runs_adds_only_new_requests_after_it(
     assert "found=1 " in summary_line(caplog) and "waiting=20 " in summary_line(caplog)
 
 
+def test_a_new_or_reconnected_connection_is_not_held_back_by_an_earlier_backlog(
+    app_env, cosmos_container, event_tap, monkeypatch, caplog
+):
+    # Was: every token expiring before the earlier schedule's reach counted as already scheduled (WAITING): a
+    # reconnected connection and a new one due before the backlog's end were not requested at all.
+    monkeypatch.setenv("TOKEN_REFRESH_RATE_LIMITS", "*=2/s")
+    runtime.reset()
+    now = datetime.now(UTC)
+    for n in range(40):  # 20 s of requests at 2/s, tokens expiring in 30 minutes
+        seed_expiring(cosmos_container, f"wave-{n}", now + timedelta(minutes=30, seconds=n))
+    first, _ = run_check(event_tap)
+    assert len(first) == 40
+    wave_ends = max(ms(r["notBefore"]) for r in first)
+
+    seed_expiring(cosmos_container, "wave-3", now + timedelta(minutes=30, seconds=3, milliseconds=500))  # reconnected
+    # New, due so soon that the backlog's end (+20 s) would be past its window (expiry minus the 5-minute margin).
+    seed_expiring(cosmos_container, "urgent", now + timedelta(minutes=5, seconds=10))
+    with caplog.at_level(logging.INFO):
+        second, _ = run_check(event_tap)
+    assert sorted(r["connectionId"] for r in second) == ["urgent", "wave-3"]
+    urgent = next(r for r in second if r["connectionId"] == "urgent")
+    assert ms(urgent["notBefore"]) < wave_ends - 10_000  # ahead of the backlog, not after it
+    assert "waiting=39 " in summary_line(caplog)  # the rest of the wave: exactly the requests still scheduled
+
+
 def test_tokens_the_limit_cannot_reach_in_time_are_still_scheduled_counted_and_warned_about(
     app_env, cosmos_container, event_tap, monkeypatch, caplog
 ):

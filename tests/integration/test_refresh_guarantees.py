@@ -15,7 +15,14 @@ import sync_refresh_handler
 from localdev.stand_in_manager import Answer
 from shared import expiring_check, runtime
 from shared.errors import InvalidEventError, RequestIdConflictError
-from shared.events import REFRESH_FAILED, REFRESH_REQUESTED, REFRESHED, RefreshRequestedData, make_event
+from shared.events import (
+    REFRESH_FAILED,
+    REFRESH_REQUESTED,
+    REFRESHED,
+    CloudEvent,
+    RefreshRequestedData,
+    make_event,
+)
 from shared.ids import connection_key, outcome_event_id
 from shared.messaging import ServiceBusTransport
 from shared.times import utc_now
@@ -77,6 +84,32 @@ def test_a_connection_revoked_while_a_delivery_retries_is_not_called_again(
     assert len(manager.calls) == 1
 
 
+def test_a_connection_revoked_mid_retry_and_enabled_again_is_refreshed_by_the_next_check(
+    app_env, cosmos_container, manager, event_tap
+):
+    # Was: the claim ended SKIPPED, and SKIPPED was final for the claim's lifetime (7 days): the re-enabled
+    # connection, same token, was requested by every check and never called again.
+    expires_at = seed_connection(cosmos_container)
+    request = request_for("c-1", expires_at)
+
+    def revoke_then_fail(call):
+        seed_connection(cosmos_container, status="revoked", expires_in=expires_at - utc_now())
+        return Answer(503)
+
+    manager.script = revoke_then_fail
+    invoke(sync_refresh_handler, trigger(request, 1))  # ends SKIPPED, no outcome
+    assert event_tap.drain() == []
+    seed_connection(cosmos_container, status="active", expires_in=expires_at - utc_now())  # enabled again
+    manager.script = lambda call: Answer(200)
+    manager.container = cosmos_container
+    invoke(manager_check_handler, trigger(check_event()))
+    [again] = [e for e in event_tap.drain() if e.routing_key == REFRESH_REQUESTED]
+    assert again.body["id"] == request.id  # the same token: the same request, in a new round
+    invoke(sync_refresh_handler, trigger(CloudEvent.model_validate(again.body), 1))
+    assert len(manager.calls) == 2
+    assert [e.routing_key for e in event_tap.drain()] == [REFRESHED]
+
+
 def test_a_refresh_done_by_a_call_that_failed_is_not_done_again(app_env, cosmos_container, manager, event_tap):
     # A gateway answers 504 after integration-manager refreshed: the retry looks before calling again.
     request = request_for("c-1", seed_connection(cosmos_container))
@@ -108,7 +141,7 @@ def test_a_claim_is_bound_to_the_connection_that_first_used_its_id(app_env, cosm
     # the claim binds the id to the connection instead.
     seed_connection(cosmos_container, "conn-b")
     a_id = request_for("conn-a", seed_connection(cosmos_container, "conn-a")).id
-    runtime.state_store().claim(a_id, connection_key("t-1", "zoom", "conn-a"), int(time.time() * 1000), 1000)
+    runtime.state_store().claims.acquire(a_id, connection_key("t-1", "zoom", "conn-a"), int(time.time() * 1000), 1000)
     data = RefreshRequestedData(connection_id="conn-b", integration_id="zoom", tenant_id="t-1", requested_at=utc_now())
     with pytest.raises(RequestIdConflictError, match="first used for another connection"):
         invoke(sync_refresh_handler, trigger(make_event(data, event_id=a_id), 2))
@@ -138,7 +171,7 @@ def test_an_outcome_published_again_keeps_its_id(app_env, cosmos_container, mana
     expires_at = seed_connection(cosmos_container)
     request = request_for("c-1", expires_at)
     key = connection_key("t-1", "zoom", "c-1")
-    assert runtime.state_store().claim(request.id, key, int(time.time() * 1000), 600_000).status == "acquired"
+    assert runtime.state_store().claims.acquire(request.id, key, int(time.time() * 1000), 600_000).status == "acquired"
     seed_connection(cosmos_container, expires_in=timedelta(hours=1))  # the killed invocation had refreshed
     invoke(sync_refresh_handler, trigger(request, 2))
     [republished] = event_tap.of_type(REFRESHED)
@@ -160,7 +193,7 @@ def test_a_redelivery_meeting_its_own_live_claim_takes_over_once_the_earlier_cal
     request = request_for("c-1", seed_connection(cosmos_container))
     key = connection_key("t-1", "zoom", "c-1")
     now_ms = int(time.time() * 1000)
-    held = runtime.state_store().claim(
+    held = runtime.state_store().claims.acquire(
         request.id, key, now_ms, 600_000, holder={"messageId": request.id, "delivery": 1}, calls_window_ms=1500
     )
     assert held.status == "acquired"
@@ -275,8 +308,11 @@ def test_a_cosmos_outage_after_the_claim_sends_a_copy_that_takes_it_over_without
     runtime.use_retry_scheduler(ServiceBusTransport(client))
     manager.container = cosmos_container  # it refreshes the document, as the real manager does
     request = request_for("c-1", seed_connection(cosmos_container))
-    # The claim is created (the first POST), then every write of it fails: it stays in progress, held by its lease.
-    cosmos_faults.inject_fault(method="POST", path=f"/colls/{app_env['COSMOS_STATE_CONTAINER']}/docs", skip=1, times=-1)
+    # The claim is created (a POST), then every write of it (an etag-guarded PUT) fails: it stays in progress, held by
+    # its lease.
+    cosmos_faults.inject_fault(
+        method="PUT", path=f"/colls/{app_env['COSMOS_STATE_CONTAINER']}/docs/claim-[^/]+/?$", times=-1
+    )
     started = utc_now()
     invoke(sync_refresh_handler, trigger(request, 1))
     assert [e.routing_key for e in event_tap.drain()] == [REFRESHED]  # published before the claim's write

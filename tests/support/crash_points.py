@@ -69,6 +69,8 @@ def cosmos(
 
 CONNECTION_READ = "/colls/{connections}/docs/?$"
 STATE_DOCS = "/colls/{states}/docs/?$"
+# A claim's etag-guarded replace (PUT): every write of it after its creation.
+CLAIM_DOC = "/colls/{states}/docs/claim-[^/]+/?$"
 
 
 def first_call(answer: Callable[[Run], Answer]) -> Callable[[Run], Callable[[Call], Answer]]:
@@ -146,12 +148,18 @@ SCENARIOS = [
     Scenario(
         "failure record", "SIGKILL before", REFRESH_FAILED, cosmos(STATE_DOCS, "failure-", kill="before"), rejects=True
     ),
-    Scenario("claim finish (after publish)", "HTTP 500", REFRESHED, cosmos(STATE_DOCS, "claim-", skip=1)),
+    Scenario("claim finish (after publish)", "HTTP 500", REFRESHED, cosmos(CLAIM_DOC, "claim-", method="PUT")),
     Scenario(
-        "claim finish (after publish)", "SIGKILL before", REFRESHED, cosmos(STATE_DOCS, "claim-", skip=1, kill="before")
+        "claim finish (after publish)",
+        "SIGKILL before",
+        REFRESHED,
+        cosmos(CLAIM_DOC, "claim-", method="PUT", kill="before"),
     ),
     Scenario(
-        "claim finish (before the ack)", "SIGKILL after", REFRESHED, cosmos(STATE_DOCS, "claim-", skip=1, kill="after")
+        "claim finish (before the ack)",
+        "SIGKILL after",
+        REFRESHED,
+        cosmos(CLAIM_DOC, "claim-", method="PUT", kill="after"),
     ),
     # The check's page loop -----------------------------------------------------------------------
     Scenario("check: expiring-connections query", "HTTP 500", REFRESHED, cosmos(CONNECTION_READ, "^$")),

@@ -67,7 +67,7 @@ def test_the_walk_covers_the_deployed_entry_points():
         ("shared/expiring_check.py", "request_refresh_for_expiring_connections"),
         ("shared/token_refresh.py", "refresh_connection_token"),
         ("shared/messaging/publisher.py", "EventPublisher.publish"),
-        ("shared/state_store.py", "StateStore.claim"),
+        ("shared/claim.py", "Claims.acquire"),
         ("shared/connection_store.py", "ConnectionStore.expiring_connection_pages"),
     ]:
         assert entry_point in found

@@ -14,7 +14,6 @@ from shared.refresh_schedule import (
     BACKLOG_ALARM,
     SAVE_EVERY_MS,
     SCHEDULE_LEAD_MS,
-    WAITING,
     RefreshScheduler,
     describe_rate,
 )
@@ -57,12 +56,11 @@ def connection(n: int, integration: str = "salesforce", expires_in_ms: int | Non
     return ExpiringConnection(connection_id=f"c-{n}", integration_id=integration, tenant_id="t", expires_at=expires)
 
 
-def scheduler(environ: dict, states=None, clock=None, scan="check-1", continuing=False, seed=7):
+def scheduler(environ: dict, states=None, clock=None, scan="check-1", seed=7):
     return RefreshScheduler(
         load_settings(environ),
         states or PacingDocuments(),
         scan,
-        continuing=continuing,
         clock=clock or Clock(),
         rng=random.Random(seed),
     )
@@ -171,13 +169,15 @@ def test_a_follow_up_of_the_same_scan_continues_the_schedule():
     first = scheduler({"TOKEN_REFRESH_RATE_LIMITS": "*=10/s"}, states=states)
     times = [ms(first.time_for(connection(n))) for n in range(50)]
     first.save(final=True)
-    follow_up = scheduler({"TOKEN_REFRESH_RATE_LIMITS": "*=10/s"}, states=states, continuing=True)
+    follow_up = scheduler({"TOKEN_REFRESH_RATE_LIMITS": "*=10/s"}, states=states)
     more = [ms(follow_up.time_for(connection(n, expires_in_ms=3_600_000))) for n in range(50, 100)]
     assert more[0] == times[-1] + 100
     assert most_in_any_window(times + more, 1000) == 10
 
 
-def test_a_later_check_leaves_requests_an_earlier_schedule_still_holds_and_paces_new_ones_after_it():
+def test_a_later_check_paces_new_requests_after_an_earlier_schedule_that_is_still_running():
+    # Which requests are still waiting is the claims' business (select_for_refresh: SCHEDULED); the schedule only
+    # continues after the earlier one, so a new request never lands on top of the wave.
     states, clock = PacingDocuments(), Clock()
     environ = {"TOKEN_REFRESH_RATE_LIMITS": "*=10/s"}
     first = scheduler(environ, states=states, clock=clock, scan="check-1")
@@ -187,14 +187,36 @@ def test_a_later_check_leaves_requests_an_earlier_schedule_still_holds_and_paces
 
     clock.now += 3_000  # the next check comes while the wave is being delivered
     second = scheduler(environ, states=states, clock=clock, scan="check-2")
-    assert [second.time_for(c) for c in wave] == [WAITING] * 100
     newcomer = connection(500, expires_in_ms=900_000)
     assert ms(second.time_for(newcomer)) == START + 10_000  # after the wave, not on top of it
-    assert second.schedules["salesforce"].waiting == 100
+    assert second.schedules["salesforce"].urgent == 0
 
-    clock.now += 60_000  # the wave has run: whatever is still due is asked for again
+    clock.now += 60_000  # the wave has run: whatever is still due is asked for at once
     third = scheduler(environ, states=states, clock=clock, scan="check-3")
-    assert ms(third.time_for(wave[0])) == clock.now + SCHEDULE_LEAD_MS  # at once
+    assert ms(third.time_for(wave[0])) == clock.now + SCHEDULE_LEAD_MS
+
+
+def test_a_new_request_is_not_held_back_by_an_earlier_backlog_that_would_make_it_late():
+    # Was: a backlog reaching +3 h made every token expiring before its end WAITING, and a new connection whose
+    # token expires in 20 minutes was not requested at all (and, had it been, it would have been scheduled at +3 h).
+    states, clock = PacingDocuments(), Clock()
+    environ = {"TOKEN_REFRESH_RATE_LIMITS": "*=1/s"}
+    first = scheduler(environ, states=states, clock=clock, scan="check-1")
+    backlog = [connection(n, expires_in_ms=4 * 3_600_000 + n) for n in range(3 * 3600)]  # 3 h at 1/s
+    [first.time_for(c) for c in backlog]
+    first.save(final=True)
+
+    clock.now += 60_000
+    second = scheduler(environ, states=states, clock=clock, scan="check-2")
+    soon = [connection(20_000 + n, expires_in_ms=20 * 60_000) for n in range(3)]
+    times = [ms(second.time_for(c)) for c in soon]
+    # Its own grid from now, at the limit among themselves; the call-time slots interleave them with the backlog.
+    assert times == [clock.now + SCHEDULE_LEAD_MS + k * 1000 for k in range(3)]
+    assert second.schedules["salesforce"].urgent == 3
+    assert second.schedules["salesforce"].late == 0
+    # A token the backlog leaves in time still queues behind it: the backlog keeps its order.
+    later = connection(30_000, expires_in_ms=5 * 3_600_000)
+    assert ms(second.time_for(later)) >= START + 3 * 3_600_000
 
 
 def test_tokens_without_expiry_are_scheduled_and_never_late():
