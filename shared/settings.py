@@ -262,8 +262,8 @@ class Settings(BaseSettings):
         alias="TOKEN_REFRESH_FAILURE_COOLDOWN_MS",
         ge=0,
         le=365 * DAY_MS,
-        description="a connection that failed permanently is not requested again for this long unless its document "
-        "changes",
+        description="a connection that failed permanently is not requested again for this long unless its token "
+        "changes (a reconnect)",
         json_schema_extra={"zero": "off"},
     )
     claim_lease_ms: int = Field(
@@ -271,8 +271,8 @@ class Settings(BaseSettings):
         alias="TOKEN_REFRESH_CLAIM_LEASE_MS",
         ge=1000,
         le=DAY_MS,
-        description="how long a refresh claim protects an in-flight refresh: at least the function timeout and "
-        "the calls window (see [Settings that must agree](#settings-that-must-agree))",
+        description="how long a refresh claim protects an in-flight refresh: at least the calls window (see "
+        "[Settings that must agree](#settings-that-must-agree))",
     )
     max_age_ms: int = Field(
         0,
@@ -488,21 +488,18 @@ class Settings(BaseSettings):
         )
 
     def _claim_lease_problem(self) -> str | None:
-        # shared/token_refresh.py _claim: once the lease has run out, a duplicate request takes the claim and calls,
-        # while the holder may still be calling (its calls window) or running (the function timeout).
+        # shared/claim.py: once the lease has run out, a duplicate request takes the claim and calls. The holder
+        # starts no call after its retry budget and its last call is over by the end of the calls window
+        # (shared/token_refresh.py), so a lease of at least the calls window keeps the calls apart. A holder still
+        # running past its lease cannot overwrite the new holder's claim either: every claim write is etag-guarded.
         lease = self.claim_lease_ms
-        shorter_than = []
-        if lease < FUNCTION_TIMEOUT_MS:
-            shorter_than.append(f"the function timeout (host.json functionTimeout, {FUNCTION_TIMEOUT_MS} ms)")
-        if lease < self.calls_window_ms:
-            shorter_than.append(f"the {self._calls_window_text()}")
-        if not shorter_than:
+        if lease >= self.calls_window_ms:
             return None
         return (
-            f"{_setting_value('TOKEN_REFRESH_CLAIM_LEASE_MS', lease)} is shorter than {' and '.join(shorter_than)}: "
-            "a claim would run out while its delivery may still be calling, and a duplicate request would call "
-            "integration-manager at the same time. Set TOKEN_REFRESH_CLAIM_LEASE_MS to at least "
-            f"{max(FUNCTION_TIMEOUT_MS, self.calls_window_ms)}"
+            f"{_setting_value('TOKEN_REFRESH_CLAIM_LEASE_MS', lease)} is shorter than the "
+            f"{self._calls_window_text()}: a claim would run out while its delivery may still be calling, and a "
+            "duplicate request would call integration-manager at the same time. Set TOKEN_REFRESH_CLAIM_LEASE_MS to "
+            f"at least {self.calls_window_ms}"
         )
 
     def _threshold_problem(self) -> str | None:

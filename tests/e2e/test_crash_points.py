@@ -102,7 +102,8 @@ def test_the_guarantees_hold_at_every_crash_point(
     env = fault_env | {
         "INTEGRATION_MANAGER_TIMEOUT_MS": str(int(READ_TIMEOUT_S * 1000)),
         "INTEGRATION_MANAGER_CONNECT_TIMEOUT_MS": "500",
-        "TOKEN_REFRESH_CLAIM_LEASE_MS": "3000",
+        # As short as the settings allow: the calls window (budget 5 s + 0.5 s + the read timeout + in-flight 2 s).
+        "TOKEN_REFRESH_CLAIM_LEASE_MS": str(5000 + 500 + int(READ_TIMEOUT_S * 1000) + 2000),
     }
     run = Run(CosmosFaults(cosmos_server), cosmos_container.id, app_env["COSMOS_STATE_CONTAINER"])
     if scenario.rejects:

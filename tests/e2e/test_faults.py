@@ -668,7 +668,7 @@ def kill_during_call(at_call: int, *, refreshed_by_the_manager: bool) -> tuple[C
 
 @pytest.mark.parametrize(
     ("refreshed_by_the_manager", "lease_ms"),
-    [(False, 2000), (True, 2000), (True, 600_000)],
+    [(False, 8500), (True, 8500), (True, 600_000)],  # 8500: the shortest lease the settings allow here
     ids=["manager-gave-up", "manager-refreshed", "manager-refreshed-lease-longer-than-a-delivery-waits"],
 )
 def test_host_killed_mid_cycle_and_restarted_catches_up(
@@ -676,7 +676,13 @@ def test_host_killed_mid_cycle_and_restarted_catches_up(
 ):
     fleet = seed_fleet(cosmos_container, due=10)
     manager.script, kill_point = kill_during_call(4, refreshed_by_the_manager=refreshed_by_the_manager)
-    env = fault_env | {"TOKEN_REFRESH_INTERVAL_MS": "1000", "TOKEN_REFRESH_CLAIM_LEASE_MS": str(lease_ms)}
+    env = fault_env | {
+        "TOKEN_REFRESH_INTERVAL_MS": "1000",
+        "TOKEN_REFRESH_CLAIM_LEASE_MS": str(lease_ms),
+        # A calls window of 5 s budget + 0.5 s + 1 s + 2 s in-flight = 8.5 s.
+        "INTEGRATION_MANAGER_CONNECT_TIMEOUT_MS": "500",
+        "INTEGRATION_MANAGER_TIMEOUT_MS": "1000",
+    }
 
     first = hosts(env)
     assert kill_point.in_flight.wait(30), log_lines(first.output())
@@ -685,7 +691,7 @@ def test_host_killed_mid_cycle_and_restarted_catches_up(
     kill_point.release.set()
 
     second = hosts(env)
-    everything_reported = wait_until(lambda: set(fleet.due) <= connection_ids(tap.everything(), REFRESHED), timeout=15)
+    everything_reported = wait_until(lambda: set(fleet.due) <= connection_ids(tap.everything(), REFRESHED), timeout=30)
     assert second.interrupt() == 0, log_lines(second.output())
     assert everything_reported, (
         f"no refreshed event for {sorted(set(fleet.due) - connection_ids(tap.events, REFRESHED))}"
