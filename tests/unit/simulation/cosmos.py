@@ -46,6 +46,7 @@ class MemoryContainer:
         self._items: dict[str, Item] = {}
         self._etags = 0
         self.gate: Gate = _no_gate
+        self.gaps: list[str] = []  # unregistered query texts or predicates seen (the app may swallow the error)
 
     # Direct access for the simulation itself (no yield point, no fault) -------------------------------------------
 
@@ -130,6 +131,7 @@ class MemoryContainer:
         if filter_predicate is not None:
             predicate = FILTER_PREDICATES.get(filter_predicate)
             if predicate is None:
+                self.gaps.append(filter_predicate)
                 raise AssertionError(f"unregistered patch filter predicate: {filter_predicate!r}")
             if not predicate(stored):
                 raise CosmosAccessConditionFailedError(status_code=412, message="filter predicate not met")
@@ -148,9 +150,11 @@ class MemoryContainer:
         """A registered query over the live items, paged by `max_item_count` (`by_page`, continuation tokens)."""
         function = registered_query(query)
         if function is None:
+            self.gaps.append(query)
             raise AssertionError(f"unregistered query text (the app's query changed?): {query!r}")
         params = {p["name"]: p["value"] for p in parameters or []}
-        return Paged(self, query, lambda: function(self.live_items(), params), max_item_count or 100)
+        live = lambda: [i for _, i in sorted(self._items.items()) if not self._expired(i)]  # noqa: E731 - uncopied
+        return Paged(self, query, lambda: copy.deepcopy(function(live(), params)), max_item_count or 100)
 
     # Internals -----------------------------------------------------------------------------------------------------
 

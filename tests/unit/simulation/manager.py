@@ -108,6 +108,8 @@ class Manager:
             answer == "504" and rng.random() < 0.5
         )
         actor = sim.current()
+        if actor is not None:
+            actor.calls += 1
         call = Call(
             len(self.calls),
             connection_id,

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from .world import NO_FAULTS, Faults, Result, Scenario, World
+from .world import CLAIM_WRITE, NO_FAULTS, Faults, Result, Scenario, World, counted
 
 ONE_CONNECTION = [("conn-0", "github", 3000.0)]
 
@@ -33,7 +33,7 @@ def take_over_window_shorter_than_the_holders_calls() -> Scenario:
     return _scenario(
         retry_scheduler=False,
         script=["504", "429_50", "timeout_max", "ok"],
-        at_label=[("", 2, "sleep 6", "lose_lock", 0.0), ("", 2, "state.upsert_item claim-", "crash", 0.0)],
+        at_label=[("", 2, "sleep 6", "lose_lock", 0.0), ("", 2, CLAIM_WRITE, "crash", 0.0)],
     )
 
 
@@ -78,7 +78,7 @@ def second_call_after_a_published_outcome() -> Scenario:
     integration-manager again and publishes a second, different outcome for the same request."""
     return _scenario(
         script=["invalid_grant", "401"],
-        at_label=[("", 1, "state.upsert_item claim-", "fault", 0.0)],
+        at_label=[("", 1, CLAIM_WRITE, "fault", 0.0)],
     )
 
 
@@ -95,4 +95,4 @@ SEEDS_PER_SCENARIO = 20
 
 def run_scenario(name: str, seed: int) -> Result:
     """Run the named finding's scenario with one seed (a fresh scenario each time: scripted faults fire once)."""
-    return World(seed, FINDINGS[name]()).run()
+    return counted(World(seed, FINDINGS[name]()).run())

@@ -39,6 +39,7 @@ class Actor:
     message: Any = None  # the bus message of a delivery
     delivery: int = 0
     count: int = 0  # the DeliveryCount it was handed
+    calls: int = 0  # integration-manager calls it made
     wake_at: float = 0.0  # runnable once the clock reaches it
     label: str = "start"
     allowed: tuple[str, ...] = ()  # the directives its next operation admits (besides PROCEED and CRASH)
@@ -48,6 +49,7 @@ class Actor:
     result: Any = None
     error: BaseException | None = None
     thread: threading.Thread | None = None
+    go: threading.Event = field(default_factory=threading.Event)  # its turn (baton passing)
     events: list[Any] = field(default_factory=list)  # what it published
 
 
@@ -58,8 +60,7 @@ class Scheduler:
         self.rng = random.Random(seed)
         self.now = start
         self.start = start
-        self._cv = threading.Condition()
-        self._turn: Actor | None = None
+        self._back = threading.Event()  # the running actor handed the baton back
         self._by_thread: dict[int, Actor] = {}
         self.actors: list[Actor] = []
         self._timers: list[tuple[float, int, str, Callable[[], None]]] = []
@@ -91,11 +92,9 @@ class Scheduler:
 
     def _park(self, actor: Actor, label: str, wake_at: float, allowed: tuple[str, ...]) -> str:
         actor.label, actor.wake_at, actor.allowed = label, wake_at, allowed
-        with self._cv:
-            self._turn = None
-            self._cv.notify_all()
-            while self._turn is not actor:
-                self._cv.wait()
+        actor.go.clear()
+        self._back.set()
+        actor.go.wait()
         directive, actor.directive = actor.directive, PROCEED
         if directive == "abort":
             raise SimAbort
@@ -111,9 +110,7 @@ class Scheduler:
 
         def run() -> None:
             self._by_thread[threading.get_ident()] = actor
-            with self._cv:
-                while self._turn is not actor:
-                    self._cv.wait()
+            actor.go.wait()
             try:
                 if actor.directive == "abort":
                     raise SimAbort
@@ -131,9 +128,7 @@ class Scheduler:
                 actor.ended, actor.error = "broken", error
             finally:
                 actor.done = True
-                with self._cv:
-                    self._turn = None
-                    self._cv.notify_all()
+                self._back.set()
 
         actor.thread = threading.Thread(target=run, name=name, daemon=True)
         self.actors.append(actor)
@@ -144,11 +139,9 @@ class Scheduler:
         """Run `actor` until its next yield point or its end."""
         actor.directive = directive
         self.steps += 1
-        with self._cv:
-            self._turn = actor
-            self._cv.notify_all()
-            while self._turn is not None:
-                self._cv.wait()
+        self._back.clear()
+        actor.go.set()
+        self._back.wait()
 
     def at(self, when: float, label: str, action: Callable[[], None]) -> None:
         """Run `action` on the scheduler's thread once the clock reaches `when`."""
