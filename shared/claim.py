@@ -189,13 +189,14 @@ class Claims:
         lease_ms: int,
         requested_at_ms: int | None = None,
         *,
-        take_over_live_lease: bool = False,
+        take_over: Claim | None = None,
         holder: dict[str, Any] | None = None,
         calls_window_ms: int = 0,
         attempt_round: int | None = None,
     ) -> ClaimResult:
         """Claim the request: "acquired" (go ahead), "done" (it ended: see the stored outcome), "busy" (another
-        delivery holds a live lease; `take_over_live_lease` when the caller knows that holder is over) or
+        delivery holds a live lease; `take_over`: the live claim, as the caller read it, of a holder it knows is over
+        -- taken only if it is still that very version (etag), never a later holder's) or
         "conflict" (the request id belongs to another connection: a claim is bound to the connection that first
         used it). Of two contenders, one wins (create, or replace if the etag is unchanged). `holder` (message id and
         delivery count) and `callsUntil` (now + `calls_window_ms`) say who holds it and until when its calls may
@@ -223,7 +224,7 @@ class Claims:
         asked_again = superseded(existing, requested_at_ms, attempt_round)
         if existing.state in TERMINAL_STATES and not asked_again:
             return ClaimResult("done", existing)
-        if existing.held_at(now_ms) and not take_over_live_lease:
+        if existing.held_at(now_ms) and (take_over is None or take_over.etag != existing.etag):
             return ClaimResult("busy", existing)
         # A retry of an earlier delivery, or a lease that ran out (its holder died): take it over.
         taken = dataclasses.replace(

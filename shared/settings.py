@@ -222,9 +222,11 @@ class Settings(BaseSettings):
     integration_manager_retry_budget_ms: int = Field(
         60_000,
         alias="INTEGRATION_MANAGER_RETRY_BUDGET_MS",
-        ge=0,
+        ge=1000,
         le=300_000,
-        description="no retry wait may end later than this after the invocation started",
+        description="every call of a delivery starts within this long after it claimed the request (waits for a "
+        "Retry-After, an earlier call's in-flight window or a call slot count against it); a delivery that cannot "
+        "call within it comes back later as a scheduled copy",
     )
     integration_manager_in_flight_ms: int = Field(
         60_000,
@@ -434,6 +436,7 @@ class Settings(BaseSettings):
                 self._calls_window_problem(),
                 self._claim_lease_problem(),
                 self._threshold_problem(),
+                self._rate_limits_problem(),
             )
             if problem
         ]
@@ -500,6 +503,19 @@ class Settings(BaseSettings):
             f"{self._calls_window_text()}: a claim would run out while its delivery may still be calling, and a "
             "duplicate request would call integration-manager at the same time. Set TOKEN_REFRESH_CLAIM_LEASE_MS to "
             f"at least {self.calls_window_ms}"
+        )
+
+    def _rate_limits_problem(self) -> str | None:
+        # shared/token_refresh.py _come_back_later: a call whose integration's next call slot is further off than a
+        # delivery may wait comes back at the slot as a scheduled copy. With TOKEN_REFRESH_RETRY_DELAY_MS=0 there are
+        # no scheduled copies: the queue redelivers at once, again and again, until its delivery limit.
+        if not self.rate_limits or self.retry_delay_ms > 0:
+            return None
+        return (
+            "TOKEN_REFRESH_RATE_LIMITS is set while TOKEN_REFRESH_RETRY_DELAY_MS=0 (the queue redelivers at once): a "
+            "refresh paced to a call slot further off than a delivery may wait could only be redelivered at once, "
+            "until the queue dead-letters it. Set TOKEN_REFRESH_RETRY_DELAY_MS above 0 (scheduled copies), or clear "
+            "TOKEN_REFRESH_RATE_LIMITS"
         )
 
     def _threshold_problem(self) -> str | None:

@@ -45,7 +45,7 @@ from shared.events import (
     make_event,
     parse_trigger_message,
 )
-from shared.failure_classes import UNVERIFIED_REFRESH
+from shared.failure_classes import UNVERIFIED_REFRESH, FailureKind
 from shared.failure_waves import WaveReport, count_connection_failure, count_failure
 from shared.ids import connection_key, idempotency_key, outcome_event_id
 from shared.manager_client import IntegrationManagerClient, RefreshOutcome
@@ -103,6 +103,18 @@ def outcome_event(
     )
     data = RefreshFailedData(**ids, failed_at=now, error=error, retryable=outcome.retryable, attempts=attempts)
     return make_event(data, event_id=outcome_event_id(request_id, attempt_round, data.event_type), time=now)
+
+
+def not_called(why: str) -> RefreshOutcome:
+    """The outcome of a request that could not call integration-manager within its deliveries (`why`): retryable, the
+    next check asks again in a new round."""
+    return RefreshOutcome(
+        False,
+        error_code="not_called",
+        error_message=f"integration-manager was not called: {why}",
+        kind=FailureKind.TRANSIENT,
+        check="TOKEN_REFRESH_RETRY_DELAY_MS (scheduled copies) and the Retry-After integration-manager answers",
+    )
 
 
 def call_with_retries(
@@ -356,7 +368,7 @@ class _RefreshJob:
     def claims(self) -> Claims:
         return self.states.claims
 
-    def _claim(self, take_over_live_lease: bool = False) -> ClaimResult:
+    def _claim(self, take_over: Claim | None = None) -> ClaimResult:
         settings = self.settings
         # The latest this delivery may still be calling, or a call of it may still be running: no call starts
         # after the retry budget (counted from now, waits included: calls_deadline_ms), plus the last call's
@@ -374,7 +386,7 @@ class _RefreshJob:
             now,
             settings.claim_lease_ms,
             requested_at_ms=self.requested_at_ms,
-            take_over_live_lease=take_over_live_lease,
+            take_over=take_over,
             holder={"messageId": self.message_id, "delivery": self.delivery},
             calls_window_ms=calls_window_ms,
             attempt_round=self.request.attempt_round,
@@ -415,13 +427,14 @@ class _RefreshJob:
                 wait_ms / 1000,
             )
             self.context.sleep(wait_ms / 1000)
-        return self._claim(take_over_live_lease=True)
+        # Bound to the version waited for: if another successor took it meanwhile, that one carries on.
+        return self._claim(take_over=claim)
 
     def run(self) -> CloudEvent | None:
         current = self._current()
         reason = no_longer_refreshable(current, self.settings.skip_statuses)
         if reason:
-            self._skip(reason)
+            self._end_pending_round(reason)
             return None
         moved_to = expiry_moved_forward(self.request, current)
         if moved_to is not None:
@@ -430,6 +443,18 @@ class _RefreshJob:
         if claimed.status == "busy" and claimed.claim is not None and self._redelivered_to_me(claimed.claim):
             return self._continue_earlier_delivery(claimed.claim)
         return self._proceed(claimed, current)
+
+    def _end_pending_round(self, reason: str) -> None:
+        """The connection is revoked, disabled or gone: no call. A round this request has pending (a retry, or a time
+        an earlier check scheduled it for) ends SKIPPED, so that when the connection is enabled again the next check
+        asks in a new round, which duplicate detection lets through; left pending, the same round's MessageId would be
+        dropped for the whole duplicate-detection window. Costs one point read, on this path only."""
+        existing = self.claims.get(self.event.id)
+        if existing is not None and existing.state in (ClaimState.RETRY_PENDING, ClaimState.SCHEDULED):
+            claimed = self._claim()
+            if claimed.status == "acquired" and claimed.claim is not None:
+                self.claims.skip(claimed.claim, now_ms(), attempts=claimed.claim.attempts)
+        self._skip(reason)
 
     def _proceed(self, claimed: ClaimResult, current: ConnectionState | None) -> CloudEvent | None:
         if claimed.status == "conflict":
@@ -482,7 +507,8 @@ class _RefreshJob:
         # was killed. A queue hands a message to one invocation at a time, so the holder is gone:
         # finish its story now instead of waiting out a lease longer than this invocation may run.
         # (Were it merely slow, `refreshed` is published twice -- at-least-once -- and nothing is called.)
-        claimed = self._claim(take_over_live_lease=self.delivery > 1 or self._redelivered_to_me(existing))
+        holder_is_over = self.delivery > 1 or self._redelivered_to_me(existing)
+        claimed = self._claim(take_over=existing if holder_is_over else None)
         if claimed.status == "busy" and claimed.claim is not None:
             # Its holder may still publish; wait for its lease when that fits the budget, then look again.
             lease_left_ms = claimed.claim.lease_until - now_ms()
@@ -508,7 +534,7 @@ class _RefreshJob:
         now = now_ms()
         in_flight_ms = claim.in_flight_until - now
         wait_ms = max(claim.not_before - now, in_flight_ms, 0)
-        if now + wait_ms >= self.calls_deadline_ms:
+        if now + wait_ms > self.calls_deadline_ms:
             why = "an earlier call may still be in flight" if in_flight_ms > 0 else "integration-manager asked to wait"
             return self._come_back_later(claim, now + wait_ms, claim.attempts, why)
         if wait_ms > 0:
@@ -530,7 +556,7 @@ class _RefreshJob:
                 if moved_to is not None:
                     return RefreshOutcome(True, expires_at=moved_to)
             self._wait_for_call_slot()
-            if now_ms() >= self.calls_deadline_ms:
+            if now_ms() > self.calls_deadline_ms:
                 # Slow reads or waits used the window up: a call now could outlast the claim's calls window, which
                 # is what lets a redelivery take over safely.
                 raise _OutOfCallsWindow
@@ -633,6 +659,9 @@ class _RefreshJob:
         now = now_ms()
         number = self._next_copy_number(claim)
         scheduled = self._schedules_retries()
+        if not scheduled and self.delivery >= self.settings.max_delivery_count:
+            # The queue would dead-letter this delivery without an outcome: end it now, retryable, uncalled.
+            return self._report(claim, not_called(why), attempts, None)
         self.claims.release(
             claim,
             now,
@@ -788,20 +817,23 @@ class _RefreshJob:
             outcome, counted = count_connection_failure(outcome, self.key, self.states, ctx.publisher, self.settings)
         event = outcome_event(self.request, outcome, attempts, self.event.id, claim.round)
         state = ClaimState.REFRESHED if outcome.succeeded else ClaimState.FAILED
-        stored = event.wire_dict()
+        # The outcome is recorded before it is published (an outbox): a Cosmos failure or a crash before the record
+        # publishes nothing, and the copy or redelivery that follows decides again; once recorded, it is the outcome,
+        # and a redelivery publishes it again if this publish fails. A lost claim (ClaimLostError) publishes nothing.
+        ended = self.claims.finish(
+            claim, state, now_ms(), attempts=attempts, outcome=event.wire_dict(), published=False
+        )
         if outcome.about_connection:
             self._record_permanent_failure(outcome)
+        self.context.publisher.publish([event])
         try:
-            self.context.publisher.publish([event])
-        except Exception:
-            self.claims.finish(claim, state, now_ms(), attempts=attempts, outcome=stored, published=False)
-            raise
-        try:
-            self.claims.finish(claim, state, now_ms(), attempts=attempts, outcome=stored, published=True)
-        except ClaimLostError:
-            # Published, but another delivery took the request over meanwhile: it records its own ending.
+            self.claims.mark_published(ended)
+        except Exception as error:  # noqa: BLE001 - it went out; a duplicate request would publish it again, same id
             logger.warning(
-                "Published the outcome for connection (%s), but another delivery holds the request now", self.ids
+                "Published the outcome for connection (%s) but could not record it (%s); a duplicate of the request "
+                "would publish it again, with the same id",
+                self.ids,
+                type(error).__name__,
             )
         if outcome.succeeded:
             logger.info("OAuth tokens refreshed successfully (%s attempts=%d)", self.ids, attempts)

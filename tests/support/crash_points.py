@@ -148,18 +148,28 @@ SCENARIOS = [
     Scenario(
         "failure record", "SIGKILL before", REFRESH_FAILED, cosmos(STATE_DOCS, "failure-", kill="before"), rejects=True
     ),
-    Scenario("claim finish (after publish)", "HTTP 500", REFRESHED, cosmos(CLAIM_DOC, "claim-", method="PUT")),
+    # The outcome is recorded in the claim (a PUT) before it is published, and marked published after (a second PUT).
+    Scenario("claim finish (before publish)", "HTTP 500", REFRESHED, cosmos(CLAIM_DOC, "claim-", method="PUT")),
     Scenario(
-        "claim finish (after publish)",
+        "claim finish (before publish)",
         "SIGKILL before",
         REFRESHED,
         cosmos(CLAIM_DOC, "claim-", method="PUT", kill="before"),
     ),
     Scenario(
-        "claim finish (before the ack)",
+        "claim finish (before publish)",
         "SIGKILL after",
         REFRESHED,
         cosmos(CLAIM_DOC, "claim-", method="PUT", kill="after"),
+    ),
+    Scenario(
+        "mark published (after publish)", "HTTP 500", REFRESHED, cosmos(CLAIM_DOC, "claim-", method="PUT", skip=1)
+    ),
+    Scenario(
+        "mark published (before the ack)",
+        "SIGKILL after",
+        REFRESHED,
+        cosmos(CLAIM_DOC, "claim-", method="PUT", skip=1, kill="after"),
     ),
     # The check's page loop -----------------------------------------------------------------------
     Scenario("check: expiring-connections query", "HTTP 500", REFRESHED, cosmos(CONNECTION_READ, "^$")),

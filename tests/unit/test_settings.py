@@ -284,13 +284,22 @@ def test_in_flight_longer_than_the_retry_budget_is_refused_when_retries_are_rede
         },
         {
             "INTEGRATION_MANAGER_IN_FLIGHT_MS": "0",
-            "INTEGRATION_MANAGER_RETRY_BUDGET_MS": "0",
+            "INTEGRATION_MANAGER_RETRY_BUDGET_MS": "1000",
             "TOKEN_REFRESH_RETRY_DELAY_MS": "0",
         },
     ],
 )
 def test_in_flight_within_the_budget_or_with_scheduled_retries_is_accepted(values):
     load_settings(values)
+
+
+def test_rate_limits_without_scheduled_copies_are_refused():
+    """Issue #22, found by the simulation (F7): a paced request whose call slot is far off was redelivered at once on
+    every delivery and dead-lettered without an outcome."""
+    message = refused({"TOKEN_REFRESH_RATE_LIMITS": "salesforce=2/s", "TOKEN_REFRESH_RETRY_DELAY_MS": "0"})
+    assert "TOKEN_REFRESH_RATE_LIMITS" in message and "TOKEN_REFRESH_RETRY_DELAY_MS=0" in message
+    load_settings({"TOKEN_REFRESH_RATE_LIMITS": "salesforce=2/s", "TOKEN_REFRESH_RETRY_DELAY_MS": "50"})
+    load_settings({"TOKEN_REFRESH_RETRY_DELAY_MS": "0"})
 
 
 def test_the_calls_window_is_the_retry_budget_the_timeouts_and_the_in_flight_window():

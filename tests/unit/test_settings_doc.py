@@ -43,6 +43,7 @@ AGREEMENT_RULES = (
     f"calls window > {min(LOCK_RENEWAL_MS, FUNCTION_TIMEOUT_MS)} ms",
     "`TOKEN_REFRESH_CLAIM_LEASE_MS` < the calls window",
     "`TOKEN_REFRESH_EXPIRATION_THRESHOLD_MS` < `TOKEN_REFRESH_INTERVAL_MS` rounded up to whole minutes",
+    "`TOKEN_REFRESH_RATE_LIMITS` set and `TOKEN_REFRESH_RETRY_DELAY_MS` = 0",
 )
 
 
