@@ -1,5 +1,6 @@
-"""Findings of the simulation not fixed yet in shared/ (docs/simulation.md): each an expected failure (strict
-xfail, so the suite stays green) until its fix, which turns it into an unexpected pass: then drop its mark.
+"""Findings of the simulation (docs/simulation.md): those not fixed yet in shared/ are expected failures (strict
+xfail, so the suite stays green) until their fix turns them into unexpected passes (then drop them from OPEN); the
+fixed ones stay as regression tests.
 
 Two kinds, both run on the real app code:
 - an explicit scenario per finding (tests/unit/simulation/scenarios.py) over a few seeds, which interleave its few
@@ -18,25 +19,33 @@ from dataclasses import replace
 import pytest
 
 from tests.unit.simulation.scenarios import FINDINGS, SEEDS_PER_SCENARIO, run_scenario
-from tests.unit.simulation.world import CI_FAULTS, run_seed
+from tests.unit.simulation.world import Faults, run_seed
 
-# What each finding is, for the xfail reason (docs/simulation.md has the code paths).
+# The findings still open on shared/ as committed (1f772e8), for the xfail reason (docs/simulation.md has the code
+# paths). A finding not listed here is fixed: its scenario and seeds are plain regression tests.
 OPEN = {
-    "D1": "the take-over window (callsUntil) is shorter than the holder's waits and calls",
-    "D2": "finish_claim/mark_published write without an etag over a successor's claim",
-    "D3": "a request ended by a disable blocks the same request after re-enabling (SKIPPED is terminal)",
-    "D5": "permanent-failure suppression keyed to the _ts read before the call",
-    "F6": "a take-over is not bound to the holder it waited for: two successors both take the claim",
+    "D3": "a retry skipped at its start (disabled) leaves the claim retry_pending in the same round: after re-enabling,"
+    " the next check's request is dropped by duplicate detection (2 h)",
+    "D1": "the take-over window (callsUntil) and the in-flight wait: the scenario now ends dead-lettered (F9)",
+    "D2": "a delivery whose claim was taken over still publishes its outcome before its claim write fails",
+    "F6": "a take-over is not bound to the holder it waited for: two deliveries of one copy both take the claim",
     "F7": "a paced request without a retry scheduler is dead-lettered without an outcome",
     "F8": "an outage or crash between publishing an outcome and recording it calls the manager again",
+    "F9": "without a retry scheduler, 'an earlier call may still be in flight' redeliveries use up MaxDeliveryCount",
 }
 
 
-def _open(finding: str) -> pytest.MarkDecorator:
-    return pytest.mark.xfail(strict=True, reason=f"finding {finding} not fixed yet: {OPEN[finding]}")
+# Paths fixed by 2dac825 although their finding is still open by another path: (finding, seed; None: its scenario).
+FIXED_PATHS = {("D3", None), ("D3", 952), ("F6", 46), ("F8", 615)}
 
 
-@pytest.mark.parametrize("finding", [pytest.param(f, marks=_open(f)) for f in sorted(FINDINGS)])
+def _marks(finding: str, seed: int | None = None) -> list[pytest.MarkDecorator]:
+    if finding not in OPEN or (finding, seed) in FIXED_PATHS:
+        return []
+    return [pytest.mark.xfail(strict=True, reason=f"finding {finding} not fixed yet: {OPEN[finding]}")]
+
+
+@pytest.mark.parametrize("finding", [pytest.param(f, marks=_marks(f)) for f in sorted(FINDINGS)])
 def test_finding_scenario_keeps_every_invariant(finding: str) -> None:
     results = [run_scenario(finding, seed) for seed in range(SEEDS_PER_SCENARIO)]
     failing = [r for r in results if r.violations or r.aborted]
@@ -46,21 +55,33 @@ def test_finding_scenario_keeps_every_invariant(finding: str) -> None:
     )
 
 
-# (finding, seed, the CI_FAULTS switch widened to reach it) -- found by the random exploration on 729675b's shared/.
+# (finding, seed, the faults widened to reach it) -- found by the random exploration, on 729675b's shared/ (F9: on
+# 2dac825's). The switches of fixed findings are back in CI_FAULTS; their entries stay as regressions.
 SEEDS = [
     ("D3", 952, {"reenable": True}),  # a retry skipped at its start (disabled); re-enabled; next request dropped
+    ("D3", 52, {"reenable": True}),  # the same, and the claim left retry_pending: the next request is dropped
     ("D5", 82, {"failure_metadata": 0.3}),
     ("F6", 46, {"lock_lost": 0.01, "duplicate": 0.05}),  # a scheduled copy takes over a live redelivery's claim
     ("F6", 828, {"lock_lost": 0.01, "duplicate": 0.05}),  # two calls in flight
     ("F7", 1173, {"paced_without_scheduler": True}),
     ("F8", 615, {"faults_after_outcome": True}),
+    ("F9", 452, {"no_retry_scheduler": 0.3}),
 ]
 
 
-@pytest.mark.parametrize(
-    ("finding", "seed", "widened"),
-    [pytest.param(*entry, marks=_open(entry[0]), id=f"{entry[0]}-seed{entry[1]}") for entry in SEEDS],
+# The faults the exploration ran with when these seeds were found (a replay needs the same ones).
+FOUND_WITH = Faults(
+    failure_metadata=0.0,
+    lock_lost=0.0,
+    duplicate=0.0,
+    faults_after_outcome=False,
+    paced_without_scheduler=False,
+    reenable=False,
 )
+SEED_PARAMS = [pytest.param(*e, marks=_marks(e[0], e[1]), id=f"{e[0]}-seed{e[1]}") for e in SEEDS]
+
+
+@pytest.mark.parametrize(("finding", "seed", "widened"), SEED_PARAMS)
 def test_finding_seed_keeps_every_invariant(finding: str, seed: int, widened: dict[str, object]) -> None:
-    result = run_seed(seed, replace(CI_FAULTS, **widened))  # type: ignore[arg-type]
+    result = run_seed(seed, replace(FOUND_WITH, **widened))  # type: ignore[arg-type]
     assert not (result.violations or result.aborted), f"{finding}:\n{result.report()}"

@@ -688,15 +688,15 @@ class _RetryScheduler:
 
 
 # The faults the committed random exploration explores: everything, except each finding not fixed yet, named by its
-# id (docs/simulation.md, tests/unit/simulation/test_found_defects.py).
+# id (docs/simulation.md, tests/unit/simulation/test_found_defects.py). D5 is fixed (2dac825): explored again.
 # TODO(#22): widen each switch back once its finding is fixed in shared/.
 CI_FAULTS = Faults(
-    failure_metadata=0.0,  # D5: the manager's failure write changes _ts; suppression never matches
     lock_lost=0.0,  # D1, D2, F6: a delivery that lost its lock goes on while a redelivery takes the claim over
     duplicate=0.0,  # F6: a duplicate (duplicate detection missing it) makes a second successor of one claim
     faults_after_outcome=False,  # F8: an outage or crash between publishing and recording the outcome calls again
+    no_retry_scheduler=0.0,  # F9 (and F7): without scheduled copies, immediate redeliveries use up the deliveries
     paced_without_scheduler=False,  # F7: a paced request without a retry scheduler is dead-lettered, no outcome
-    reenable=False,  # D3: a request ended by a disable blocks the same request once the connection is re-enabled
+    reenable=False,  # D3 (its second path): a retry skipped at its start (disabled) blocks the re-enabled connection
 )
 
 
