@@ -442,7 +442,7 @@ class _RefreshJob:
         claimed = self._claim()
         if claimed.status == "busy" and claimed.claim is not None and self._redelivered_to_me(claimed.claim):
             return self._continue_earlier_delivery(claimed.claim)
-        return self._proceed(claimed, current)
+        return self._proceed(claimed)
 
     def _end_pending_round(self, reason: str) -> None:
         """The connection is revoked, disabled or gone: no call. A round this request has pending (a retry, or a time
@@ -456,7 +456,7 @@ class _RefreshJob:
                 self.claims.skip(claimed.claim, now_ms(), attempts=claimed.claim.attempts)
         self._skip(reason)
 
-    def _proceed(self, claimed: ClaimResult, current: ConnectionState | None) -> CloudEvent | None:
+    def _proceed(self, claimed: ClaimResult) -> CloudEvent | None:
         if claimed.status == "conflict":
             raise RequestIdConflictError(
                 f"request {self.event.id} was first used for another connection; not refreshing ({self.ids})"
@@ -467,14 +467,14 @@ class _RefreshJob:
         assert claimed.claim is not None  # noqa: S101 - every status but "acquired" comes with the stored claim
         if claimed.status == "done":
             return _publish_stored_outcome(claimed.claim, self.claims, self.context.publisher, self.ids)
-        return self._call_and_report(claimed.claim, current)
+        return self._call_and_report(claimed.claim)
 
     def _continue_earlier_delivery(self, claim: Claim) -> CloudEvent | None:
         """This message was handed out before and that delivery still holds the claim: it is over
         (killed, or its lock was lost), so finish its story instead of dropping the message."""
         claimed = self._take_over_from_earlier_delivery(claim)
         if claimed.status != "acquired" or claimed.claim is None:
-            return self._proceed(claimed, None)
+            return self._proceed(claimed)
         # Look again: the earlier delivery may have refreshed it, or it was revoked meanwhile.
         current = self._current()
         reason = no_longer_refreshable(current, self.settings.skip_statuses)
@@ -485,7 +485,7 @@ class _RefreshJob:
         moved_to = expiry_moved_forward(self.request, current)
         if moved_to is not None:
             return self._already_refreshed(moved_to)
-        return self._call_and_report(claimed.claim, current)
+        return self._call_and_report(claimed.claim)
 
     def _already_refreshed(self, moved_to: datetime) -> CloudEvent | None:
         """The token's expiry moved past the request's. If this request never ran, someone else
@@ -524,9 +524,9 @@ class _RefreshJob:
             return _publish_stored_outcome(claimed.claim, self.claims, self.context.publisher, self.ids)
         attempts = max(1, claimed.claim.attempts)
         logger.info("OAuth tokens were refreshed by an earlier attempt of this request (%s)", self.ids)
-        return self._report(claimed.claim, RefreshOutcome(True, expires_at=moved_to), attempts, None)
+        return self._report(claimed.claim, RefreshOutcome(True, expires_at=moved_to), attempts)
 
-    def _call_and_report(self, claim: Claim, current: ConnectionState | None) -> CloudEvent | None:
+    def _call_and_report(self, claim: Claim) -> CloudEvent | None:
         settings = self.settings
         # A call of an earlier delivery may still be running at integration-manager, or its Retry-After still holds:
         # no new call before then (and the connection is looked at again first). The wait counts against this
@@ -595,11 +595,9 @@ class _RefreshJob:
                 self.claims.release(claim, now_ms(), attempts=claim.attempts + 1)
             self.held_until_ms = 0  # released: a retry need not wait for it
             raise
-        return self._after_calls(claim, outcome, claim.attempts + calls, current)
+        return self._after_calls(claim, outcome, claim.attempts + calls)
 
-    def _after_calls(
-        self, claim: Claim, outcome: RefreshOutcome, attempts: int, current: ConnectionState | None
-    ) -> CloudEvent | None:
+    def _after_calls(self, claim: Claim, outcome: RefreshOutcome, attempts: int) -> CloudEvent | None:
         """The calls of this delivery are over: report the outcome, or retry a transient failure later."""
         settings = self.settings
         if not outcome.succeeded and outcome.may_be_in_flight:
@@ -627,7 +625,7 @@ class _RefreshJob:
                 settings.max_delivery_count,
             )
             raise RefreshRetryLaterError(f"transient failure {outcome.error_code} after {attempts} attempt(s)")
-        return self._report(claim, outcome, attempts, current)
+        return self._report(claim, outcome, attempts)
 
     def _wait_for_call_slot(self) -> None:
         """Pacing at call time: a call of a rate-limited integration (TOKEN_REFRESH_RATE_LIMITS) takes the
@@ -661,7 +659,7 @@ class _RefreshJob:
         scheduled = self._schedules_retries()
         if not scheduled and self.delivery >= self.settings.max_delivery_count:
             # The queue would dead-letter this delivery without an outcome: end it now, retryable, uncalled.
-            return self._report(claim, not_called(why), attempts, None)
+            return self._report(claim, not_called(why), attempts)
         self.claims.release(
             claim,
             now,
@@ -804,9 +802,7 @@ class _RefreshJob:
                 error.__class__.__name__,
             )
 
-    def _report(
-        self, claim: Claim, outcome: RefreshOutcome, attempts: int, current: ConnectionState | None
-    ) -> CloudEvent:
+    def _report(self, claim: Claim, outcome: RefreshOutcome, attempts: int) -> CloudEvent:
         """Publish the outcome, then record it with the claim in one write. A failed publish is
         recorded as unpublished first, so the redelivery publishes the stored outcome without
         calling integration-manager again."""
