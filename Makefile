@@ -1,6 +1,8 @@
 # The two commands of the README: `make demo` (the pipeline once, on real local services) and
 # `make test` (lint + the whole test suite, every layer). Both install what they need first
 # (scripts/setup.sh). `make unit` runs the unit layer alone on a machine with only Python.
+# CI (.ci/run) runs `make test` on 3.13 and `make test-other-python` on 3.11 and 3.12: the unit layer and the
+# e2e smoke tests (docs/development.md#how-ci-is-layered).
 VENV ?= .venv
 PYTHON := $(VENV)/bin/python
 PYTHON_VERSION ?= 3.13
@@ -9,7 +11,7 @@ export VENV
 AZCLI_VENV ?= .venv-azcli
 export AZCLI_VENV
 
-.PHONY: setup setup-python demo test unit worker-test bench soak lint run stand-in-manager services-up services-down clean azure-cli deploy
+.PHONY: setup setup-python demo test unit smoke test-other-python worker-test bench soak lint run stand-in-manager services-up services-down clean azure-cli deploy
 
 setup:
 	bash scripts/setup.sh
@@ -21,12 +23,24 @@ setup-python:
 demo: setup
 	$(PYTHON) -m localdev.demo
 
+# Every layer (~960 tests). The services start at once, in the background, right after collection
+# (tests/support/service_fixtures.py).
 test: setup azure-cli lint
 	$(PYTHON) -m pytest
 
 # The unit layer (tests/unit, docs/development.md): no services, no npm, no Azure CLI; runs in seconds.
 unit: setup-python
 	$(PYTHON) -m pytest tests/unit
+
+# The e2e smoke tests (marker `smoke`, tests/e2e/test_end_to_end.py): `python -m localdev run --once` / `run` over
+# the real local services, a full cycle each. Needs the services (apt, npm), not the Azure CLI.
+smoke: setup
+	$(PYTHON) -m pytest -m smoke
+
+# What CI runs on the Pythons other than 3.13 (3.11, 3.12: PYTHON_VERSION=3.11 VENV=.venv-py311): the unit layer
+# and the smoke tests, in one session. The whole suite runs once, on 3.13 (`make test`); lint is the same on every Python.
+test-other-python: setup
+	$(PYTHON) -m pytest -m "unit or smoke"
 
 # The app in the real Functions Python worker only (docs/functions-worker.md); Python 3.13 venv.
 worker-test: setup

@@ -11,9 +11,11 @@ Each test lives in the folder of its layer and gets that layer's marker from it
 - ``tests/deploy`` (``deploy``): scripts/deploy.sh's dry runs through the real Azure CLI, the deploy package.
 
 Real services (RabbitMQ, the Cosmos-compatible server, Azurite) are started once per session by
-``tests/support/service_fixtures.py``, when the first test that asks for one runs (never for the unit
-layer); each test gets its own Cosmos container, RabbitMQ exchange and queue prefix so tests never see
-each other's data. Support code shared by several test modules lives in ``tests/support/``.
+``tests/support/service_fixtures.py`` (a plugin, ``pytest_plugins`` below): right after collection, every service
+a selected test needs starts in a background thread, all of them at once, while the first tests run (never for the
+unit layer alone); a test that asks for one waits for its start, and fails with the service's log if it did not
+start. Each test gets its own Cosmos container, RabbitMQ exchange and queue prefix so tests never see each other's
+data. Support code shared by several test modules lives in ``tests/support/``.
 """
 
 import contextlib
@@ -33,7 +35,9 @@ from shared import check_timer, runtime
 from tests.support.canaries import broker_url_with_canary_password, debug_logs, secret_env  # noqa: F401 - fixtures
 from tests.support.event_taps import DurableTap, EventTap
 from tests.support.helpers import MANAGER_TOKEN
-from tests.support.service_fixtures import azurite, cosmos_server, rabbitmq  # noqa: F401 - pytest fixtures
+
+# rabbitmq, cosmos_server, azurite: started concurrently in the background once the tests are collected.
+pytest_plugins = ["tests.support.service_fixtures"]
 
 TESTS = Path(__file__).resolve().parent
 LAYERS = ("unit", "integration", "e2e", "deploy")  # a folder and a marker each (pyproject.toml)
@@ -105,7 +109,7 @@ def functions_worker():
 
 
 @pytest.fixture(scope="session")
-def cosmos_database(cosmos_server):  # noqa: F811
+def cosmos_database(cosmos_server):
     client = CosmosClient(cosmos_server.endpoint, credential=cosmos_server.key)
     return client.create_database_if_not_exists("integrations")
 
@@ -124,14 +128,14 @@ def exchange():
 
 
 @pytest.fixture
-def tap(rabbitmq, exchange):  # noqa: F811
+def tap(rabbitmq, exchange):
     durable = DurableTap(rabbitmq.url, exchange)
     yield durable
     durable.close()
 
 
 @pytest.fixture
-def event_tap(rabbitmq, exchange):  # noqa: F811
+def event_tap(rabbitmq, exchange):
     tap = EventTap(rabbitmq.url, exchange)
     yield tap
     tap.close()
@@ -153,7 +157,7 @@ def state_container_name(cosmos_database):
 
 
 @pytest.fixture
-def app_env(monkeypatch, rabbitmq, cosmos_server, cosmos_container, state_container_name, exchange, manager):  # noqa: F811
+def app_env(monkeypatch, rabbitmq, cosmos_server, cosmos_container, state_container_name, exchange, manager):
     """Application settings pointing the app at the real local services, as `func start` would."""
     values = {
         "TOKEN_REFRESH_ENABLED": "true",

@@ -11,6 +11,7 @@ from collections import Counter
 from datetime import UTC, datetime, timedelta
 
 import pika
+import pytest
 
 from localdev.stand_in_manager import Answer
 from shared.events import (
@@ -33,6 +34,7 @@ EXPECTED_DATA_KEYS = {
 }
 
 
+@pytest.mark.smoke  # also on Python 3.11/3.12 in CI (make test-other-python)
 def test_full_cycle_over_a_mixed_fleet(cli_env, cosmos_container, manager, event_tap):
     now = datetime.now(UTC)
     documents, due, rejected, flaky, dots = build_fleet(now)
@@ -112,6 +114,7 @@ def test_full_cycle_over_a_mixed_fleet(cli_env, cosmos_container, manager, event
     assert CANARY not in dry.stdout + dry.stderr
 
 
+@pytest.mark.smoke  # also on Python 3.11/3.12 in CI (make test-other-python)
 def test_a_malformed_message_is_retried_then_dead_lettered_for_inspection(cli_env, rabbitmq, exchange, manager):
     connection = pika.BlockingConnection(pika.URLParameters(rabbitmq.url))
     channel = connection.channel()
@@ -137,6 +140,7 @@ def test_a_malformed_message_is_retried_then_dead_lettered_for_inspection(cli_en
     connection.close()
 
 
+@pytest.mark.smoke  # also on Python 3.11/3.12 in CI (make test-other-python)
 def test_run_keeps_going_on_the_interval_and_stops_cleanly_on_ctrl_c(cli_env, cosmos_container, manager):
     now = datetime.now(UTC)
     for n in range(5):

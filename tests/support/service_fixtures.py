@@ -7,11 +7,12 @@ never skipped because a service is missing.
 
 Use them from ``tests/conftest.py`` either way:
 
-* ``from tests.support.service_fixtures import azurite, cosmos_server, rabbitmq`` - services start
-  when the first test that needs them runs (what tests/conftest.py does);
-* ``pytest_plugins = ["tests.support.service_fixtures"]`` - as above, and in addition every service that a
-  collected test needs starts in the background right after collection, so RabbitMQ's boot (~4 s)
-  overlaps with the tests that run first.
+* ``pytest_plugins = ["tests.support.service_fixtures"]`` (what tests/conftest.py does): every service that a
+  selected test needs starts in the background right after collection, each in a thread of its own, all at
+  once, so their boots (RabbitMQ's ~4 s, the Node servers') overlap each other and the tests that run first; a
+  test that asks for a service waits for that one only, and a start that failed fails it with the service's log;
+* ``from tests.support.service_fixtures import azurite, cosmos_server, rabbitmq`` - no background start: each
+  service starts when the first test that needs it runs.
 """
 
 from __future__ import annotations
