@@ -21,22 +21,19 @@ import pytest
 from tests.unit.simulation.scenarios import FINDINGS, SEEDS_PER_SCENARIO, run_scenario
 from tests.unit.simulation.world import Faults, run_seed
 
-# The findings still open on shared/ as committed (1f772e8), for the xfail reason (docs/simulation.md has the code
+# The findings still open on shared/ as committed (872dda2), for the xfail reason (docs/simulation.md has the code
 # paths). A finding not listed here is fixed: its scenario and seeds are plain regression tests.
 OPEN = {
-    "D3": "a retry skipped at its start (disabled) leaves the claim retry_pending in the same round: after re-enabling,"
-    " the next check's request is dropped by duplicate detection (2 h)",
-    "D1": "the take-over window (callsUntil) and the in-flight wait: the scenario now ends dead-lettered (F9)",
-    "D2": "a delivery whose claim was taken over still publishes its outcome before its claim write fails",
-    "F6": "a take-over is not bound to the holder it waited for: two deliveries of one copy both take the claim",
-    "F7": "a paced request without a retry scheduler is dead-lettered without an outcome",
-    "F8": "an outage or crash between publishing an outcome and recording it calls the manager again",
-    "F9": "without a retry scheduler, 'an earlier call may still be in flight' redeliveries use up MaxDeliveryCount",
+    "D3": "a retry that found the connection disabled before it claimed leaves no trace: after re-enabling, the next"
+    " check's request has the same MessageId and duplicate detection drops it (2 h)",
+    "F10": "two deliveries of one message (a lost lock): the later loses the claim race, says 'another invocation is"
+    " refreshing it' and completes the message; when the earlier dies, nothing finishes the request",
+    "F9": "without scheduled copies, each immediate redelivery that must wait (Retry-After, in flight) raises; a lost"
+    " lock on the last one dead-letters the request without an outcome",
 }
 
-
-# Paths fixed by 2dac825 although their finding is still open by another path: (finding, seed; None: its scenario).
-FIXED_PATHS = {("D3", None), ("D3", 952), ("F6", 46), ("F8", 615)}
+# Paths of an open finding that are fixed already: (finding, seed; None: its scenario).
+FIXED_PATHS = {("D3", None), ("D3", 952), ("D3", 52), ("F9", 452)}
 
 
 def _marks(finding: str, seed: int | None = None) -> list[pytest.MarkDecorator]:
@@ -55,8 +52,8 @@ def test_finding_scenario_keeps_every_invariant(finding: str) -> None:
     )
 
 
-# (finding, seed, the faults widened to reach it) -- found by the random exploration, on 729675b's shared/ (F9: on
-# 2dac825's). The switches of fixed findings are back in CI_FAULTS; their entries stay as regressions.
+# (finding, seed, the faults widened to reach it) -- found by the random exploration, on 729675b's shared/ (F9 452:
+# on 2dac825's). The switches of fixed findings are back in CI_FAULTS; their entries stay as regressions.
 SEEDS = [
     ("D3", 952, {"reenable": True}),  # a retry skipped at its start (disabled); re-enabled; next request dropped
     ("D3", 52, {"reenable": True}),  # the same, and the claim left retry_pending: the next request is dropped
@@ -66,6 +63,11 @@ SEEDS = [
     ("F7", 1173, {"paced_without_scheduler": True}),
     ("F8", 615, {"faults_after_outcome": True}),
     ("F9", 452, {"no_retry_scheduler": 0.3}),
+    # Found on 872dda2 with every fault:
+    ("D3", 20, vars(Faults())),
+    ("F9", 244, vars(Faults())),
+    ("F10", 892, vars(Faults()) | {"no_retry_scheduler": 0.0, "reenable": False}),
+    ("F10", 935, vars(Faults()) | {"no_retry_scheduler": 0.0, "reenable": False}),
 ]
 
 

@@ -15,7 +15,7 @@ import pytest
 from tests.unit.simulation.world import CI_FAULTS, TOTALS, Faults, run_seed
 
 # Seeds per CI run: 20-45 s on this shared 2-core machine (docs/simulation.md). More: `python -m tests.unit.simulation`.
-SEEDS = int(os.environ.get("SIM_SEEDS", "1200"))
+SEEDS = int(os.environ.get("SIM_SEEDS", "1000"))
 FIRST_SEED = int(os.environ.get("SIM_FIRST_SEED", "0"))
 
 # Seeds that once caught a fault of the simulation itself (a replay must keep passing): 50 ran a redelivery with the
