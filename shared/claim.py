@@ -66,6 +66,9 @@ class Claim:
     outcome: dict[str, Any] | None = None  # the outcome event, as published (wire form)
     scheduled_for: int = 0  # epoch ms: the time a check scheduled the request's delivery for (SCHEDULED)
     etag: str | None = None
+    # Not stored: the holder this copy was taken over from, a delivery that never released it (it died, lost its lock,
+    # or met a Cosmos outage, and may then have scheduled a copy the claim could not record).
+    taken_from: dict[str, Any] | None = None
 
     _FIELDS = (
         ("connection_key", "connectionKey"),
@@ -97,7 +100,7 @@ class Claim:
         stored = {
             renamed.get(field.name, field.name): getattr(self, field.name)
             for field in dataclasses.fields(self)
-            if field.name != "etag"
+            if field.name not in ("etag", "taken_from")
         }
         stored["kind"] = "claim"
         stored["state"] = str(self.state)
@@ -229,6 +232,7 @@ class Claims:
         # A retry of an earlier delivery, or a lease that ran out (its holder died): take it over.
         taken = dataclasses.replace(
             existing,
+            taken_from=existing.holder if existing.state == ClaimState.IN_PROGRESS else None,
             state=ClaimState.IN_PROGRESS,
             lease_until=now_ms + lease_ms,
             calls_until=now_ms + calls_window_ms,
@@ -240,9 +244,11 @@ class Claims:
                 taken, outcome=None, published=False, not_before=0, retries=0, copies=0, round=existing.round + 1
             )
         try:
-            return ClaimResult("acquired", self._replace(taken))
+            return ClaimResult("acquired", dataclasses.replace(self._replace(taken), taken_from=taken.taken_from))
         except ClaimLostError:
-            return ClaimResult("busy", existing)
+            # Another delivery took it first: answer with the claim as it is now, so the caller sees who holds it
+            # (a later delivery of the same message must know that it replaces that holder).
+            return ClaimResult("busy", self.get(request_id) or existing)
 
     def note_scheduled(self, request_id: str, key: str, at_ms: int, now_ms: int) -> bool:
         """A check published the request for delivery at `at_ms` (pacing): record it as SCHEDULED, so that later
@@ -263,6 +269,15 @@ class Claims:
         except CosmosResourceExistsError:
             return False
         return True
+
+    def renew(self, claim: Claim, now_ms: int, *, lease_ms: int, calls_window_ms: int) -> Claim:
+        """IN_PROGRESS, still held: a new lease and calls window from now, for a delivery that waited in place (without
+        scheduled copies) before calling. ClaimLostError if another delivery took it meanwhile."""
+        if claim.state != ClaimState.IN_PROGRESS:
+            raise ValueError(f"only a claim in progress is renewed (this one is {claim.state})")
+        return self._replace(
+            claim, lease_until=now_ms + lease_ms, calls_until=now_ms + calls_window_ms, updated_at=now_ms
+        )
 
     def release(
         self,

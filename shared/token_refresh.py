@@ -373,12 +373,6 @@ class _RefreshJob:
         # The latest this delivery may still be calling, or a call of it may still be running: no call starts
         # after the retry budget (counted from now, waits included: calls_deadline_ms), plus the last call's
         # timeouts and the manager's in-flight window.
-        calls_window_ms = (
-            settings.integration_manager_retry_budget_ms
-            + settings.integration_manager_connect_timeout_ms
-            + settings.integration_manager_timeout_ms
-            + settings.integration_manager_in_flight_ms
-        )
         now = now_ms()
         claimed = self.claims.acquire(
             self.event.id,
@@ -388,7 +382,7 @@ class _RefreshJob:
             requested_at_ms=self.requested_at_ms,
             take_over=take_over,
             holder={"messageId": self.message_id, "delivery": self.delivery},
-            calls_window_ms=calls_window_ms,
+            calls_window_ms=settings.calls_window_ms,
             attempt_round=self.request.attempt_round,
         )
         if claimed.status == "acquired":
@@ -396,6 +390,24 @@ class _RefreshJob:
             self.held_until_ms = claimed.claim.calls_over_at()
             self.calls_deadline_ms = now + settings.integration_manager_retry_budget_ms
         return claimed
+
+    def _renew(self, claim: Claim) -> Claim:
+        """A new lease and calls window from now for the claim this delivery holds (ClaimLostError if it was taken)."""
+        now = now_ms()
+        renewed = self.claims.renew(
+            claim, now, lease_ms=self.settings.claim_lease_ms, calls_window_ms=self.settings.calls_window_ms
+        )
+        self.held_until_ms = renewed.calls_over_at()
+        self.calls_deadline_ms = now + self.settings.integration_manager_retry_budget_ms
+        return renewed
+
+    def _leave_to_holder(self, claim: Claim | None) -> None:
+        """Another delivery holds the request, and this one would complete its message. Unless that holder is an
+        earlier delivery of this very message (or of its retry chain): the queue took the message from it (a lost
+        lock), so completing it here would leave nobody to redeliver it should that holder die. Then raise instead:
+        the message comes back, and its next delivery takes over once the holder's calls are over."""
+        if claim is not None and self._redelivered_to_me(claim):
+            raise RefreshRetryLaterError("an earlier delivery of this message holds the request; it comes back")
 
     def _redelivered_to_me(self, claim: Claim) -> bool:
         """The live claim is held by an earlier delivery of this very message: the queue handed the
@@ -445,13 +457,20 @@ class _RefreshJob:
         return self._proceed(claimed)
 
     def _end_pending_round(self, reason: str) -> None:
-        """The connection is revoked, disabled or gone: no call. A round this request has pending (a retry, or a time
-        an earlier check scheduled it for) ends SKIPPED, so that when the connection is enabled again the next check
-        asks in a new round, which duplicate detection lets through; left pending, the same round's MessageId would be
-        dropped for the whole duplicate-detection window. Costs one point read, on this path only."""
+        """The connection is revoked, disabled or gone: no call. The request's round (never claimed, a retry pending, a
+        time an earlier check scheduled it for, or held by a delivery that is over) ends SKIPPED, so that when the
+        connection is enabled again the next check asks in a new round, which duplicate detection lets through;
+        otherwise the same round's MessageId would be dropped for the whole duplicate-detection window. A read and
+        two writes, on this path only."""
         existing = self.claims.get(self.event.id)
-        if existing is not None and existing.state in (ClaimState.RETRY_PENDING, ClaimState.SCHEDULED):
-            claimed = self._claim()
+        if existing is not None and existing.state in TERMINAL_STATES and not existing.published:
+            # The round had ended before, but its outcome never went out (a crash between record and publish).
+            _publish_stored_outcome(existing, self.claims, self.context.publisher, self.ids)
+        elif existing is None or existing.state not in TERMINAL_STATES:
+            # Never claimed too: without a SKIPPED claim the next check would send the same round again. A claim in
+            # progress is ended only if its holder is over (this message's earlier delivery, or its lease ran out).
+            over = existing is not None and (self.delivery > 1 or self._redelivered_to_me(existing))
+            claimed = self._claim(take_over=existing if over else None)
             if claimed.status == "acquired" and claimed.claim is not None:
                 self.claims.skip(claimed.claim, now_ms(), attempts=claimed.claim.attempts)
         self._skip(reason)
@@ -462,6 +481,7 @@ class _RefreshJob:
                 f"request {self.event.id} was first used for another connection; not refreshing ({self.ids})"
             )
         if claimed.status == "busy":
+            self._leave_to_holder(claimed.claim)
             self._skip("another invocation is refreshing it")
             return None
         assert claimed.claim is not None  # noqa: S101 - every status but "acquired" comes with the stored claim
@@ -510,6 +530,7 @@ class _RefreshJob:
         holder_is_over = self.delivery > 1 or self._redelivered_to_me(existing)
         claimed = self._claim(take_over=existing if holder_is_over else None)
         if claimed.status == "busy" and claimed.claim is not None:
+            self._leave_to_holder(claimed.claim)
             # Its holder may still publish; wait for its lease when that fits the budget, then look again.
             lease_left_ms = claimed.claim.lease_until - now_ms()
             if lease_left_ms > self.settings.integration_manager_retry_budget_ms:
@@ -518,6 +539,7 @@ class _RefreshJob:
             self.context.sleep(max(0, lease_left_ms) / 1000)
             claimed = self._claim()
         if claimed.status == "busy" or claimed.claim is None:
+            self._leave_to_holder(claimed.claim)
             self._skip("another invocation holds this request")
             return None
         if claimed.status == "done":
@@ -536,7 +558,14 @@ class _RefreshJob:
         wait_ms = max(claim.not_before - now, in_flight_ms, 0)
         if now + wait_ms > self.calls_deadline_ms:
             why = "an earlier call may still be in flight" if in_flight_ms > 0 else "integration-manager asked to wait"
-            return self._come_back_later(claim, now + wait_ms, claim.attempts, why)
+            if self._schedules_retries() or wait_ms > TAKE_OVER_MAX_WAIT_MS:
+                return self._come_back_later(claim, now + wait_ms, claim.attempts, why)
+            # Without scheduled copies the queue redelivers at once, and every delivery that raised for a wait would
+            # use one of its deliveries up: wait here instead, then renew the claim (a new calls window from now).
+            logger.info("Waiting %.1f s before refreshing connection (%s): %s", wait_ms / 1000, self.ids, why)
+            self.context.sleep(wait_ms / 1000)
+            claim = self._renew(claim)
+            wait_ms = 0
         if wait_ms > 0:
             self.context.sleep(wait_ms / 1000)
         logger.info("Refreshing OAuth tokens for connection (%s)", self.ids)
@@ -687,7 +716,11 @@ class _RefreshJob:
     def _next_copy_number(self, claim: Claim) -> int:
         """The number of the next scheduled copy of this round (its MessageId `<id>.retry-<round>.<n>` must be new to
         duplicate detection): after every copy so far, retries and paced ones alike."""
-        return max(claim.copies, claim.retries, scheduled_retry_number(self.message_id)) + 1
+        # A holder this claim was taken over from may have scheduled a copy it could not record (a Cosmos outage):
+        # numbered one past its own, so count that one as used too, or this copy's MessageId could repeat it.
+        previous_holder = (claim.taken_from or {}).get("messageId")
+        unrecorded = scheduled_retry_number(previous_holder) + 1 if isinstance(previous_holder, str) else 0
+        return max(claim.copies, claim.retries, scheduled_retry_number(self.message_id), unrecorded) + 1
 
     def _verified(self, outcome: RefreshOutcome) -> RefreshOutcome:
         """A refresh is done when integration-manager says so and the expiry agrees: its answer carries a later

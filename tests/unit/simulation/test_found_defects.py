@@ -21,19 +21,12 @@ import pytest
 from tests.unit.simulation.scenarios import FINDINGS, SEEDS_PER_SCENARIO, run_scenario
 from tests.unit.simulation.world import Faults, run_seed
 
-# The findings still open on shared/ as committed (872dda2), for the xfail reason (docs/simulation.md has the code
-# paths). A finding not listed here is fixed: its scenario and seeds are plain regression tests.
-OPEN = {
-    "D3": "a retry that found the connection disabled before it claimed leaves no trace: after re-enabling, the next"
-    " check's request has the same MessageId and duplicate detection drops it (2 h)",
-    "F10": "two deliveries of one message (a lost lock): the later loses the claim race, says 'another invocation is"
-    " refreshing it' and completes the message; when the earlier dies, nothing finishes the request",
-    "F9": "without scheduled copies, each immediate redelivery that must wait (Retry-After, in flight) raises; a lost"
-    " lock on the last one dead-letters the request without an outcome",
-}
+# The findings still open on shared/ (none now), for the xfail reason (docs/simulation.md has the code paths). A finding
+# not listed here is fixed: its scenario and seeds are plain regression tests.
+OPEN: dict[str, str] = {}
 
 # Paths of an open finding that are fixed already: (finding, seed; None: its scenario).
-FIXED_PATHS = {("D3", None), ("D3", 952), ("D3", 52), ("F9", 452)}
+FIXED_PATHS: set[tuple[str, int | None]] = set()
 
 
 def _marks(finding: str, seed: int | None = None) -> list[pytest.MarkDecorator]:

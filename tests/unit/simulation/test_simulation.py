@@ -23,6 +23,13 @@ FIRST_SEED = int(os.environ.get("SIM_FIRST_SEED", "0"))
 # assumes; 200 asked for an outcome after a repeated request id that its earlier outcome answers.
 REGRESSIONS = [50, 48, 200]
 
+# Seeds that caught a defect of the app once the open findings were fixed (issue #22), each a regression test:
+# 210 reused a scheduled copy's number that a Cosmos outage had used unrecorded (its MessageId was dropped as a
+# duplicate); 971 left a claim in progress when the connection was disabled while its holder was over; 2263 never
+# published an outcome recorded just before a crash; 2937 completed a message whose earlier, lock-lost delivery held
+# the claim and then raised.
+APP_REGRESSIONS = [210, 971, 2263, 2937]
+
 
 def _explain(seed: int, faults: Faults) -> str:
     result = run_seed(seed, faults)
@@ -43,7 +50,7 @@ def test_seeded_schedules_keep_every_invariant() -> None:
     )
 
 
-@pytest.mark.parametrize("seed", REGRESSIONS)
+@pytest.mark.parametrize("seed", REGRESSIONS + APP_REGRESSIONS)
 def test_regression_seed(seed: int) -> None:
     report = _explain(seed, CI_FAULTS)
     assert not report, report

@@ -701,11 +701,7 @@ class _RetryScheduler:
 # switch named by its finding (docs/simulation.md, tests/unit/simulation/test_found_defects.py). As of 872dda2, D1, D2,
 # D5, F6, F7 and F8 are fixed and explored again (lost locks stay off for F10).
 # TODO(#22): widen each switch back once its finding is fixed in shared/.
-CI_FAULTS = Faults(
-    no_retry_scheduler=0.0,  # F9: without scheduled copies, redeliveries that must wait use up the deliveries
-    reenable=False,  # D3: a retry skipped (disabled) before it claimed blocks the re-enabled connection for 2 h
-    lock_lost=0.0,  # F10: a redelivery that loses the claim race to the delivery it replaces gives up for good
-)
+CI_FAULTS = Faults()  # every fault: no finding is open
 
 
 @dataclass
