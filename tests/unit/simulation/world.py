@@ -697,11 +697,9 @@ class _RetryScheduler:
         self.world.bus.send(REFRESH_QUEUE, f"{event.id}.retry-{attempt_round}.{retry}", event, sim.now, at.timestamp())
 
 
-# The faults the committed random exploration explores: everything, except the paths of findings not fixed yet, each
-# switch named by its finding (docs/simulation.md, tests/unit/simulation/test_found_defects.py). As of 872dda2, D1, D2,
-# D5, F6, F7 and F8 are fixed and explored again (lost locks stay off for F10).
-# TODO(#22): widen each switch back once its finding is fixed in shared/.
-CI_FAULTS = Faults()  # every fault: no finding is open
+# The faults the committed random exploration explores: every one, since no finding is open. A finding found open
+# narrows the switch that reaches it here, named by the finding, until it is fixed (docs/simulation.md).
+CI_FAULTS = Faults()
 
 
 @dataclass
