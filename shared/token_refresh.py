@@ -78,6 +78,9 @@ class _PacedLater(Exception):
 # A delivery waits at most this long for its integration's next call slot (and at most half its retry budget);
 # past it, it comes back as a scheduled copy at the slot instead of holding a worker.
 PACING_MAX_WAIT_MS = 10_000
+# A delivery that missed its call slot (slow Cosmos, a late wake-up) takes another, this many times at most.
+SLOT_TRIES = 3
+
 # Call slots are spaced this much wider than the limit: between its slot and integration-manager a call is delayed by
 # a varying few ms (a thread waking, the connection pool), and delayed calls must not bunch past the limit.
 PACING_HEADROOM = 1.05
@@ -664,19 +667,24 @@ class _RefreshJob:
         rate = rate_limit(self.settings, self.request.integration_id)
         if rate is None:
             return
-        now = now_ms()
-        # Never past the calls window: a slot after it comes back as a scheduled copy instead.
-        max_wait_ms = min(
-            PACING_MAX_WAIT_MS,
-            self.settings.integration_manager_retry_budget_ms // 2,
-            max(0, self.calls_deadline_ms - now - 1),
-        )
         spacing_ms = math.ceil(1000 * PACING_HEADROOM / rate)
-        slot = self.states.take_call_slot(self.request.integration_id, spacing_ms, now, max_wait_ms)
-        if not slot.taken:
-            raise _PacedLater(slot.at_ms)
-        if slot.at_ms > now:
-            self.context.sleep((slot.at_ms - now) / 1000)
+        for _ in range(SLOT_TRIES):
+            now = now_ms()
+            # Never past the calls window: a slot after it comes back as a scheduled copy instead.
+            max_wait_ms = min(
+                PACING_MAX_WAIT_MS,
+                self.settings.integration_manager_retry_budget_ms // 2,
+                max(0, self.calls_deadline_ms - now - 1),
+            )
+            slot = self.states.take_call_slot(self.request.integration_id, spacing_ms, now, max_wait_ms)
+            if not slot.taken:
+                raise _PacedLater(slot.at_ms)
+            if slot.at_ms > now_ms():
+                self.context.sleep((slot.at_ms - now_ms()) / 1000)
+            # Taking the slot (a read and a write) or waking up took long enough that the call would land on the next
+            # slot's: take a later one instead, so calls stay a spacing apart.
+            if now_ms() - slot.at_ms < spacing_ms // 2:
+                return
 
     def _come_back_later(self, claim: Claim, at_ms: int, attempts: int, why: str) -> CloudEvent | None:
         """This delivery cannot call within its calls window (`why`: paced to a later slot of its integration, an
