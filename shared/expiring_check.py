@@ -96,7 +96,7 @@ class DryRun:
 
 def plan_check(store: ConnectionStore, states: StateStore, threshold: datetime, settings: Settings) -> DryRun:
     """Run a check's selection and scheduling for connections due by `threshold`, publishing and saving nothing."""
-    scheduler = RefreshScheduler(settings, states, scan="dry-run") if settings.scheduling else None
+    scheduler = RefreshScheduler(settings, states) if settings.scheduling else None
     dry_run = DryRun([], [], 0)
     for page in store.expiring_connection_pages(threshold, settings.skip_statuses, soonest_first=settings.scheduling):
         selection = select_for_refresh(page.connections, states, settings)
@@ -266,8 +266,7 @@ def request_refresh_for_expiring_connections(
     threshold = capped_threshold(check, settings, utc_now())
     scheduler = None
     if settings.scheduling:
-        scan = format_time(check.timestamp)
-        scheduler = RefreshScheduler(settings, states, scan)
+        scheduler = RefreshScheduler(settings, states)
     pages = store.expiring_connection_pages(
         threshold,
         settings.skip_statuses,

@@ -90,22 +90,19 @@ class IntegrationSchedule:
 
 
 class RefreshScheduler:
-    """Hands out the time of each refresh request of one check invocation (see the module docstring).
-    `scan` names the check (its timestamp), so a follow-up check that continues the same scan continues its
-    schedule instead of taking its requests for an earlier check's. Not thread-safe: one per invocation."""
+    """Hands out the time of each refresh request of one check invocation (see the module docstring). Not
+    thread-safe: one per invocation."""
 
     def __init__(
         self,
         settings: Settings,
         states: StateStore,
-        scan: str,
         *,
         clock: Callable[[], int] = now_ms,
         rng: random.Random | None = None,
     ):
         self._settings = settings
         self._states = states
-        self._scan = scan
         self._clock = clock
         self._rng = rng or random.Random()  # noqa: S311 - spreading load, not a secret
         self.schedules: dict[str, IntegrationSchedule] = {}
@@ -146,8 +143,6 @@ class RefreshScheduler:
             schedule._stored = self._states.save_pacing(
                 schedule.integration_id,
                 next_slot_ms=next_slot,
-                scheduled_through_ms=schedule.latest_expiry_ms,
-                scan=self._scan,
                 ttl_s=ttl_s,
                 stored=schedule._stored,
             )

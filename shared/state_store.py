@@ -32,6 +32,7 @@ class StateStore:
 
     def __init__(self, container: Any):
         self._container = container
+        self._claims = Claims(container)
 
     @classmethod
     def from_settings(cls, settings: Settings, cosmos_client: Any) -> StateStore:
@@ -64,7 +65,7 @@ class StateStore:
     @property
     def claims(self) -> Claims:
         """The refresh requests' claims (shared.claim: the one module that writes them)."""
-        return Claims(self._container)
+        return self._claims
 
     # Failure records -----------------------------------------------------------------------------
 
@@ -282,26 +283,20 @@ class StateStore:
         integration_id: str,
         *,
         next_slot_ms: int,
-        scheduled_through_ms: int | None,
-        scan: str,
         ttl_s: int,
         stored: dict[str, Any] | None = None,
     ) -> dict[str, Any] | None:
-        """Record how far a check scheduled `integration_id`: its next free slot, the latest expiry it scheduled, and
-        the check (`scan`) that did. Merged with what another check wrote meanwhile (etag-guarded): the later slot
-        and expiry win, so two checks never hand out the same time twice to a third. `stored`: the document as the
-        caller last saw it, so an unchanged one is replaced without reading it first. Returns the document as
-        written (pass it back next time), None when the store kept refusing (best effort)."""
+        """Record how far a check scheduled `integration_id`: its next free slot. Merged with what another check wrote
+        meanwhile (etag-guarded): the later slot wins, so two checks never hand out the same time twice to a third.
+        `stored`: the document as the caller last saw it, so an unchanged one is replaced without reading it first.
+        Returns the document as written (pass it back next time), None when the store kept refusing (best effort)."""
 
         def merged(existing: dict[str, Any] | None) -> dict[str, Any]:
             earlier = existing or {}
-            throughs = [t for t in (scheduled_through_ms, earlier.get("scheduledThroughMs")) if t is not None]
             return {
                 "kind": "pacing",
                 "integrationId": integration_id,
                 "nextSlotMs": max(next_slot_ms, earlier.get("nextSlotMs") or 0),
-                "scheduledThroughMs": max(throughs, default=None),
-                "scan": scan,
                 "ttl": max(60, ttl_s),
             }
 

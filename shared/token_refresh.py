@@ -390,8 +390,7 @@ class _RefreshJob:
         )
         if claimed.status == "acquired":
             assert claimed.claim is not None  # noqa: S101 - acquired claims are returned
-            self.held_until_ms = claimed.claim.calls_over_at()
-            self.calls_deadline_ms = now + settings.integration_manager_retry_budget_ms
+            self._hold(claimed.claim, now)
         return claimed
 
     def _renew(self, claim: Claim) -> Claim:
@@ -400,9 +399,19 @@ class _RefreshJob:
         renewed = self.claims.renew(
             claim, now, lease_ms=self.settings.claim_lease_ms, calls_window_ms=self.settings.calls_window_ms
         )
-        self.held_until_ms = renewed.calls_over_at()
-        self.calls_deadline_ms = now + self.settings.integration_manager_retry_budget_ms
+        self._hold(renewed, now)
         return renewed
+
+    def _hold(self, claim: Claim, since_ms: int) -> None:
+        """This delivery holds `claim` from `since_ms`: its calls are surely over by held_until_ms, and none of them
+        starts after calls_deadline_ms (its retry budget)."""
+        self.held_until_ms = claim.calls_over_at()
+        self.calls_deadline_ms = since_ms + self.settings.integration_manager_retry_budget_ms
+
+    def _holder_is_over(self, claim: Claim) -> bool:
+        """The delivery holding `claim` is over: this is a redelivery (the queue hands a message to one delivery at a
+        time), or the holder is an earlier delivery of this message or of its retry chain."""
+        return self.delivery > 1 or self._redelivered_to_me(claim)
 
     def _leave_to_holder(self, claim: Claim | None) -> None:
         """Another delivery holds the request, and this one would complete its message. Unless that holder is an
@@ -472,7 +481,7 @@ class _RefreshJob:
         elif existing is None or existing.state not in TERMINAL_STATES:
             # Never claimed too: without a SKIPPED claim the next check would send the same round again. A claim in
             # progress is ended only if its holder is over (this message's earlier delivery, or its lease ran out).
-            over = existing is not None and (self.delivery > 1 or self._redelivered_to_me(existing))
+            over = existing is not None and self._holder_is_over(existing)
             claimed = self._claim(take_over=existing if over else None)
             if claimed.status == "acquired" and claimed.claim is not None:
                 self.claims.skip(claimed.claim, now_ms(), attempts=claimed.claim.attempts)
@@ -530,8 +539,7 @@ class _RefreshJob:
         # was killed. A queue hands a message to one invocation at a time, so the holder is gone:
         # finish its story now instead of waiting out a lease longer than this invocation may run.
         # (Were it merely slow, `refreshed` is published twice -- at-least-once -- and nothing is called.)
-        holder_is_over = self.delivery > 1 or self._redelivered_to_me(existing)
-        claimed = self._claim(take_over=existing if holder_is_over else None)
+        claimed = self._claim(take_over=existing if self._holder_is_over(existing) else None)
         if claimed.status == "busy" and claimed.claim is not None:
             self._leave_to_holder(claimed.claim)
             # Its holder may still publish; wait for its lease when that fits the budget, then look again.
@@ -679,8 +687,9 @@ class _RefreshJob:
             slot = self.states.take_call_slot(self.request.integration_id, spacing_ms, now, max_wait_ms)
             if not slot.taken:
                 raise _PacedLater(slot.at_ms)
-            if slot.at_ms > now_ms():
-                self.context.sleep((slot.at_ms - now_ms()) / 1000)
+            until_slot_ms = slot.at_ms - now_ms()
+            if until_slot_ms > 0:
+                self.context.sleep(until_slot_ms / 1000)
             # Taking the slot (a read and a write) or waking up took long enough that the call would land on the next
             # slot's: take a later one instead, so calls stay a spacing apart.
             if now_ms() - slot.at_ms < spacing_ms // 2:
@@ -844,9 +853,9 @@ class _RefreshJob:
             )
 
     def _report(self, claim: Claim, outcome: RefreshOutcome, attempts: int) -> CloudEvent:
-        """Publish the outcome, then record it with the claim in one write. A failed publish is
-        recorded as unpublished first, so the redelivery publishes the stored outcome without
-        calling integration-manager again."""
+        """Record the outcome in the claim, publish it, then mark it published (an outbox, see below): a failed publish
+        leaves it recorded as unpublished, so the redelivery publishes the stored outcome without calling
+        integration-manager again."""
         counted: WaveReport | None = None
         if outcome.about_connection:
             # Most of a wave failing with the same connection code is ours: then reported as systemic.

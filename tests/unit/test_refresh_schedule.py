@@ -33,7 +33,7 @@ class Clock:
 
 
 class PacingDocuments:
-    """StateStore's two pacing methods over a dictionary, with its merge rule (the later values win)."""
+    """StateStore's two pacing methods over a dictionary, with its merge rule (the later slot wins)."""
 
     def __init__(self):
         self.documents: dict[str, dict] = {}
@@ -41,14 +41,9 @@ class PacingDocuments:
     def pacing(self, integration_id):
         return self.documents.get(integration_id)
 
-    def save_pacing(self, integration_id, *, next_slot_ms, scheduled_through_ms, scan, ttl_s, stored=None):
+    def save_pacing(self, integration_id, *, next_slot_ms, ttl_s, stored=None):
         earlier = self.documents.get(integration_id, {})
-        through = max(filter(None, [scheduled_through_ms, earlier.get("scheduledThroughMs")]), default=None)
-        self.documents[integration_id] = {
-            "nextSlotMs": max(next_slot_ms, earlier.get("nextSlotMs", 0)),
-            "scheduledThroughMs": through,
-            "scan": scan,
-        }
+        self.documents[integration_id] = {"nextSlotMs": max(next_slot_ms, earlier.get("nextSlotMs", 0))}
 
 
 def connection(n: int, integration: str = "salesforce", expires_in_ms: int | None = 3_600_000) -> ExpiringConnection:
@@ -56,11 +51,10 @@ def connection(n: int, integration: str = "salesforce", expires_in_ms: int | Non
     return ExpiringConnection(connection_id=f"c-{n}", integration_id=integration, tenant_id="t", expires_at=expires)
 
 
-def scheduler(environ: dict, states=None, clock=None, scan="check-1", seed=7):
+def scheduler(environ: dict, states=None, clock=None, seed=7):
     return RefreshScheduler(
         load_settings(environ),
         states or PacingDocuments(),
-        scan,
         clock=clock or Clock(),
         rng=random.Random(seed),
     )
@@ -180,19 +174,19 @@ def test_a_later_check_paces_new_requests_after_an_earlier_schedule_that_is_stil
     # continues after the earlier one, so a new request never lands on top of the wave.
     states, clock = PacingDocuments(), Clock()
     environ = {"TOKEN_REFRESH_RATE_LIMITS": "*=10/s"}
-    first = scheduler(environ, states=states, clock=clock, scan="check-1")
+    first = scheduler(environ, states=states, clock=clock)
     wave = [connection(n, expires_in_ms=600_000 + n) for n in range(100)]  # 10 s of requests
     [first.time_for(c) for c in wave]
     first.save(final=True)
 
     clock.now += 3_000  # the next check comes while the wave is being delivered
-    second = scheduler(environ, states=states, clock=clock, scan="check-2")
+    second = scheduler(environ, states=states, clock=clock)
     newcomer = connection(500, expires_in_ms=900_000)
     assert ms(second.time_for(newcomer)) == START + 10_000  # after the wave, not on top of it
     assert second.schedules["salesforce"].urgent == 0
 
     clock.now += 60_000  # the wave has run: whatever is still due is asked for at once
-    third = scheduler(environ, states=states, clock=clock, scan="check-3")
+    third = scheduler(environ, states=states, clock=clock)
     assert ms(third.time_for(wave[0])) == clock.now + SCHEDULE_LEAD_MS
 
 
@@ -201,13 +195,13 @@ def test_a_new_request_is_not_held_back_by_an_earlier_backlog_that_would_make_it
     # token expires in 20 minutes was not requested at all (and, had it been, it would have been scheduled at +3 h).
     states, clock = PacingDocuments(), Clock()
     environ = {"TOKEN_REFRESH_RATE_LIMITS": "*=1/s"}
-    first = scheduler(environ, states=states, clock=clock, scan="check-1")
+    first = scheduler(environ, states=states, clock=clock)
     backlog = [connection(n, expires_in_ms=4 * 3_600_000 + n) for n in range(3 * 3600)]  # 3 h at 1/s
     [first.time_for(c) for c in backlog]
     first.save(final=True)
 
     clock.now += 60_000
-    second = scheduler(environ, states=states, clock=clock, scan="check-2")
+    second = scheduler(environ, states=states, clock=clock)
     soon = [connection(20_000 + n, expires_in_ms=20 * 60_000) for n in range(3)]
     times = [ms(second.time_for(c)) for c in soon]
     # Its own grid from now, at the limit among themselves; the call-time slots interleave them with the backlog.
