@@ -23,10 +23,14 @@ setup-python:
 demo: setup
 	$(PYTHON) -m localdev.demo
 
-# Every layer (~960 tests). The services start at once, in the background, right after collection
-# (tests/support/service_fixtures.py).
+# Every layer (~1,050 tests), in TEST_WORKERS pytest-xdist workers, a test module each at a time (--dist loadfile):
+# the suite mostly waits (for services, subprocesses, timeouts), so more workers than cores pay. Each worker starts
+# its own services at once, in the background, right after collection (tests/support/service_fixtures.py).
+# TEST_WORKERS=0 runs it in one process (docs/development.md#where-the-time-goes).
+TEST_WORKERS ?= 4
+XDIST = $(if $(filter 0,$(TEST_WORKERS)),,-n $(TEST_WORKERS) --dist loadfile)
 test: setup azure-cli lint
-	$(PYTHON) -m pytest
+	$(PYTHON) -m pytest $(XDIST)
 
 # The unit layer (tests/unit, docs/development.md): no services, no npm, no Azure CLI; runs in seconds.
 unit: setup-python
@@ -40,7 +44,7 @@ smoke: setup
 # What CI runs on the Pythons other than 3.13 (3.11, 3.12: PYTHON_VERSION=3.11 VENV=.venv-py311): the unit layer
 # and the smoke tests, in one session. The whole suite runs once, on 3.13 (`make test`); lint is the same on every Python.
 test-other-python: setup
-	$(PYTHON) -m pytest -m "unit or smoke"
+	$(PYTHON) -m pytest $(XDIST) -m "unit or smoke"
 
 # The app in the real Functions Python worker only (docs/functions-worker.md); Python 3.13 venv.
 worker-test: setup

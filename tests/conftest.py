@@ -37,7 +37,7 @@ from tests.support.event_taps import DurableTap, EventTap
 from tests.support.helpers import MANAGER_TOKEN
 
 # rabbitmq, cosmos_server, azurite: started concurrently in the background once the tests are collected.
-pytest_plugins = ["tests.support.service_fixtures"]
+pytest_plugins = ["tests.support.service_fixtures", "tests.support.simulation_report"]
 
 TESTS = Path(__file__).resolve().parent
 LAYERS = ("unit", "integration", "e2e", "deploy")  # a folder and a marker each (pyproject.toml)
