@@ -258,6 +258,24 @@ def test_local_settings_example_values_load_without_a_warning(caplog):
     assert caplog.text == ""
 
 
+def test_local_settings_example_lists_every_setting_with_its_default_and_service_bus_by_identity():
+    """What `cp local.settings.json.example local.settings.json` starts from (docs/running-locally.md): every
+    setting, each one the model has a default for at that default; Service Bus in the identity-based form, the only
+    one the namespace scripts/deploy.sh creates accepts (it disables keys; both forms at once are refused)."""
+    values = json.loads((APP_ROOT / "local.settings.json.example").read_text(encoding="utf-8"))["Values"]
+    defaults = load_settings({})
+    for setting, field in settings_module.setting_fields().items():
+        if setting == "ServiceBusConnection":
+            assert setting not in values
+            continue
+        assert setting in values, f"{setting} is missing from local.settings.json.example"
+        if field.default is not None:
+            field_name = next(name for name, f in settings_module.Settings.model_fields.items() if f is field)
+            loaded = getattr(load_settings({setting: values[setting]}), field_name)
+            assert loaded == getattr(defaults, field_name), f"{setting}={values[setting]!r} is not its default"
+    assert values["ServiceBusConnection__fullyQualifiedNamespace"].endswith(".servicebus.windows.net")
+
+
 # Misspelt settings (issue #23) ----------------------------------------------------------------------
 
 
