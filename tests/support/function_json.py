@@ -18,7 +18,6 @@ see any of them, because the host, not the worker, reads those fields.
 from __future__ import annotations
 
 import ast
-import calendar
 import json
 import re
 from pathlib import Path
@@ -35,8 +34,9 @@ DIRECTIONS = ("in", "out", "inout")
 SETTING_REFERENCE = re.compile(r"%([^%]+)%")
 
 # NCRONTAB's six fields, each with its range and the names it accepts (case-insensitive).
-_MONTHS = {name.lower(): number for number, name in enumerate(calendar.month_abbr) if name}
-_DAYS = {name.lower(): (number + 1) % 7 for number, name in enumerate(calendar.day_abbr)}  # Sun = 0
+# English names, whatever the locale (calendar's names follow it).
+_MONTHS = {name: number for number, name in enumerate("jan feb mar apr may jun jul aug sep oct nov dec".split(), 1)}
+_DAYS = {name: number for number, name in enumerate("sun mon tue wed thu fri sat".split())}
 NCRONTAB_FIELDS = (
     ("second", 0, 59, {}),
     ("minute", 0, 59, {}),
