@@ -34,9 +34,10 @@ DIRECTIONS = ("in", "out", "inout")
 SETTING_REFERENCE = re.compile(r"%([^%]+)%")
 
 # NCRONTAB's six fields, each with its range and the names it accepts (case-insensitive).
-# English names, whatever the locale (calendar's names follow it).
-_MONTHS = {name: number for number, name in enumerate("jan feb mar apr may jun jul aug sep oct nov dec".split(), 1)}
-_DAYS = {name: number for number, name in enumerate("sun mon tue wed thu fri sat".split())}
+MONTH_NAMES = ("jan", "feb", "mar", "apr", "may", "jun", "jul", "aug", "sep", "oct", "nov", "dec")
+DAY_NAMES = ("sun", "mon", "tue", "wed", "thu", "fri", "sat")  # Sunday = 0
+_MONTHS = {name: number for number, name in enumerate(MONTH_NAMES, 1)}
+_DAYS = {name: number for number, name in enumerate(DAY_NAMES)}
 NCRONTAB_FIELDS = (
     ("second", 0, 59, {}),
     ("minute", 0, 59, {}),
