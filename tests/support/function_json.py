@@ -162,7 +162,11 @@ def _parameter_problems(folder: Path, definition: dict[str, Any], bindings: list
     if not script.is_file():
         return [f"scriptFile {script.name} does not exist"]
     tree = ast.parse(script.read_text(encoding="utf-8"))
-    functions = [node for node in tree.body if isinstance(node, ast.FunctionDef) and node.name == entry_point]
+    functions = [
+        node
+        for node in tree.body
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) and node.name == entry_point
+    ]
     if not functions:
         return [f"{script.name} has no function {entry_point}()"]
     arguments = functions[0].args
