@@ -9,7 +9,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from shared.secrets import scrub_logs
-from shared.settings import Settings, load_settings, warn_about_risky_threshold
+from shared.settings import Settings, load_settings, warn_about_risky_threshold, warn_about_unknown_settings
 from shared.third_party_logs import demote_third_party_logs
 
 if TYPE_CHECKING:
@@ -40,14 +40,16 @@ QUIET_LOGGERS = ("azure", "pika", "urllib3")
 
 def settings() -> Settings:
     """The process's settings, loaded and validated on first use. That first load also demotes SDK log records to
-    DEBUG, masks the secrets in what the root logger's handlers emit, and warns about a risky threshold. Raises
-    SettingsError for a bad value; nothing is kept then, so the next call loads (and raises) again."""
+    DEBUG, masks the secrets in what the root logger's handlers emit, and warns about a risky threshold and about
+    variables that look like misspelt settings. Raises SettingsError for a bad value; nothing is kept then, so the
+    next call loads (and raises) again."""
 
     def build() -> Settings:
         demote_third_party_logs(QUIET_LOGGERS)
         loaded = load_settings()
         scrub_logs(loaded)  # every form of every secret setting is masked in what the root handlers emit
         warn_about_risky_threshold(loaded)
+        warn_about_unknown_settings()
         return loaded
 
     return _once("settings", build)

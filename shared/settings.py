@@ -7,8 +7,11 @@ CLI load `local.settings.json` `Values` into the environment first. A bad value 
 
 from __future__ import annotations
 
+import difflib
 import logging
 import math
+import os
+from collections.abc import Mapping
 from typing import Annotated, Any
 from urllib.parse import urlsplit
 
@@ -42,6 +45,12 @@ DEFAULT_INTERVAL_MS = 3_600_000
 DEFAULT_EXPIRATION_THRESHOLD_MS = 4_200_000
 DEFAULT_SKIP_STATUSES = ("revoked", "disabled", "deleted")
 LOOPBACK_HOSTS = ("127.0.0.1", "localhost")
+
+# An environment variable with one of these prefixes is meant for this app: one it does not know is most likely a
+# typo that would silently leave the setting at its default (warn_about_unknown_settings).
+SETTING_PREFIXES = ("TOKEN_REFRESH_", "INTEGRATION_MANAGER_", "COSMOS_", "RABBITMQ_")
+# scripts/deploy.sh's own inputs: they share a prefix, are no app settings, and may be exported in the same shell.
+DEPLOY_VARIABLES = ("COSMOS_ACCOUNT", "COSMOS_RESOURCE_GROUP")
 
 
 class Settings(BaseSettings):
@@ -715,4 +724,29 @@ def warn_about_risky_threshold(settings: Settings) -> None:
             settings.interval_ms,
             SAFETY_MARGIN_MS,
             settings.interval_ms + SAFETY_MARGIN_MS,
+        )
+
+
+def unknown_settings(environ: Mapping[str, str]) -> dict[str, str]:
+    """The variables of `environ` that look like this app's settings (SETTING_PREFIXES, any case) but are none,
+    each with the known setting its name is closest to."""
+    known = list(setting_fields())
+    by_upper = {name.upper(): name for name in known}
+    unknown = {}
+    for name in sorted(environ):
+        if name in known or name in DEPLOY_VARIABLES or not name.upper().startswith(SETTING_PREFIXES):
+            continue
+        [closest] = difflib.get_close_matches(name.upper(), list(by_upper), n=1, cutoff=0)
+        unknown[name] = by_upper[closest]
+    return unknown
+
+
+def warn_about_unknown_settings(environ: Mapping[str, str] | None = None) -> None:
+    """Log once (at start-up) each variable that looks like a misspelt setting, with the closest known name: the
+    app ignores it, so the setting it was meant for keeps its default. Names only: a value may be a secret."""
+    for name, closest in unknown_settings(os.environ if environ is None else environ).items():
+        logger.warning(
+            "%s is not a setting of this app and is ignored; did you mean %s? (every setting: docs/settings.md)",
+            name,
+            closest,
         )

@@ -27,7 +27,7 @@ from tests.support.documents import stored_connection_request
 from tests.support.event_taps import DurableTap
 from tests.support.fleets import build_fleet
 from tests.support.functions_worker import BODY_KINDS, ServiceBusDelivery
-from tests.support.helpers import APP_ROOT, MANAGER_TOKEN, cli_environment, run_cli
+from tests.support.helpers import APP_ROOT, MANAGER_TOKEN, check_event, cli_environment, run_cli
 from tests.support.service_bus_host import FunctionsHostOnModel
 
 FUNCTIONS = {"check_expiring_timer", "manager_check_handler", "sync_refresh_handler"}
@@ -303,18 +303,34 @@ def test_a_whole_cycle_through_the_worker_ends_as_run_once_does(
 # Application Insights through the worker ---------------------------------------------------------
 
 
-def test_refresh_logs_reach_application_insights_with_the_ids_and_the_invocations_operation(
+# Each function and the module whose lines show it ran; the refresh first: the check after it requests nothing new.
+TELEMETRY_PLAN = (
+    ("sync_refresh_handler", "shared.token_refresh"),
+    ("check_expiring_timer", "shared.check_timer"),
+    ("manager_check_handler", "shared.expiring_check"),
+)
+
+
+def test_every_functions_logs_reach_application_insights_with_the_ids_and_the_invocations_operation(
     app_env, cosmos_container, manager, tmp_path
 ):
     """With PYTHON_APPLICATIONINSIGHTS_ENABLE_TELEMETRY=true the worker configures the Azure Monitor
-    distro; what its exporter sends for a refresh invocation must carry the ids as customDimensions
+    distro; what its exporter sends for an invocation of each function must carry the ids as customDimensions
     and the host's trace context as the operation (tests/support/worker_telemetry.py)."""
-    event = stored_connection_request(cosmos_container, "conn-otel")
-    body_file = tmp_path / "message.json"
-    body_file.write_bytes(event.to_json())
-    trace_id, span_id = uuid.uuid4().hex, uuid.uuid4().hex[:16]
+    bodies = {
+        "sync_refresh_handler": stored_connection_request(cosmos_container, "conn-otel").to_json().decode(),
+        "manager_check_handler": check_event(timedelta(minutes=65)).to_json().decode(),
+    }
+    traces = {function: (uuid.uuid4().hex, uuid.uuid4().hex[:16]) for function, _ in TELEMETRY_PLAN}
+    plan = [
+        {"function": function, "traceparent": f"00-{traces[function][0]}-{traces[function][1]}-01"}
+        | ({"body": bodies[function]} if function in bodies else {})
+        for function, _ in TELEMETRY_PLAN
+    ]
+    plan_file = tmp_path / "plan.json"
+    plan_file.write_text(json.dumps(plan))
     result = subprocess.run(
-        [sys.executable, "-m", "tests.support.worker_telemetry", str(body_file), f"00-{trace_id}-{span_id}-01"],
+        [sys.executable, "-m", "tests.support.worker_telemetry", str(plan_file)],
         cwd=APP_ROOT,
         env=cli_environment(app_env),
         capture_output=True,
@@ -324,28 +340,38 @@ def test_refresh_logs_reach_application_insights_with_the_ids_and_the_invocation
     )
     assert result.returncode == 0, result.stderr[-3000:]
     report = json.loads(result.stdout.splitlines()[-1])
-    assert report["load_errors"] == {} and report["succeeded"], report["error"]
+    assert report["load_errors"] == {}
+    invocations = {invocation["function"]: invocation for invocation in report["invocations"]}
+    assert [invocation["error"] for invocation in invocations.values() if not invocation["succeeded"]] == []
     assert [call.connection_id for call in manager.calls] == ["conn-otel"]
 
-    messages = {
-        envelope["data"]["baseData"]["message"]: envelope
+    app_lines = [
+        envelope
         for envelope in report["envelopes"]
         if envelope["data"]["baseType"] == "MessageData"
         and envelope["data"]["baseData"]["properties"].get("logger_name", "").startswith("shared.")
-    }
-    [refreshed] = [envelope for message, envelope in messages.items() if message.startswith("OAuth tokens refreshed")]
+    ]
+    # Every line the app logged belongs to one invocation: its ids and its operation.
+    loggers = {function: set() for function in invocations}
+    for envelope in app_lines:
+        properties, message = envelope["data"]["baseData"]["properties"], envelope["data"]["baseData"]["message"]
+        function = properties.get("functionName")
+        assert function in invocations, message
+        assert properties["invocationId"] == invocations[function]["invocation_id"], message
+        assert (envelope["tags"]["ai.operation.id"], envelope["tags"]["ai.operation.parentId"]) == traces[function]
+        loggers[function].add(properties["logger_name"])
+    for function, module in TELEMETRY_PLAN:
+        assert module in loggers[function], (function, loggers[function])
+
+    [refreshed] = [
+        line for line in app_lines if line["data"]["baseData"]["message"].startswith("OAuth tokens refreshed")
+    ]
     assert refreshed["data"]["baseData"]["properties"] | {"logger_name": "-"} == {
         "connectionId": "conn-otel",
         "integrationId": "github",
         "tenantId": "t-9",
-        "invocationId": report["invocation_id"],
+        "invocationId": invocations["sync_refresh_handler"]["invocation_id"],
         "functionName": "sync_refresh_handler",
         "logger_name": "-",
     }
-    # Every line the app logged in the invocation belongs to the invocation's operation.
-    assert len(messages) >= 3
-    for envelope in messages.values():
-        assert envelope["tags"]["ai.operation.id"] == trace_id, envelope["data"]["baseData"]["message"]
-        assert envelope["tags"]["ai.operation.parentId"] == span_id
-        assert envelope["data"]["baseData"]["properties"]["invocationId"] == report["invocation_id"]
     assert MANAGER_TOKEN not in json.dumps(report["envelopes"])

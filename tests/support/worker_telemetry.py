@@ -1,11 +1,12 @@
 """Application Insights through the real worker, for tests/integration/test_real_worker.py.
 
-`python -m tests.support.worker_telemetry BODY_FILE TRACEPARENT` (app settings in the environment): in
-a process of its own, because the Azure Monitor distro configures process-wide state once, it starts a
-local Application Insights ingestion endpoint, lets the worker configure Azure Monitor OpenTelemetry as
-the deployment does (PYTHON_APPLICATIONINSIGHTS_ENABLE_TELEMETRY=true), loads the app, invokes
-sync_refresh_handler once with the message in BODY_FILE and the host's trace context TRACEPARENT, and
-prints the invocation id and every telemetry envelope the real exporter sent, as one JSON object.
+`python -m tests.support.worker_telemetry PLAN_FILE` (app settings in the environment): in a process of its
+own, because the Azure Monitor distro configures process-wide state once, it starts a local Application
+Insights ingestion endpoint, lets the worker configure Azure Monitor OpenTelemetry as the deployment does
+(PYTHON_APPLICATIONINSIGHTS_ENABLE_TELEMETRY=true), loads the app, runs the invocations of PLAN_FILE in order
+(a JSON list of {"function": name, "traceparent": the host's trace context, "body": the Service Bus message's
+body, for a Service Bus trigger}; a timer ticks past due), and prints each invocation's id and outcome and every
+telemetry envelope the real exporter sent, as one JSON object.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
-from tests.support.functions_worker import FunctionsWorker, ServiceBusDelivery
+from tests.support.functions_worker import FunctionFolder, FunctionsWorker, ServiceBusDelivery
 
 APP_ROOT = Path(__file__).resolve().parents[2]
 FLUSH_TIMEOUT_S = 30
@@ -75,8 +76,27 @@ def hermetic_telemetry_settings(endpoint: str, scratch: str) -> dict[str, str]:
     }
 
 
+def invoke(worker: FunctionsWorker, step: dict[str, Any]) -> dict[str, Any]:
+    """One invocation of the plan, as the host would make it; its id and outcome."""
+    from shared.events import parse_event
+
+    function, trace_parent = step["function"], step["traceparent"]
+    queue = FunctionFolder.read(APP_ROOT / function).queue_name
+    if queue is None:
+        result = worker.invoke_timer(function, past_due=True, trace_parent=trace_parent)
+    else:  # the Service Bus queue is named after the event type it carries
+        event, _ = parse_event(step["body"].encode(), queue)
+        result = worker.invoke_service_bus(function, ServiceBusDelivery.of_event(event), trace_parent=trace_parent)
+    return {
+        "function": function,
+        "invocation_id": result.invocation_id,
+        "succeeded": result.succeeded,
+        "error": result.error,
+    }
+
+
 def main(argv: list[str]) -> int:
-    body_file, trace_parent = argv
+    [plan_file] = argv
     server = ThreadingHTTPServer(("127.0.0.1", 0), IngestionEndpoint)
     threading.Thread(target=server.serve_forever, daemon=True).start()
     scratch = tempfile.mkdtemp(prefix="worker-telemetry-")
@@ -86,11 +106,7 @@ def main(argv: list[str]) -> int:
 
     worker = FunctionsWorker(APP_ROOT).start()
     errors = worker.load_all()
-    from shared.events import REFRESH_REQUESTED, parse_event
-
-    event, _ = parse_event(Path(body_file).read_bytes(), REFRESH_REQUESTED)
-    delivery = ServiceBusDelivery.of_event(event)
-    result = worker.invoke_service_bus("sync_refresh_handler", delivery, trace_parent=trace_parent)
+    invocations = [invoke(worker, step) for step in json.loads(Path(plan_file).read_text(encoding="utf-8"))]
 
     from opentelemetry._logs import get_logger_provider
 
@@ -102,9 +118,7 @@ def main(argv: list[str]) -> int:
         json.dumps(
             {
                 "load_errors": errors,
-                "invocation_id": result.invocation_id,
-                "succeeded": result.succeeded,
-                "error": result.error,
+                "invocations": invocations,
                 "envelopes": IngestionEndpoint.envelopes,
             }
         ),

@@ -9,7 +9,13 @@ import pytest
 
 from shared import settings as settings_module
 from shared.errors import SettingsError
-from shared.settings import DEFAULT_SKIP_STATUSES, load_settings, rate_limit, warn_about_risky_threshold
+from shared.settings import (
+    DEFAULT_SKIP_STATUSES,
+    load_settings,
+    rate_limit,
+    warn_about_risky_threshold,
+    warn_about_unknown_settings,
+)
 
 APP_ROOT = Path(__file__).resolve().parents[2]
 
@@ -248,7 +254,73 @@ def test_local_settings_example_values_load_without_a_warning(caplog):
     values = json.loads((APP_ROOT / "local.settings.json.example").read_text(encoding="utf-8"))["Values"]
     with caplog.at_level(logging.WARNING):
         warn_about_risky_threshold(load_settings(values))
+        warn_about_unknown_settings(values)
     assert caplog.text == ""
+
+
+def test_local_settings_example_lists_every_setting_with_its_default_and_service_bus_by_identity():
+    """What `cp local.settings.json.example local.settings.json` starts from (docs/running-locally.md): every
+    setting, each one the model has a default for at that default; Service Bus in the identity-based form, the only
+    one the namespace scripts/deploy.sh creates accepts (it disables keys; both forms at once are refused)."""
+    values = json.loads((APP_ROOT / "local.settings.json.example").read_text(encoding="utf-8"))["Values"]
+    defaults = load_settings({})
+    for setting, field in settings_module.setting_fields().items():
+        if setting == "ServiceBusConnection":
+            assert setting not in values
+            continue
+        assert setting in values, f"{setting} is missing from local.settings.json.example"
+        if field.default is not None:
+            field_name = next(name for name, f in settings_module.Settings.model_fields.items() if f is field)
+            loaded = getattr(load_settings({setting: values[setting]}), field_name)
+            assert loaded == getattr(defaults, field_name), f"{setting}={values[setting]!r} is not its default"
+    assert values["ServiceBusConnection__fullyQualifiedNamespace"].endswith(".servicebus.windows.net")
+
+
+# Misspelt settings (issue #23) ----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("variable", "meant"),
+    [
+        ("TOKEN_REFRESH_RATE_LIMIT", "TOKEN_REFRESH_RATE_LIMITS"),
+        ("TOKEN_REFRESH_INTERVAL", "TOKEN_REFRESH_INTERVAL_MS"),
+        ("token_refresh_page_size", "TOKEN_REFRESH_PAGE_SIZE"),  # settings are case-sensitive: ignored too
+        ("INTEGRATION_MANAGER_TOKEN_", "INTEGRATION_MANAGER_TOKEN"),
+        ("COSMOS_ENDPIONT", "COSMOS_ENDPOINT"),
+        ("RABBITMQ_URI", "RABBITMQ_URL"),
+    ],
+)
+def test_a_misspelt_setting_is_warned_about_with_the_name_it_was_meant_to_be_never_its_value(variable, meant, caplog):
+    with caplog.at_level(logging.WARNING):
+        warn_about_unknown_settings({variable: SECRET, "TOKEN_REFRESH_ENABLED": "true"})
+    [record] = caplog.records
+    assert record.getMessage().startswith(
+        f"{variable} is not a setting of this app and is ignored; did you mean {meant}?"
+    )
+    assert SECRET not in caplog.text
+
+
+def test_settings_variables_of_other_prefixes_and_the_deploy_scripts_inputs_are_not_warned_about(caplog):
+    environ = {name: "x" for name in settings_module.setting_fields()}
+    environ |= {"PATH": "/usr/bin", "AzureWebJobsStorage": "x", "COSMOS_ACCOUNT": "acct", "COSMOS_RESOURCE_GROUP": "rg"}
+    with caplog.at_level(logging.WARNING):
+        warn_about_unknown_settings(environ)
+    assert caplog.text == ""
+
+
+def test_a_misspelt_setting_is_warned_about_once_when_the_process_loads_its_settings(monkeypatch, caplog):
+    from shared import runtime
+
+    monkeypatch.setenv("TOKEN_REFRESH_RATE_LIMIT", "salesforce=5/s")
+    runtime.reset()
+    try:
+        with caplog.at_level(logging.WARNING):
+            assert runtime.settings().rate_limits == {}  # ignored: the setting keeps its default
+            runtime.settings()
+    finally:
+        runtime.reset()
+    assert caplog.text.count("TOKEN_REFRESH_RATE_LIMIT is not a setting") == 1
+    assert "did you mean TOKEN_REFRESH_RATE_LIMITS?" in caplog.text
 
 
 def test_in_flight_longer_than_the_retry_budget_is_refused_when_retries_are_redeliveries():
