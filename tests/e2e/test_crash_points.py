@@ -35,6 +35,9 @@ from tests.support.host_process import Host
 
 pytestmark = pytest.mark.timeout(90)
 
+# The points that need real processes; the others run in the simulation (tests/unit/simulation/test_crash_points.py).
+E2E = [scenario for scenario in SCENARIOS if scenario.e2e]
+
 CONNECTION = {"id": "conn-1", "tenantId": "t-1", "integrationId": "zoom", "status": "active"}
 
 
@@ -83,7 +86,7 @@ def queue_depths(url: str, prefix: str) -> dict[str, int]:
         connection.close()
 
 
-@pytest.mark.parametrize("scenario", SCENARIOS, ids=[s.id for s in SCENARIOS])
+@pytest.mark.parametrize("scenario", E2E, ids=[s.id for s in E2E])
 def test_the_guarantees_hold_at_every_crash_point(
     scenario,
     fault_env,

@@ -42,6 +42,10 @@ class Scenario:
     arm: Callable[[Run], None] = lambda run: None  # sets the fault up once the host runs
     manager: Callable[[Run], Callable[[Call], Answer]] | None = None  # the manager's script
     rejects: bool = False  # the manager answers 400 invalid_grant (a permanent failure)
+    # Run end to end (tests/e2e/test_crash_points.py): a point that needs real processes -- a SIGKILL at a real
+    # socket, a connection the peer drops, the check's page loop. Every refresh-delivery point also runs in the
+    # simulation (tests/unit/simulation/crash_points.py), in seconds.
+    e2e: bool = False
 
     @property
     def id(self) -> str:
@@ -105,7 +109,7 @@ SCENARIOS = [
     Scenario("connection re-read", "SIGKILL before", REFRESHED, cosmos(CONNECTION_READ, "t-1", kill="before")),
     Scenario("claim create", "HTTP 500", REFRESHED, cosmos(STATE_DOCS, "claim-")),
     Scenario("claim create", "SIGKILL before", REFRESHED, cosmos(STATE_DOCS, "claim-", kill="before")),
-    Scenario("claim create", "SIGKILL after", REFRESHED, cosmos(STATE_DOCS, "claim-", kill="after")),
+    Scenario("claim create", "SIGKILL after", REFRESHED, cosmos(STATE_DOCS, "claim-", kill="after"), e2e=True),
     Scenario("manager call", "HTTP 503", REFRESHED, manager=first_call(lambda run: Answer(503))),
     Scenario(
         "manager call",
@@ -124,18 +128,21 @@ SCENARIOS = [
         "connection dropped after the refresh",
         REFRESHED,
         manager=first_call(lambda run: Answer(200, drop_connection=True)),
+        e2e=True,
     ),
     Scenario(
         "manager call",
         "SIGKILL during the call, the manager refreshes",
         REFRESHED,
         manager=first_call(lambda run: kill_host(run, Answer(200))),
+        e2e=True,
     ),
     Scenario(
         "manager call",
         "SIGKILL during the call, the manager gives up",
         REFRESHED,
         manager=first_call(lambda run: kill_host(run, Answer(503))),
+        e2e=True,
     ),
     Scenario("manager call", "HTTP 400 invalid_grant (permanent)", REFRESH_FAILED, rejects=True),
     Scenario(
@@ -161,6 +168,7 @@ SCENARIOS = [
         "SIGKILL after",
         REFRESHED,
         cosmos(CLAIM_DOC, "claim-", method="PUT", kill="after"),
+        e2e=True,
     ),
     Scenario(
         "mark published (after publish)", "HTTP 500", REFRESHED, cosmos(CLAIM_DOC, "claim-", method="PUT", skip=1)
@@ -170,21 +178,36 @@ SCENARIOS = [
         "SIGKILL after",
         REFRESHED,
         cosmos(CLAIM_DOC, "claim-", method="PUT", skip=1, kill="after"),
+        e2e=True,
     ),
     # The check's page loop -----------------------------------------------------------------------
-    Scenario("check: expiring-connections query", "HTTP 500", REFRESHED, cosmos(CONNECTION_READ, "^$")),
+    Scenario("check: expiring-connections query", "HTTP 500", REFRESHED, cosmos(CONNECTION_READ, "^$"), e2e=True),
     Scenario(
-        "check: expiring-connections query", "SIGKILL before", REFRESHED, cosmos(CONNECTION_READ, "^$", kill="before")
+        "check: expiring-connections query",
+        "SIGKILL before",
+        REFRESHED,
+        cosmos(CONNECTION_READ, "^$", kill="before"),
+        e2e=True,
     ),
-    Scenario("check: failure-record lookup", "HTTP 500", REFRESHED, cosmos(STATE_DOCS, "^$")),
+    Scenario("check: failure-record lookup", "HTTP 500", REFRESHED, cosmos(STATE_DOCS, "^$"), e2e=True),
 ]
 
 
 def docs_table() -> str:
+    from tests.unit.simulation.crash_points import SIMULATED
+
+    def runs_in(scenario: Scenario) -> str:
+        return " + ".join(
+            where for where, runs in (("e2e", scenario.e2e), ("simulation", scenario.id in SIMULATED)) if runs
+        )
+
     rows = [
-        "| step | fault | outcome |",
-        "|---|---|---|",
-        *(f"| {s.step} | {s.fault} | `{s.outcome.removeprefix('integration.token.')}` |" for s in SCENARIOS),
+        "| step | fault | outcome | runs in |",
+        "|---|---|---|---|",
+        *(
+            f"| {s.step} | {s.fault} | `{s.outcome.removeprefix('integration.token.')}` | {runs_in(s)} |"
+            for s in SCENARIOS
+        ),
     ]
     return "\n".join(rows) + "\n"
 

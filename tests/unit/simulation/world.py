@@ -77,6 +77,8 @@ class Faults:
 # A scripted fault's label prefix meaning: the delivery's first claim write after it called integration-manager
 # (whichever Cosmos method the claim protocol uses for it).
 CLAIM_WRITE = "<claim write after a call>"
+# ... and the delivery's first claim write after it published its outcome (marking the outcome published).
+CLAIM_WRITE_AFTER_PUBLISH = "<claim write after the outcome's publish>"
 NO_FAULTS = Faults(0, 0, 0, 0, 0, 0, 0, 0, 0, 0)
 
 
@@ -99,6 +101,8 @@ class Scenario:
     # DeliveryCount) is about to run an operation whose label starts with the prefix: "lose_lock", "fault", "crash",
     # or "freeze" (the process stalls for `seconds`, a VM pause) -- (suffix, count, prefix, action, seconds).
     at_label: list[tuple[str, int, str, str, float]] = field(default_factory=list)
+    # Operations of any refresh delivery that fail every time (a Cosmos fault that stays), by label prefix.
+    always_fault: list[str] = field(default_factory=list)
 
 
 def draw_scenario(rng: random.Random, faults: Faults | None = None, answers: dict[str, int] | None = None) -> Scenario:
@@ -537,6 +541,13 @@ class World:
         writes = ("state.upsert_item", "state.replace_item", "state.patch_item")
         return operation in writes and item.startswith("claim-") and actor.calls > 0
 
+    def _matches(self, actor: Actor, prefix: str) -> bool:
+        if prefix == CLAIM_WRITE:
+            return self._claim_write_after_call(actor)
+        if prefix == CLAIM_WRITE_AFTER_PUBLISH:
+            return self._claim_write_after_call(actor) and bool(actor.events)
+        return actor.label.startswith(prefix)
+
     def _scripted(self, actor: Actor) -> tuple[str, float] | None:
         """The scenario's scripted fault for this operation of this delivery (each rule fires once)."""
         message = actor.message
@@ -547,10 +558,12 @@ class World:
             if (
                 message.message_id.removeprefix(message.event.id) == suffix
                 and actor.count == count
-                and (actor.label.startswith(prefix) or (prefix == CLAIM_WRITE and self._claim_write_after_call(actor)))
+                and self._matches(actor, prefix)
             ):
                 self.scenario.at_label.remove(rule)
                 return action, seconds
+        if any(actor.label.startswith(prefix) for prefix in self.scenario.always_fault):
+            return FAULT, 0.0
         return None
 
     def _settle(self, actor: Actor) -> None:
