@@ -194,16 +194,12 @@ def request_refresh(
 ) -> int:
     """Publish the refresh-requested event the check would publish for this connection (same id).
     The clients are passed as factories: building them may already talk to Azure."""
-    from azure.core.exceptions import AzureError
-
     from shared.expiring_check import refresh_requested_event, request_id_of
     from shared.messaging import service_bus_message_id
 
     scrub = Scrubber(settings)
-    try:
-        row = find_connection(connections_container(), integration_id, connection_id, tenant_id)
-    except AzureError as error:  # the Cosmos SDK's errors: missing container, auth, network
-        raise OperatorError(f"could not read the connection from Cosmos: {describe_error(error, scrub)}") from None
+    # The Cosmos SDK's errors (unreachable, a key it cannot use) are explained by the CLI (localdev/failures.py).
+    row = find_connection(connections_container(), integration_id, connection_id, tenant_id)
     if row.get("hasOAuth") is False:
         raise OperatorError(f"Connection {connection_id!r} has no oauth object: it is not an OAuth connection.")
     connection = connection_from_row(row)
