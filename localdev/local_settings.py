@@ -42,15 +42,14 @@ def local_values(services: dict[str, str]) -> dict[str, str]:
 def points_here(value: str) -> bool:
     """A value that is unset, the example's placeholder, or names a service on this machine: the local services'
     value may replace it. Anything else names another host: the user's, kept."""
-    if not value.strip() or "<" in value or value.strip() == "UseDevelopmentStorage=true":
+    if not value.strip() or "<" in value or "UseDevelopmentStorage=true" in value:
         return True
-    if "://" in value:
-        try:
-            return urlsplit(value).hostname in LOOPBACK_HOSTS
-        except ValueError:
-            return False
-    # A connection string (AzureWebJobsStorage): its endpoints.
-    return any(f"//{host}:" in value for host in LOOPBACK_HOSTS) or "UseDevelopmentStorage=true" in value
+    if ";" in value:  # a connection string (AzureWebJobsStorage): its endpoints
+        return any(f"//{host}:" in value for host in LOOPBACK_HOSTS)
+    try:
+        return urlsplit(value).hostname in LOOPBACK_HOSTS
+    except ValueError:
+        return False
 
 
 def update_service_settings(values: dict[str, str], local: dict[str, str]) -> tuple[list[str], list[str]]:
