@@ -67,7 +67,8 @@ def _chain(error: BaseException) -> Iterator[BaseException]:
     while cause is not None and id(cause) not in seen:
         seen.add(id(cause))
         yield cause
-        cause = cause.__cause__ or cause.__context__
+        # What it was raised from, or while handling; not a context its raiser dropped (`raise … from None`).
+        cause = cause.__cause__ or (None if cause.__suppress_context__ else cause.__context__)
 
 
 def _scrub(settings: Settings | None, value: object, limit: int = 300) -> str:

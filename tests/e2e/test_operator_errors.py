@@ -59,7 +59,7 @@ def test_a_typo_in_the_container_or_database_names_it_and_its_setting(cli_env, s
     result = run_cli(cli_env | {setting: f"typo_{uuid.uuid4().hex[:6]}"}, *CHECK)
     assert result.returncode == 1
     line = the_error_line(result)
-    assert named in line and setting in line
+    assert named in line and f", {setting}); fix {setting}" in line  # where (host:port, the setting), the fix
 
 
 def test_a_delivery_limit_other_than_the_queues_is_one_line_with_the_value_to_use(cli_env):
