@@ -20,6 +20,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 from localdev.errors import OperatorError, UsageError
+from localdev.failures import explain
 from shared.claim import Claim
 from shared.connection_store import ExpiringConnection
 from shared.connection_store import connection_from_row as shared_connection_from_row
@@ -397,14 +398,9 @@ class RabbitMqDeadLetters:
         import pika
 
         # pika's own records are at DEBUG (shared.third_party_logs, set up by the CLI): a failure is
-        # reported once, below. Not by setting pika's level and back: that races with other threads.
-        try:
-            self._connection = pika.BlockingConnection(pika.URLParameters(self._url))
-        except pika.exceptions.AMQPError as error:
-            raise OperatorError(
-                f"cannot connect to RabbitMQ ({describe_error(error, self._scrub)}); "
-                "is it running and is RABBITMQ_URL right?"
-            ) from None
+        # reported once, by dead_letters() (host:port, RABBITMQ_URL). Not by setting pika's level and back: that
+        # races with other threads.
+        self._connection = pika.BlockingConnection(pika.URLParameters(self._url))
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -678,9 +674,10 @@ def dead_letters(
                     _list_queue(store, short, limit, scrub)
     except OperatorError:
         raise
-    except Exception as error:  # SDK/broker errors: one clear line, scrubbed
+    except Exception as error:  # SDK/broker errors: one clear line, scrubbed (where and the fix when known)
         logger.debug("dead-letters failed", exc_info=True)
-        raise OperatorError(f"{store.transport} failed: {describe_error(error, scrub)}") from None
+        known = explain(error, settings)
+        raise known or OperatorError(f"{store.transport} failed: {describe_error(error, scrub)}") from None
     return 0
 
 

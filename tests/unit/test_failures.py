@@ -19,6 +19,7 @@ from shared import runtime
 from shared.errors import SettingsError
 from shared.manager_client import manager_location
 from shared.settings import load_settings
+from tests.support.network import closed_port
 
 COSMOS_KEY = "QUJDREVGR0hJSktMTU5PUFFSU1RVVldYWVo="  # base64, as a real key
 BROKER_PASSWORD = "broker-pw-7c1e"
@@ -130,6 +131,21 @@ def test_debug_shows_the_traceback_scrubbed_then_the_line(settings, capsys):
 def test_a_settings_error_exits_2(capsys):
     assert report_failures(fails_with(SettingsError("COSMOS_ENDPOINT is not set")), lambda: None, debug=False) == 2
     assert capsys.readouterr().err == "error: COSMOS_ENDPOINT is not set\n"
+
+
+def test_dead_letters_with_the_broker_down_names_its_address(settings, tmp_path, monkeypatch, capsys):
+    port = closed_port()
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr("localdev.cli.APP_ROOT", tmp_path)
+    monkeypatch.setenv("RABBITMQ_URL", f"amqp://user:{BROKER_PASSWORD}@127.0.0.1:{port}/%2F")
+    for name in ("ServiceBusConnection", "ServiceBusConnection__fullyQualifiedNamespace"):
+        monkeypatch.setenv(name, "")
+    runtime.reset()
+    assert cli.main(["dead-letters"]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: RabbitMQ cannot be used: AMQPConnectionError (127.0.0.1:{port}, RABBITMQ_URL)")
+    assert err.count("\n") == 1 and BROKER_PASSWORD not in err
+    runtime.reset()
 
 
 def test_without_local_settings_json_the_error_names_the_file_and_make_services_up(tmp_path, monkeypatch, capsys):
