@@ -233,7 +233,9 @@ class LocalHost:
         # `run --once`: how long after its start the cycle waits for scheduled deliveries (None: until there are
         # none). What is still scheduled then stays queued for the next run.
         self.scheduled_wait_s = scheduled_wait_s
-        self.invocation_failures: list[InvocationFailure] = []  # appended by every worker thread (list.append)
+        # The failed invocations of the `run --once` cycle under way (None outside one: `run` keeps none), appended
+        # by every worker thread (list.append is atomic).
+        self._cycle_failures: list[InvocationFailure] | None = None
         # Refresh requests are handled by this many threads at once, each with its own RabbitMQ
         # connection and prefetch 1 (Azure: host.json maxConcurrentCalls / maxConcurrentSessions).
         self.workers = max(1, workers)
@@ -370,7 +372,8 @@ class LocalHost:
                 f"; dead-lettering to {function.dead_letter_queue}" if last else "; will retry",
             )
             logger.debug("function failure", exc_info=True)
-            self.invocation_failures.append(InvocationFailure(function.name, message.message_id, reason, last))
+            if (cycle_failures := self._cycle_failures) is not None:
+                cycle_failures.append(InvocationFailure(function.name, message.message_id, reason, last))
             if last:
                 self._dead_letter(channel, function, properties, body, reason=reason, deliveries=message.delivery_count)
                 channel.basic_ack(method.delivery_tag)
@@ -501,7 +504,7 @@ class LocalHost:
 
         summary = CycleSummary()
         counted: set[str] = set()
-        failures_before = len(self.invocation_failures)
+        self._cycle_failures = failures = []
         stop_waiting_at = None if self.scheduled_wait_s is None else time.monotonic() + self.scheduled_wait_s
         while True:
             try:
@@ -524,7 +527,7 @@ class LocalHost:
             self._channel.queue_delete(cycle_queue)
         except pika.exceptions.AMQPError:  # it expires on its own (CYCLE_QUEUE_EXPIRES_MS)
             logger.debug("could not delete %s", cycle_queue, exc_info=True)
-        failures = self.invocation_failures[failures_before:]
+        self._cycle_failures = None
         summary.dead_letters = [failure for failure in failures if failure.dead_lettered]
         if not summary.checks:  # a check that failed and then succeeded on a redelivery did its job
             summary.check_failures = [failure for failure in failures if failure.function == self._check_function]
