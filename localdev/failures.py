@@ -165,7 +165,8 @@ def report_failures(command: Callable[[], int], settings: Callable[[], Settings 
             print(f"error: {known}", file=sys.stderr)
         else:
             print(
-                f"error: unexpected {_scrub(settings(), _reason(error))}; run again with --debug for the traceback",
+                f"error: unexpected {_scrub(settings(), _reason(error))}; run again with --debug "
+                f"({DEBUG_VARIABLE}=1 for a make target) for the traceback",
                 file=sys.stderr,
             )
         return 1
