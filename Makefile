@@ -72,7 +72,8 @@ lint: setup-python
 	$(PYTHON) -m ruff format --check .
 
 # Long-running local services for `python -m localdev ...` (see docs/running-locally.md): starts
-# them, writes local.settings.json if there is none, creates the container and seeds sample connections.
+# them, writes local.settings.json (or rewrites the local services' ports in yours), creates the container and
+# seeds sample connections. A failure is one `error:` line (LOCALDEV_DEBUG=1 adds the traceback).
 services-up: setup
 	$(PYTHON) -m localdev.local_services start --state-dir .local/services
 	$(PYTHON) -m localdev.local_settings .local/services/services.json

@@ -3,8 +3,8 @@
 Reads `local.settings.json` `Values` (from the current folder, else the app root) into the
 environment first, as `func start` does; variables already in the environment win.
 
-Exit codes: 0 done; 1 the command could not or would not do it (the reason is printed); 2 a usage
-error or a bad setting.
+Exit codes: 0 done; 1 the command could not or would not do it (one `error: …` line says what failed, where and
+the fix; `--debug` adds the traceback); 2 a usage error or a bad or missing setting (localdev/failures.py).
 """
 
 from __future__ import annotations
@@ -17,14 +17,22 @@ import signal
 import sys
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from typing import TYPE_CHECKING
 
+from localdev.errors import OperatorError
 from shared import runtime
 from shared.errors import SettingsError
 from shared.runtime import QUIET_LOGGERS
 from shared.settings import Settings
 from shared.third_party_logs import demote_third_party_logs
 
+if TYPE_CHECKING:
+    from localdev.local_host import CycleSummary
+
 APP_ROOT = Path(__file__).resolve().parent.parent
+# `run --once` waits this long for scheduled deliveries: the first retries of a transient failure
+# (TOKEN_REFRESH_RETRY_DELAY_MS, 30 s then doubling) come within it; an hour of back-off does not.
+ONCE_MAX_WAIT_S = 120
 
 
 def load_local_settings(environ: dict[str, str] | None = None, search: tuple[Path, ...] | None = None) -> Path | None:
@@ -44,11 +52,13 @@ def load_local_settings(environ: dict[str, str] | None = None, search: tuple[Pat
 
 
 def _command_check(settings: Settings, args: argparse.Namespace) -> int:
+    from localdev.preflight import require_connections_container
     from shared import runtime
     from shared.expiring_check import plan_check
     from shared.refresh_schedule import describe_rate
     from shared.times import format_time, utc_now
 
+    require_connections_container(settings)
     threshold = utc_now() + timedelta(milliseconds=settings.expiration_threshold_ms)
     # Read everything before printing: a failure (Cosmos unreachable, a setting missing) must not
     # leave a table header on stdout that looks like an empty result.
@@ -87,25 +97,25 @@ def _command_check(settings: Settings, args: argparse.Namespace) -> int:
 
 def _command_run(settings: Settings, args: argparse.Namespace) -> int:
     from localdev.local_host import LocalHost
+    from localdev.preflight import require_connections_container
     from shared import runtime
 
-    host = LocalHost(settings, queue_prefix=args.queue_prefix, workers=args.workers)
+    require_connections_container(settings)  # before anything is consumed: a message would fail on every delivery
+    host = LocalHost(
+        settings,
+        queue_prefix=args.queue_prefix,
+        workers=args.workers,
+        scheduled_wait_s=args.max_wait if args.once else None,
+    )
     if args.once:
         try:
             summary = host.run_once()
         finally:
             host.close()
             runtime.reset()
-        print(
-            f"Cycle finished: found {summary.found}, refreshed {summary.refreshed}, failed {summary.failed}, "
-            f"dead-lettered {summary.dead_lettered}"
-        )
-        for failure in summary.failures:
-            error = failure.get("error", {})
-            print(
-                f"  failed: connection {failure.get('connectionId')!r} ({failure.get('integrationId')}): "
-                f"{error.get('code')} - {error.get('message')} (retryable={failure.get('retryable')})"
-            )
+        _print_summary(summary, args.max_wait)
+        if summary.problems:
+            raise OperatorError(f"the cycle did not end cleanly: {', '.join(summary.problems)} (see above)")
         return 0
 
     signal.signal(signal.SIGTERM, lambda *_: host.stop())
@@ -116,6 +126,32 @@ def _command_run(settings: Settings, args: argparse.Namespace) -> int:
     finally:
         runtime.reset()
     return 0
+
+
+def _print_summary(summary: CycleSummary, max_wait: float) -> None:
+    print(
+        f"Cycle finished: found {summary.found}, refreshed {summary.refreshed}, failed {summary.failed}, "
+        f"dead-lettered {summary.dead_lettered}"
+    )
+    for failure in summary.failures:
+        error = failure.get("error", {})
+        print(
+            f"  failed: connection {failure.get('connectionId')!r} ({failure.get('integrationId')}): "
+            f"{error.get('code')} - {error.get('message')} (retryable={failure.get('retryable')})"
+        )
+    if summary.check_failures:
+        last = summary.check_failures[-1]
+        print(f"  check failed: {last.function} on every delivery ({len(summary.check_failures)}): {last.reason}")
+    for letter in summary.dead_letters:
+        print(f"  dead-lettered: {letter.function} message {letter.message_id}: {letter.reason}")
+    if summary.dead_lettered:
+        print("  `python -m localdev dead-letters` lists them; fix the cause, then `dead-letters --replay`")
+    if summary.still_scheduled:
+        print(
+            f"  still scheduled: {summary.still_scheduled} delivery(ies) (retries after transient failures, or paced "
+            f"requests) not due within --max-wait {max_wait:g} s; they stay queued: `python -m localdev run` "
+            "delivers them at their time and logs each outcome"
+        )
 
 
 def _command_trigger(settings: Settings, args: argparse.Namespace) -> int:
@@ -134,7 +170,10 @@ def _command_trigger(settings: Settings, args: argparse.Namespace) -> int:
 
 def _command_refresh(settings: Settings, args: argparse.Namespace) -> int:
     from localdev.operator_commands import operator_publisher, request_refresh
+    from localdev.preflight import require_connections_container
     from shared import runtime
+
+    require_connections_container(settings)
 
     def connections_container():
         database = runtime.cosmos_client().get_database_client(settings.cosmos_database)
@@ -210,6 +249,7 @@ def _identifier(text: str) -> str:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m localdev", description=__doc__.splitlines()[0])
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    parser.add_argument("--debug", action="store_true", help="on a failure, print its traceback before the error line")
     commands = parser.add_subparsers(dest="command", required=True)
 
     run = commands.add_parser("run", help="run the three functions locally with RabbitMQ as the transport")
@@ -218,6 +258,14 @@ def build_parser() -> argparse.ArgumentParser:
         "--max-deliveries",
         type=_positive_int,
         help="deliveries per message before it is dead-lettered (sets TOKEN_REFRESH_MAX_DELIVERY_COUNT, default 10)",
+    )
+    run.add_argument(
+        "--max-wait",
+        metavar="SECONDS",
+        type=_positive_int,
+        default=ONCE_MAX_WAIT_S,
+        help=f"--once: wait at most this long for scheduled deliveries (retries, paced requests); what is not due "
+        f"by then stays queued for the next run, and the exit code is 1 (default {ONCE_MAX_WAIT_S})",
     )
     run.add_argument(
         "--workers",
@@ -299,27 +347,31 @@ def main(argv: list[str] | None = None) -> int:
     demote_third_party_logs(QUIET_LOGGERS)
     if getattr(args, "max_deliveries", None):
         os.environ["TOKEN_REFRESH_MAX_DELIVERY_COUNT"] = str(args.max_deliveries)
+    from localdev.failures import report_failures
+
+    loaded: list[Settings] = []  # for the error line's scrubber, once read
+    return report_failures(lambda: _run_command(args, loaded), lambda: loaded[0] if loaded else None, debug=args.debug)
+
+
+def _run_command(args: argparse.Namespace, loaded: list[Settings]) -> int:
+    from localdev.errors import UsageError
+
+    found = load_local_settings()
     try:
-        load_local_settings()
         # The commands use these same settings through shared.runtime: loaded (and the threshold
         # warned about) once. Reset first: an earlier main() in this process (tests) read other values.
         runtime.reset()
-        settings = runtime.settings()
+        loaded.append(runtime.settings())
+        return args.handler(loaded[0], args)
     except SettingsError as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
-    from localdev.errors import OperatorError, UsageError
-
-    try:
-        return args.handler(settings, args)
-    except SettingsError as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
+        if found is None:  # the usual cause: the local services' settings were never written
+            raise SettingsError(
+                f"{error}. There is no local.settings.json in {Path.cwd()} or {APP_ROOT}: `make services-up` "
+                "writes one for the local services (or set the settings in the environment)"
+            ) from None
+        raise
     except UsageError as error:
         args.subparser.error(str(error))  # prints the command's usage; exits 2
-    except OperatorError as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 1
 
 
 if __name__ == "__main__":

@@ -111,4 +111,6 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from localdev.failures import report_failures
+
+    sys.exit(report_failures(main, lambda: None, debug=False))

@@ -56,6 +56,7 @@ from localdev.broker import (
 )
 from localdev.duplicate_detection import DuplicateDetection
 from localdev.errors import BrokerUnavailableError
+from localdev.failures import broker_address
 from localdev.scheduled_delivery import (
     DUE_SUFFIX,
     HOLD_MAX_S,
@@ -118,6 +119,17 @@ class QueueFunction:
         return (self.due_queue, self.queue)
 
 
+@dataclass(frozen=True)
+class InvocationFailure:
+    """A function that raised on a message: which, the message, the (scrubbed) reason, and whether that was its
+    last delivery (the message was dead-lettered)."""
+
+    function: str
+    message_id: str
+    reason: str
+    dead_lettered: bool
+
+
 @dataclass
 class CycleSummary:
     checks: int = 0
@@ -126,6 +138,22 @@ class CycleSummary:
     failed: int = 0
     dead_lettered: int = 0
     failures: list[dict[str, Any]] = field(default_factory=list)
+    # What went wrong with the cycle itself (not a refresh that failed: that is an outcome, in `failures`).
+    check_failures: list[InvocationFailure] = field(default_factory=list)  # only when no check succeeded
+    dead_letters: list[InvocationFailure] = field(default_factory=list)  # those this cycle's invocations made
+    still_scheduled: int = 0  # deliveries left in the schedule when `scheduled_wait_s` ran out
+
+    @property
+    def problems(self) -> list[str]:
+        """Why the cycle did not end cleanly (empty: it did): `run --once` exits 1 when there is one."""
+        problems = []
+        if self.check_failures:
+            problems.append("the check failed")
+        if self.dead_lettered:
+            problems.append(f"{self.dead_lettered} message(s) dead-lettered")
+        if self.still_scheduled:
+            problems.append(f"{self.still_scheduled} delivery(ies) still scheduled")
+        return problems
 
 
 def load_function_app(
@@ -193,6 +221,7 @@ class LocalHost:
         *,
         schedule_hold_max_s: float = HOLD_MAX_S,
         duplicate_detection: DuplicateDetection | None = None,
+        scheduled_wait_s: float | None = None,
     ):
         if settings.rabbitmq_url is None:
             raise SettingsError("RABBITMQ_URL is not set; the local host needs it: RabbitMQ is its transport")
@@ -201,6 +230,12 @@ class LocalHost:
         self.max_deliveries = settings.max_delivery_count
         self.queue_prefix = queue_prefix
         self.reconnect_timeout_s = reconnect_timeout_s
+        # `run --once`: how long after its start the cycle waits for scheduled deliveries (None: until there are
+        # none). What is still scheduled then stays queued for the next run.
+        self.scheduled_wait_s = scheduled_wait_s
+        # The failed invocations of the `run --once` cycle under way (None outside one: `run` keeps none), appended
+        # by every worker thread (list.append is atomic).
+        self._cycle_failures: list[InvocationFailure] | None = None
         # Refresh requests are handled by this many threads at once, each with its own RabbitMQ
         # connection and prefetch 1 (Azure: host.json maxConcurrentCalls / maxConcurrentSessions).
         self.workers = max(1, workers)
@@ -245,7 +280,8 @@ class LocalHost:
         except FATAL_CONNECTION_ERRORS as error:
             reason = describe_connection_error(error, self._scrub)
             raise BrokerUnavailableError(
-                f"RabbitMQ refused the local host's connection ({reason}); check RABBITMQ_URL"
+                f"RabbitMQ at {broker_address(self.settings)} refused the local host's connection ({reason}); "
+                "check the user, password and vhost of RABBITMQ_URL"
             ) from None
         self._channel = self._connection.channel()
         self._channel.basic_qos(prefetch_count=1)
@@ -288,8 +324,8 @@ class LocalHost:
             if deadline is not None and time.monotonic() + delay > deadline:
                 raise BrokerUnavailableError(
                     f"RabbitMQ connection lost during the cycle and not back within "
-                    f"{self.reconnect_timeout_s:g} s ({describe_connection_error(error, self._scrub)}); "
-                    "unfinished messages stay queued for the next run"
+                    f"{self.reconnect_timeout_s:g} s ({describe_connection_error(error, self._scrub)}) at "
+                    f"{broker_address(self.settings)}; unfinished messages stay queued for the next run"
                 )
             if self._stop.wait(delay):
                 break
@@ -336,6 +372,8 @@ class LocalHost:
                 f"; dead-lettering to {function.dead_letter_queue}" if last else "; will retry",
             )
             logger.debug("function failure", exc_info=True)
+            if (cycle_failures := self._cycle_failures) is not None:
+                cycle_failures.append(InvocationFailure(function.name, message.message_id, reason, last))
             if last:
                 self._dead_letter(channel, function, properties, body, reason=reason, deliveries=message.delivery_count)
                 channel.basic_ack(method.delivery_tag)
@@ -456,10 +494,7 @@ class LocalHost:
             cycle_queue = self._declare_cycle_queue()
             dead_letters_before = self._dead_letter_count()
         except BROKER_CONNECTION_ERRORS as error:
-            raise BrokerUnavailableError(
-                f"cannot use RabbitMQ ({describe_connection_error(error, self._scrub)}); is it running and is "
-                "RABBITMQ_URL right?"
-            ) from None
+            raise self._unreachable(error) from None
         try:
             self.tick_timer()
         except PublishError as error:
@@ -469,6 +504,8 @@ class LocalHost:
 
         summary = CycleSummary()
         counted: set[str] = set()
+        self._cycle_failures = failures = []
+        stop_waiting_at = None if self.scheduled_wait_s is None else time.monotonic() + self.scheduled_wait_s
         while True:
             try:
                 self._declare_cycle_queue(cycle_queue)
@@ -477,9 +514,10 @@ class LocalHost:
                 scheduled = self.schedule.pending() if self.schedule is not None else 0
                 if self._process_queued_messages(summary, counted):
                     continue  # it may have scheduled more
-                if scheduled:
+                if scheduled and (stop_waiting_at is None or time.monotonic() < stop_waiting_at):
                     self.schedule.wait_for_release(SCHEDULE_POLL_S)
                     continue
+                summary.still_scheduled = scheduled  # they stay queued: the next run delivers them
                 self._count_outcomes(cycle_queue, summary, counted)
                 summary.dead_lettered = self._dead_letter_count() - dead_letters_before
                 break
@@ -489,7 +527,30 @@ class LocalHost:
             self._channel.queue_delete(cycle_queue)
         except pika.exceptions.AMQPError:  # it expires on its own (CYCLE_QUEUE_EXPIRES_MS)
             logger.debug("could not delete %s", cycle_queue, exc_info=True)
+        self._cycle_failures = None
+        summary.dead_letters = [failure for failure in failures if failure.dead_lettered]
+        if not summary.checks:  # a check that failed and then succeeded on a redelivery did its job
+            summary.check_failures = [failure for failure in failures if failure.function == self._check_function]
         return summary
+
+    @property
+    def _check_function(self) -> str | None:
+        return next((f.name for f in self.functions if f.event_type == CHECK_EXPIRING), None)
+
+    def _connect_at_start(self) -> None:
+        """A broker that is not there when `run` starts is a setting to fix (or a service to start), not an outage
+        to wait out: one line, exit 1. Once connected, a lost connection is re-established."""
+        try:
+            if self._channel is None:
+                self.connect()
+        except BROKER_CONNECTION_ERRORS as error:
+            raise self._unreachable(error) from None
+
+    def _unreachable(self, error: BaseException) -> BrokerUnavailableError:
+        return BrokerUnavailableError(
+            f"cannot use RabbitMQ at {broker_address(self.settings)} ({describe_connection_error(error, self._scrub)})"
+            "; start it (`make services-up`, which also rewrites the ports in local.settings.json) or fix RABBITMQ_URL"
+        )
 
     def _declare_cycle_queue(self, name: str | None = None) -> str:
         """This cycle's own outcome queue: durable, so a broker restart keeps what it holds; it
@@ -625,6 +686,7 @@ class LocalHost:
         next_tick = time.monotonic()
         announced = False
         try:
+            self._connect_at_start()
             while not self._stop.is_set():
                 try:
                     if self._channel is None:

@@ -20,6 +20,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 from localdev.errors import OperatorError, UsageError
+from localdev.failures import explain
 from shared.claim import Claim
 from shared.connection_store import ExpiringConnection
 from shared.connection_store import connection_from_row as shared_connection_from_row
@@ -194,16 +195,12 @@ def request_refresh(
 ) -> int:
     """Publish the refresh-requested event the check would publish for this connection (same id).
     The clients are passed as factories: building them may already talk to Azure."""
-    from azure.core.exceptions import AzureError
-
     from shared.expiring_check import refresh_requested_event, request_id_of
     from shared.messaging import service_bus_message_id
 
     scrub = Scrubber(settings)
-    try:
-        row = find_connection(connections_container(), integration_id, connection_id, tenant_id)
-    except AzureError as error:  # the Cosmos SDK's errors: missing container, auth, network
-        raise OperatorError(f"could not read the connection from Cosmos: {describe_error(error, scrub)}") from None
+    # The Cosmos SDK's errors (unreachable, a key it cannot use) are explained by the CLI (localdev/failures.py).
+    row = find_connection(connections_container(), integration_id, connection_id, tenant_id)
     if row.get("hasOAuth") is False:
         raise OperatorError(f"Connection {connection_id!r} has no oauth object: it is not an OAuth connection.")
     connection = connection_from_row(row)
@@ -401,14 +398,9 @@ class RabbitMqDeadLetters:
         import pika
 
         # pika's own records are at DEBUG (shared.third_party_logs, set up by the CLI): a failure is
-        # reported once, below. Not by setting pika's level and back: that races with other threads.
-        try:
-            self._connection = pika.BlockingConnection(pika.URLParameters(self._url))
-        except pika.exceptions.AMQPError as error:
-            raise OperatorError(
-                f"cannot connect to RabbitMQ ({describe_error(error, self._scrub)}); "
-                "is it running and is RABBITMQ_URL right?"
-            ) from None
+        # reported once, by dead_letters() (host:port, RABBITMQ_URL). Not by setting pika's level and back: that
+        # races with other threads.
+        self._connection = pika.BlockingConnection(pika.URLParameters(self._url))
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -682,9 +674,10 @@ def dead_letters(
                     _list_queue(store, short, limit, scrub)
     except OperatorError:
         raise
-    except Exception as error:  # SDK/broker errors: one clear line, scrubbed
+    except Exception as error:  # SDK/broker errors: one clear line, scrubbed (where and the fix when known)
         logger.debug("dead-letters failed", exc_info=True)
-        raise OperatorError(f"{store.transport} failed: {describe_error(error, scrub)}") from None
+        known = explain(error, settings)
+        raise known or OperatorError(f"{store.transport} failed: {describe_error(error, scrub)}") from None
     return 0
 
 

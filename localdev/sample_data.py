@@ -61,14 +61,21 @@ def open_container(settings: Any) -> Any:
 
 def main() -> int:
     from localdev.cli import load_local_settings
-    from shared.settings import load_settings
+    from localdev.failures import report_failures
+    from shared.settings import Settings, load_settings
 
-    load_local_settings()
-    container = open_container(load_settings())
-    for document in sample_connections(datetime.now(UTC)):
-        container.upsert_item(document)
-        print(f"seeded {document['id']} ({document['integrationId']}, {document['status']})")
-    return 0
+    loaded: list[Settings] = []
+
+    def seed() -> int:
+        load_local_settings()
+        loaded.append(load_settings())
+        container = open_container(loaded[0])
+        for document in sample_connections(datetime.now(UTC)):
+            container.upsert_item(document)
+            print(f"seeded {document['id']} ({document['integrationId']}, {document['status']})")
+        return 0
+
+    return report_failures(seed, lambda: loaded[0] if loaded else None, debug=False)
 
 
 if __name__ == "__main__":

@@ -257,31 +257,38 @@ def main(argv: list[str] | None = None) -> int:
     import argparse
 
     from localdev.cli import load_local_settings
+    from localdev.failures import report_failures
     from localdev.sample_data import REJECTED_CONNECTIONS, open_container
     from shared.settings import load_settings
 
     parser = argparse.ArgumentParser(prog="python -m localdev.stand_in_manager", description=main.__doc__)
     parser.add_argument("--port", type=int, default=3000)
     args = parser.parse_args(argv)
-    load_local_settings()
-    container = open_container(load_settings())
-    rejected = Answer(400, {"error": "invalid_grant"})
-    server = StandInManager(
-        script=lambda call: rejected if call.connection_id in REJECTED_CONNECTIONS else Answer(),
-        container=container,
-        port=args.port,
-    ).start()
-    print(
-        f"stand-in integration-manager on {server.url} "
-        f"(rejects {', '.join(sorted(REJECTED_CONNECTIONS))}); Ctrl-C stops"
-    )
-    try:
-        while True:
-            time.sleep(1)
-    except KeyboardInterrupt:
-        server.stop()
-        print(f"stopped after {len(server.calls)} call(s)")
-    return 0
+    loaded: list[Any] = []  # the settings, once read: the error line's scrubber uses them
+
+    def serve() -> int:
+        load_local_settings()
+        loaded.append(load_settings())
+        container = open_container(loaded[0])
+        rejected = Answer(400, {"error": "invalid_grant"})
+        server = StandInManager(
+            script=lambda call: rejected if call.connection_id in REJECTED_CONNECTIONS else Answer(),
+            container=container,
+            port=args.port,
+        ).start()
+        print(
+            f"stand-in integration-manager on {server.url} "
+            f"(rejects {', '.join(sorted(REJECTED_CONNECTIONS))}); Ctrl-C stops"
+        )
+        try:
+            while True:
+                time.sleep(1)
+        except KeyboardInterrupt:
+            server.stop()
+            print(f"stopped after {len(server.calls)} call(s)")
+        return 0
+
+    return report_failures(serve, lambda: loaded[0] if loaded else None, debug=False)
 
 
 if __name__ == "__main__":

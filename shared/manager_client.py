@@ -217,6 +217,19 @@ class IntegrationManagerClient:
         self._session.close()
 
 
+def manager_location(base_url: str | None) -> str:
+    """integration-manager's base URL for a log line: scheme, host, port and path only (no user, password or
+    query, which may hold a secret; the token is a header, never in the URL)."""
+    if not base_url:
+        return "-"
+    try:
+        parts = urlsplit(base_url)
+        port = f":{parts.port}" if parts.port else ""
+    except ValueError:  # a malformed port
+        return "an unparsable INTEGRATION_MANAGER_URL"
+    return f"{parts.scheme}://{parts.hostname or ''}{port}{parts.path.rstrip('/')}"
+
+
 def _never_connected(error: requests.RequestException) -> bool:
     """The request provably never reached a server: the connection could not be made (refused, DNS,
     connect timeout). Anything later (reset, closed while reading) may have reached it."""

@@ -48,7 +48,7 @@ from shared.events import (
 from shared.failure_classes import UNVERIFIED_REFRESH, FailureKind
 from shared.failure_waves import WaveReport, count_connection_failure, count_failure
 from shared.ids import connection_key, idempotency_key, outcome_event_id
-from shared.manager_client import IntegrationManagerClient, RefreshOutcome
+from shared.manager_client import IntegrationManagerClient, RefreshOutcome, manager_location
 from shared.messaging import EventPublisher, RetryScheduler
 from shared.settings import Settings, rate_limit
 from shared.state_store import StateStore
@@ -360,6 +360,8 @@ class _RefreshJob:
             f"connectionId={request.connection_id!r} integrationId={request.integration_id!r} "
             f"tenantId={request.tenant_id!r}"
         )
+        # Where the failed calls went, for the operator who must check it (never the token: it is a header).
+        self.manager = manager_location(self.settings.integration_manager_url)
 
     def _current(self) -> ConnectionState | None:
         return self.context.connections.current_state(self.request.tenant_id, self.request.connection_id)
@@ -656,10 +658,12 @@ class _RefreshJob:
                 claim, now_ms(), attempts=attempts, not_before_ms=not_before, in_flight_until_ms=in_flight_until
             )
             logger.warning(
-                "OAuth token refresh will be retried (%s code=%s httpStatus=%s attempts=%d delivery %d of %d)",
+                "OAuth token refresh will be retried "
+                "(%s code=%s httpStatus=%s manager=%s attempts=%d delivery %d of %d)",
                 self.ids,
                 outcome.error_code,
                 outcome.http_status,
+                self.manager,
                 attempts,
                 self.delivery,
                 settings.max_delivery_count,
@@ -805,11 +809,13 @@ class _RefreshJob:
         at = datetime.fromtimestamp(at_ms / 1000, UTC)
         scheduler.schedule_retry(self.event, number, at, attempt_round=claim.round)
         logger.warning(
-            "OAuth token refresh will be retried in %.1f s (%s code=%s httpStatus=%s attempts=%d retry %d of %d)",
+            "OAuth token refresh will be retried in %.1f s "
+            "(%s code=%s httpStatus=%s manager=%s attempts=%d retry %d of %d)",
             (at_ms - now) / 1000,
             self.ids,
             outcome.error_code,
             outcome.http_status,
+            self.manager,
             attempts,
             retries + 1,
             settings.max_delivery_count - 1,
@@ -891,10 +897,11 @@ class _RefreshJob:
             quiet = wave.already_alarmed
         logger.log(
             logging.INFO if quiet else logging.WARNING,
-            "OAuth token refresh failed (%s code=%s httpStatus=%s retryable=%s attempts=%d); check %s",
+            "OAuth token refresh failed (%s code=%s httpStatus=%s manager=%s retryable=%s attempts=%d); check %s",
             self.ids,
             outcome.error_code,
             outcome.http_status,
+            self.manager,
             outcome.retryable,
             attempts,
             outcome.check or "integration-manager",

@@ -131,8 +131,13 @@ def test_a_malformed_message_is_retried_then_dead_lettered_for_inspection(cli_en
         pika.BasicProperties(message_id="poison-1", delivery_mode=2),
     )
     result = run_cli(cli_env, "run", "--once", "--queue-prefix", prefix, "--max-deliveries", "3")
-    assert result.returncode == 0, result.stderr
+    assert result.returncode == 1, result.stderr  # the summary, then one line: the cycle did not end cleanly
     assert "dead-lettered 1" in result.stdout
+    assert "dead-lettered: sync_refresh_handler message poison-1: InvalidEventError" in result.stdout
+    assert "Traceback" not in result.stderr
+    assert result.stderr.strip().splitlines()[-1] == (
+        "error: the cycle did not end cleanly: 1 message(s) dead-lettered (see above)"
+    )
     assert result.stderr.count("Function sync_refresh_handler failed on message poison-1") == 3
     assert "dead-lettering to" in result.stderr
     _, properties, body = channel.basic_get(prefix + "refresh-requested.dead-letter", auto_ack=True)

@@ -321,12 +321,13 @@ def test_rabbitmq_restart_while_running_reconnects_and_keeps_consuming(
 
 
 def test_run_once_without_a_broker_stops_with_one_line_and_exit_1(fault_env):
-    cycle = run_once(fault_env | {"RABBITMQ_URL": f"amqp://guest:guest@127.0.0.1:{free_port()}/%2F"})
+    port = free_port()
+    cycle = run_once(fault_env | {"RABBITMQ_URL": f"amqp://guest:guest@127.0.0.1:{port}/%2F"})
     assert cycle.returncode == 1, cycle.explain()
     assert "Traceback" not in cycle.stderr, cycle.stderr
-    assert cycle.stderr.strip().splitlines()[-1].startswith("error: cannot use RabbitMQ (AMQPConnectionError"), (
-        cycle.stderr
-    )
+    last = cycle.stderr.strip().splitlines()[-1]
+    assert last.startswith(f"error: cannot use RabbitMQ at 127.0.0.1:{port} (AMQPConnectionError"), cycle.stderr
+    assert "fix RABBITMQ_URL" in last
 
 
 def test_run_once_gives_up_in_one_line_when_the_broker_stays_away_and_the_next_run_finishes(

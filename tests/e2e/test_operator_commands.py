@@ -29,6 +29,7 @@ from shared.expiring_check import refresh_requested_event, request_refresh_for_e
 from shared.messaging import ServiceBusTransport, publisher_from_settings
 from shared.settings import load_settings
 from shared.times import parse_time, utc_now
+from tests.support.cosmos_faults import CosmosFaults
 from tests.support.documents import upsert_connection
 from tests.support.helpers import MANAGER_TOKEN, cli_environment, outputs, run_cli
 from tests.support.network import closed_port
@@ -263,7 +264,8 @@ def test_refresh_with_cosmos_misconfigured_fails_clearly(operator_env, monkeypat
     monkeypatch.setenv("COSMOS_CONNECTIONS_CONTAINER", "no_such_container")
     assert main(["refresh", "salesforce", "conn-1"]) == 1
     err = outputs(capsys)[1]
-    assert "error: could not read the connection from Cosmos: CosmosResourceNotFoundError" in err
+    assert "error: Cosmos DB database 'integrations' has no container 'no_such_container'" in err
+    assert "COSMOS_CONNECTIONS_CONTAINER" in err
     assert operator_env["COSMOS_KEY"] not in err
     assert event_tap.drain() == []
 
@@ -374,10 +376,11 @@ def test_dead_letters_lists_poison_messages_without_consuming_then_replays_one(
 
 
 def test_replayed_dead_letters_are_processed_once_the_cause_is_fixed(
-    cli_env, operator_env, cosmos_container, manager, rabbitmq, capsys
+    cli_env, operator_env, cosmos_container, cosmos_server, manager, rabbitmq, capsys
 ):
-    """An outage (the connections container is missing) dead-letters a check and an operator's refresh
-    request; after the fix, `dead-letters --replay` and one `run --once` get both processed."""
+    """A fault of Cosmos (its connections container answering 404 to every document request, after `run` checked
+    that it exists) dead-letters a check and an operator's refresh request; `run --once` exits 1 and names them;
+    after the fix, `dead-letters --replay` and one `run --once` get both processed."""
     upsert_connection(cosmos_container, "conn-ok", expires_in_h=48)  # not due: only the operator's request refreshes it
     manager.container = cosmos_container
     prefix = f"ops-{uuid.uuid4().hex[:8]}."
@@ -387,16 +390,24 @@ def test_replayed_dead_letters_are_processed_once_the_cause_is_fixed(
     refresh_out, _ = outputs(capsys)
     [request_id] = re.findall(r"eventId=(\S+)", refresh_out)
 
-    broken = cli_env | {"COSMOS_CONNECTIONS_CONTAINER": f"missing_{uuid.uuid4().hex[:8]}"}
-    result = run_cli(broken, *run)
-    assert result.returncode == 0, result.stderr[-2000:]
+    faults = CosmosFaults(cosmos_server)
+    faults.inject_fault(path=rf"/colls/{cosmos_container.id}/docs", status=404, times=-1)
+    try:
+        result = run_cli(cli_env, *run)
+    finally:
+        faults.clear_faults()
+    assert result.returncode == 1, result.stderr[-2000:]
     assert "dead-lettered 2" in result.stdout
+    assert result.stderr.strip().splitlines()[-1] == (
+        "error: the cycle did not end cleanly: the check failed, 2 message(s) dead-lettered (see above)"
+    )
     assert manager.calls == []
 
     listing = ["dead-letters", "--queue-prefix", prefix]
     assert main(listing) == 0
     listed, _ = outputs(capsys)
     [check_id] = re.findall(rf"messageId=(\S+)  type={CHECK_EXPIRING}", listed)
+    assert f"dead-lettered: manager_check_handler message {check_id}: CosmosResourceNotFoundError" in result.stdout
     assert f"messageId={request_id}  type={REFRESH_REQUESTED}  connectionId=conn-ok  deliveries=3" in listed
     assert listed.count("CosmosResourceNotFoundError") == 2
 
