@@ -13,11 +13,13 @@ Usage: RESOURCE_GROUP=... LOCATION=... APP_NAME=... COSMOS_ACCOUNT=... scripts/d
        scripts/deploy.sh --help
 
 Creates or updates, in RESOURCE_GROUP: a storage account, a Service Bus namespace (Standard) with the
-queues of localdev/service_bus_queues.json, Log Analytics + Application Insights, a user-assigned
-managed identity and its role assignments, a Key Vault, a Flex Consumption function app (Python 3.13)
-with identity-based connections and no keys in its settings, the Cosmos DB state container in the
-existing COSMOS_ACCOUNT, and an alert on dead-lettered messages; then publishes the code (a zip of
-host.json, requirements.txt, the function folders and shared/: the files git tracks; remote build).
+queues of localdev/service_bus_queues.json, Log Analytics + Application Insights (with the namespace's and
+the app's metrics), a user-assigned managed identity and its role assignments, a Key Vault (purge
+protection on), a Flex Consumption function app (Python 3.13) with identity-based connections and no keys
+in its settings, the Cosmos DB state container in the existing COSMOS_ACCOUNT (and data-plane roles per
+container), and alerts: dead-lettered messages, systemic failures, refresh backlog, missed checks,
+retryable failures; then publishes the code (a zip of host.json, requirements.txt, the function folders and
+shared/: the files git tracks; remote build). Every variable is checked before the first az command.
 Needs `az login` and rights to create role assignments.
 
 Options:
@@ -44,21 +46,29 @@ Optional environment (default):
   LOG_ANALYTICS_WORKSPACE                (APP_NAME-logs)
   APP_INSIGHTS                           (APP_NAME-insights)
   INSTANCE_MEMORY_MB                     Flex Consumption instance size: 512, 2048 or 4096 (2048)
-  MAXIMUM_INSTANCE_COUNT                 Flex Consumption scale-out limit (platform default)
+  MAXIMUM_INSTANCE_COUNT                 Flex Consumption scale-out limit, 1-1000 (10)
   PYTHON_RUNTIME_VERSION                 3.11, 3.12 or 3.13 (3.13: requirements.txt pins its worker to
                                          the version the real-worker tests run)
+  PYTHON_THREADPOOL_THREAD_COUNT         the worker's threads (host.json's maxConcurrentCalls, 16)
   TOKEN_REFRESH_INTERVAL_MS              (3600000)
   TOKEN_REFRESH_EXPIRATION_THRESHOLD_MS  (3900000)
   TOKEN_REFRESH_MAX_DELIVERY_COUNT       also the refresh queue's max delivery count (10)
   DUPLICATE_DETECTION_WINDOW             the refresh queue's duplicate detection history window, an ISO 8601
                                          duration from PT20S to P7D (the queue file's, PT2H)
+  OUTCOME_QUEUE_TTL                      message TTL of the queues only other services read (refreshed,
+                                         refresh.failed, systemic-failure), PT1M to P14D (P1D)
+  OUTCOME_QUEUE_MAX_SIZE_MB              their size: 1024, 2048, 3072, 4096 or 5120 (5120)
   RABBITMQ_EXCHANGE                      (integration.events)
   INTEGRATION_MANAGER_URL                base URL of integration-manager; when not given the app keeps
                                          its current value, or gets https://integration-manager.invalid
   RABBITMQ_URL, INTEGRATION_MANAGER_TOKEN
                                          secrets: stored in the Key Vault (never printed) and referenced
                                          from the app settings; when not given, left as they are
-  ALERT_EMAIL                            e-mail for the dead-letter alert (no action group without it)
+  ACTION_GROUP                           an existing action group for the alerts: its name in
+                                         RESOURCE_GROUP or its resource id
+  ALERT_EMAIL                            or: an e-mail; an action group APP_NAME-alerts is created for it
+                                         (neither: the alerts fire in the portal only)
+  RETRYABLE_FAILURE_ALERT_PERCENT        alert when this share of an hour's refreshes fail retryable (10)
   DEPLOYER_OBJECT_ID, DEPLOYER_PRINCIPAL_TYPE
                                          who may write the secrets (the signed-in user, User)
   AZURE_CLI                              the az executable (az)
@@ -68,6 +78,8 @@ Optional environment (default):
   TOKEN_REFRESH_ENABLED, TOKEN_REFRESH_SKIP_STATUSES, TOKEN_REFRESH_PAGE_SIZE,
   TOKEN_REFRESH_FAILURE_COOLDOWN_MS, TOKEN_REFRESH_CLAIM_LEASE_MS, TOKEN_REFRESH_MAX_AGE_MS,
   TOKEN_REFRESH_RETRY_DELAY_MS, TOKEN_REFRESH_RATE_LIMITS, TOKEN_REFRESH_SPREAD_MS,
+  TOKEN_REFRESH_CHECK_TIME_BUDGET_MS, TOKEN_REFRESH_SYSTEMIC_FAILURE_THRESHOLD,
+  TOKEN_REFRESH_SYSTEMIC_FAILURE_WINDOW_MS,
   INTEGRATION_MANAGER_CONNECT_TIMEOUT_MS, INTEGRATION_MANAGER_TIMEOUT_MS,
   INTEGRATION_MANAGER_MAX_ATTEMPTS, INTEGRATION_MANAGER_BACKOFF_INITIAL_MS,
   INTEGRATION_MANAGER_RETRY_BUDGET_MS, INTEGRATION_MANAGER_IN_FLIGHT_MS

@@ -188,7 +188,8 @@ def test_help_prints_usage():
     result = run_deploy({}, "--help")
     assert result.returncode == 0
     assert result.stdout.startswith("Usage:")
-    for name in (*REQUIRED, "--dry-run", "TOKEN_REFRESH_INTERVAL_MS", "ALERT_EMAIL", "RABBITMQ_URL"):
+    for name in (*REQUIRED, "--dry-run", "TOKEN_REFRESH_INTERVAL_MS", "ALERT_EMAIL", "ACTION_GROUP", "RABBITMQ_URL",
+                 "OUTCOME_QUEUE_TTL", "MAXIMUM_INSTANCE_COUNT", "RETRYABLE_FAILURE_ALERT_PERCENT"):  # fmt: skip
         assert name in result.stdout
 
 
