@@ -1028,59 +1028,36 @@ az_run monitor metrics alert create --name "$APP_NAME-dead-letters" --resource-g
     --description "A message of $APP_NAME was dead-lettered: see docs/operations.md (A message was dead-lettered)" \
     "${alert_action[@]}" --output none
 
+# json_string TEXT: TEXT as a JSON string (the texts here are the script's own queries, names and descriptions).
+json_string() {
+    local text="${1//\\/\\\\}"
+    text="${text//\"/\\\"}"
+    text="${text//$'\n'/\\n}"
+    printf '"%s"' "${text//$'\t'/\\t}"
+}
 # log_alert NAME SEVERITY LOOKBACK_MINUTES DESCRIPTION QUERY: a log search alert on the app's log lines in
 # Application Insights (`traces`) that fires while QUERY, run over the last LOOKBACK_MINUTES, returns a row. The core
 # CLI has no command for these rules (`az monitor scheduled-query` is an extension), so each is the ARM resource
 # itself, created or updated in place. The query bounds its own time; the rule's window is the smallest that Azure
 # offers and that covers it.
 log_alert() {
-    local window body
+    local window window_size frequency=PT5M groups="[]" query body
     for window in 5 10 15 30 45 60 120 180 240 300 360 1440 2880; do
         ((window >= $3)) && break
     done
-    body="$("$python" - "$1" "$2" "$3" "$window" "$4" "$5" "$LOCATION" "$insights_id" "$action_group_id" \
-        "$APP_NAME" <<'PY'
-import json
-import sys
-
-name, severity, lookback, window, description, query, location, scope, group, app = sys.argv[1:]
-
-
-def duration(minutes):
-    return f"PT{minutes // 60}H" if minutes % 60 == 0 else f"PT{minutes}M"
-
-
-window = int(window)
-rule = {
-    "location": location,
-    "kind": "LogAlert",
-    "tags": {"app": app, "managed-by": "scripts/deploy.sh"},
-    "properties": {
-        "displayName": name,
-        "description": description,
-        "severity": int(severity),
-        "enabled": True,
-        "scopes": [scope],
-        "windowSize": duration(window),
-        "evaluationFrequency": "PT5M" if window <= 360 else "PT1H",
-        "criteria": {
-            "allOf": [
-                {
-                    "query": f"traces\n| where timestamp > ago({lookback}m)\n| {query}",
-                    "timeAggregation": "Count",
-                    "operator": "GreaterThan",
-                    "threshold": 0,
-                    "failingPeriods": {"numberOfEvaluationPeriods": 1, "minFailingPeriodsToAlert": 1},
-                }
-            ]
-        },
-        "autoMitigate": True,
-        "actions": {"actionGroups": [group] if group else []},
-    },
-}
-print(json.dumps(rule, separators=(",", ":")))
-PY
-)"
+    if ((window % 60 == 0)); then window_size="PT$((window / 60))H"; else window_size="PT${window}M"; fi
+    ((window <= 360)) || frequency=PT1H
+    [[ -z "$action_group_id" ]] || groups="[$(json_string "$action_group_id")]"
+    query="traces"$'\n'"| where timestamp > ago($3m)"$'\n'"| $5"
+    body="$(printf '{"location":"%s","kind":"LogAlert","tags":{"app":"%s","managed-by":"scripts/deploy.sh"},' \
+        "$LOCATION" "$APP_NAME")"
+    body+="$(printf '"properties":{"displayName":"%s","description":%s,"severity":%d,"enabled":true,"scopes":["%s"],' \
+        "$1" "$(json_string "$4")" "$2" "$insights_id")"
+    body+="$(printf '"windowSize":"%s","evaluationFrequency":"%s","criteria":{"allOf":[{"query":%s,' \
+        "$window_size" "$frequency" "$(json_string "$query")")"
+    body+='"timeAggregation":"Count","operator":"GreaterThan","threshold":0,'
+    body+='"failingPeriods":{"numberOfEvaluationPeriods":1,"minFailingPeriodsToAlert":1}}]},'
+    body+="$(printf '"autoMitigate":true,"actions":{"actionGroups":%s}}}' "$groups")"
     az_run resource create --resource-group "$RESOURCE_GROUP" --name "$1" \
         --resource-type Microsoft.Insights/scheduledQueryRules --api-version 2021-08-01 --is-full-object \
         --properties "$body" --output none
