@@ -336,11 +336,12 @@ check_duration() {
     ((seconds >= $2 && seconds <= $3)) || bad_value "$1" "out of range" "$4"
 }
 
-# Azure's naming rules (learn.microsoft.com: "Naming rules and restrictions for Azure resources").
+# Azure's naming rules: the length and characters each kind of resource allows.
 GROUP_NAME='^[-A-Za-z0-9_.()]*[-A-Za-z0-9_()]$'
 GROUP_FORM="1-90 letters, digits, hyphens, underscores, periods and parentheses, not ending with a period"
 check_name RESOURCE_GROUP 1 90 "$GROUP_NAME" "$GROUP_FORM"
-check_name LOCATION 2 40 '^[a-z][a-z0-9]*$' "a region's short name in lowercase, like westeurope (az account list-locations)"
+check_name LOCATION 2 40 '^[a-z][a-z0-9]*$' \
+    "a region's short name in lowercase, like westeurope (az account list-locations)"
 check_name APP_NAME 2 60 '^[A-Za-z0-9][A-Za-z0-9-]*[A-Za-z0-9]$' \
     "2-60 letters, digits and hyphens, starting and ending with a letter or digit"
 check_name COSMOS_ACCOUNT 3 44 '^[a-z0-9][a-z0-9-]*[a-z0-9]$' \
@@ -430,7 +431,8 @@ check_choice OUTCOME_QUEUE_MAX_SIZE_MB 1024 2048 3072 4096 5120
 check_name RABBITMQ_EXCHANGE 1 255 '^[A-Za-z0-9_.:-]+$' "1-255 letters, digits, periods, colons, hyphens, underscores"
 if [[ -n "$INTEGRATION_MANAGER_URL" ]]; then
     [[ "$INTEGRATION_MANAGER_URL" =~ ^https://[A-Za-z0-9.-]+(:[0-9]{1,5})?(/[^?#[:space:]@]*)?$ ]] \
-        || bad_value INTEGRATION_MANAGER_URL "not an https:// URL, or one with a query, fragment, credentials or spaces" \
+        || bad_value INTEGRATION_MANAGER_URL \
+            "not an https:// URL, or one with a query, fragment, credentials or spaces" \
             "a base URL like https://integration-manager.example.com"
 fi
 if [[ -n "$ACTION_GROUP" && -n "$ALERT_EMAIL" ]]; then
@@ -438,15 +440,17 @@ if [[ -n "$ACTION_GROUP" && -n "$ALERT_EMAIL" ]]; then
         "one of them: ACTION_GROUP (an existing action group) or ALERT_EMAIL (the script creates one)"
 fi
 if [[ -n "$ACTION_GROUP" && "$ACTION_GROUP" == /* ]]; then
-    [[ "$ACTION_GROUP" =~ ^/subscriptions/[^/]+/resource[Gg]roups/[^/]+/providers/[Mm]icrosoft\.[Ii]nsights/[Aa]ction[Gg]roups/[^/]+$ ]] \
+    action_group_path='^/subscriptions/[^/]+/resource[Gg]roups/[^/]+/providers/[Mm]icrosoft\.[Ii]nsights/'
+    [[ "$ACTION_GROUP" =~ ${action_group_path}[Aa]ction[Gg]roups/[^/]+$ ]] \
         || bad_value ACTION_GROUP "not an action group's resource id" \
-            "/subscriptions/…/resourceGroups/…/providers/Microsoft.Insights/actionGroups/NAME, or a name in RESOURCE_GROUP"
+            "/subscriptions/…/resourceGroups/…/providers/Microsoft.Insights/actionGroups/NAME, or a name only"
 elif [[ -n "$ACTION_GROUP" ]]; then
     check_name ACTION_GROUP 1 260 '^[A-Za-z0-9][-A-Za-z0-9_.()]*$' \
         "the name of an action group in RESOURCE_GROUP, or its full resource id"
 fi
 if [[ -n "$ALERT_EMAIL" ]]; then
-    check_name ALERT_EMAIL 3 254 '^[^@[:space:]]+@[^@[:space:]]+\.[^@[:space:]]+$' "an e-mail address like oncall@example.com"
+    check_name ALERT_EMAIL 3 254 '^[^@[:space:]]+@[^@[:space:]]+\.[^@[:space:]]+$' \
+        "an e-mail address like oncall@example.com"
 fi
 check_number RETRYABLE_FAILURE_ALERT_PERCENT 1 100
 GUID='^[0-9A-Fa-f]{8}-[0-9A-Fa-f]{4}-[0-9A-Fa-f]{4}-[0-9A-Fa-f]{4}-[0-9A-Fa-f]{12}$'
@@ -801,7 +805,10 @@ if ((!dry_run)); then
             warn "the indexing policy of $COSMOS_DATABASE/$COSMOS_CONNECTIONS_CONTAINER leaves /oauth/expiresAt" \
                 "out: every check fails on its ORDER BY (or scans the whole container); $fix"
             ;;
-        *) warn "could not read the indexing policy of $COSMOS_DATABASE/$COSMOS_CONNECTIONS_CONTAINER ($index_verdict)" ;;
+        *)
+            warn "could not read the indexing policy of $COSMOS_DATABASE/$COSMOS_CONNECTIONS_CONTAINER" \
+                "($index_verdict)"
+            ;;
     esac
 fi
 
@@ -1065,24 +1072,26 @@ log_alert() {
 # The timer ticks every minute, so a check runs at most once a minute whatever the interval. Application Insights
 # shows a line a few minutes after it is logged: 10 minutes of slack for that.
 interval_minutes=$(((10#$TOKEN_REFRESH_INTERVAL_MS + 59999) / 60000))
+see_alerts=" See docs/operations.md (Alerts)."
 log_alert "$APP_NAME-systemic-failure" 1 15 \
-    "Many connections failed the same way (not their fault): fix what the line names. docs/operations.md (Alerts)" \
+    "Many connections failed the same way (not their fault): fix what the line names.$see_alerts" \
     'where tostring(customDimensions.alarm) == "systemic_failure" | project timestamp, message'
 backlog_minutes=$((interval_minutes + 10 > 2880 ? 2880 : interval_minutes + 10))
 log_alert "$APP_NAME-refresh-backlog" 2 "$backlog_minutes" \
-    "The rate limit of an integration is too low for its wave: tokens are refreshed after they expire. docs/operations.md (Alerts)" \
+    "The rate limit of an integration is too low for its wave: tokens are refreshed after they expire.$see_alerts" \
     'where tostring(customDimensions.alarm) == "refresh_backlog" | project timestamp, message'
 missed_minutes=$((2 * interval_minutes + 10))
 if ((missed_minutes <= 2880)); then
     log_alert "$APP_NAME-check-missed" 1 "$missed_minutes" \
-        "No check-expiring run finished for two intervals (TOKEN_REFRESH_INTERVAL_MS): tokens are not being refreshed. docs/operations.md (Alerts)" \
+        "No check ran to its end for two intervals: tokens are not being refreshed.$see_alerts" \
         'where message startswith "Check-expiring run finished" | summarize runs = count() | where runs == 0'
 else
     warn "TOKEN_REFRESH_INTERVAL_MS is over a day: no alert on missed checks (log search alerts look back 2 days)"
 fi
 log_alert "$APP_NAME-retryable-failures" 2 60 \
-    "$RETRYABLE_FAILURE_ALERT_PERCENT% or more of the refreshes of the last hour failed for a cause that is not the connection. docs/operations.md (Alerts)" \
-    "where message startswith \"OAuth tokens refreshed successfully\" or message startswith \"OAuth token refresh failed\"
+    "$RETRYABLE_FAILURE_ALERT_PERCENT% or more refreshes in an hour failed, not by the connection.$see_alerts" \
+    "where message startswith \"OAuth tokens refreshed successfully\"
+    or message startswith \"OAuth token refresh failed\"
 | summarize outcomes = count(), retryable = countif(message contains_cs \"retryable=True\")
 | where retryable >= 5 and retryable * 100 >= outcomes * $RETRYABLE_FAILURE_ALERT_PERCENT"
 
