@@ -1034,6 +1034,13 @@ az_run monitor metrics alert create --name "$APP_NAME-dead-letters" --resource-g
     --window-size 15m --evaluation-frequency 5m --severity 2 --auto-mitigate true \
     --description "A message of $APP_NAME was dead-lettered: see docs/operations.md (A message was dead-lettered)" \
     "${alert_action[@]}" --output none
+# An outcome queue that fills up fails every send, and with it every refresh: warn at 80% of its size, long before.
+filling_bytes=$((OUTCOME_QUEUE_MAX_SIZE_MB * 1024 * 1024 / 10 * 8))
+az_run monitor metrics alert create --name "$APP_NAME-outcome-queue-filling" --resource-group "$RESOURCE_GROUP" \
+    --scopes "$servicebus_id" --condition "max Size > $filling_bytes where EntityName includes ${outcome_queues// / or }" \
+    --window-size 1h --evaluation-frequency 15m --severity 2 --auto-mitigate true \
+    --description "An outcome queue of $APP_NAME is 80% full: see docs/operations.md (Alerts)" \
+    "${alert_action[@]}" --output none
 
 # json_string TEXT: TEXT as a JSON string (the texts here are the script's own queries, names and descriptions).
 json_string() {

@@ -441,8 +441,8 @@ def test_without_optional_settings(minimal_run, minimal):
     assert "INTEGRATION_MANAGER_TOKEN" not in settings
     assert settings["INTEGRATION_MANAGER_URL"] == "https://integration-manager.invalid"
     assert "INTEGRATION_MANAGER_URL not given" in minimal_run.stderr
-    (alert,) = commands(minimal, "monitor", "metrics", "alert", "create")
-    assert "--action" not in alert
+    for alert in commands(minimal, "monitor", "metrics", "alert", "create"):
+        assert "--action" not in alert
 
 
 def test_identity_roles_are_least_privilege(full):
@@ -522,7 +522,8 @@ def test_function_app_state_container_alert_and_publish(full):
     assert option(container, "--ttl") == "-1"
     assert option(container, "--name") == "token_refresh_state"
 
-    (alert,) = commands(full, "monitor", "metrics", "alert", "create")
+    metric_alerts = commands(full, "monitor", "metrics", "alert", "create")
+    [alert] = [argv for argv in metric_alerts if option(argv, "--name") == "token-refresh-test-dead-letters"]
     assert "DeadletteredMessages" in option(alert, "--condition")
     assert "/Microsoft.ServiceBus/namespaces/" in option(alert, "--scopes")
     assert option(alert, "--action").endswith("/actionGroups/token-refresh-test-alerts")
@@ -837,8 +838,18 @@ def test_alert_rules_watch_the_app_alarms_and_go_to_the_action_group(full):
     assert rules[f"{app}-systemic-failure"]["properties"]["severity"] == 1
     assert rules[f"{app}-check-missed"]["properties"]["severity"] == 1
     # The dead-letter alert stays, to the same group.
-    (dead_letters,) = commands(full, "monitor", "metrics", "alert", "create")
-    assert option(dead_letters, "--action") == group
+    metric_alerts = {option(argv, "--name"): argv for argv in commands(full, "monitor", "metrics", "alert", "create")}
+    assert option(metric_alerts[f"{app}-dead-letters"], "--action") == group
+    assert option(metric_alerts[f"{app}-outcome-queue-filling"], "--action") == group
+
+
+def test_an_outcome_queue_filling_up_alerts_before_sends_fail(minimal):
+    alerts = {option(argv, "--name"): argv for argv in commands(minimal, "monitor", "metrics", "alert", "create")}
+    alert = alerts[f"{REQUIRED['APP_NAME']}-outcome-queue-filling"]
+    assert "/Microsoft.ServiceBus/namespaces/" in option(alert, "--scopes")
+    condition = option(alert, "--condition")
+    assert condition.startswith(f"max Size > {5120 * 1024 * 1024 * 8 // 10} where EntityName includes ")
+    assert condition.split(" includes ", 1)[1].split(" or ") == list(OUTCOME_QUEUES)
 
 
 def test_the_log_lines_the_alerts_count_are_the_app_own():
@@ -910,8 +921,8 @@ def test_an_existing_action_group_is_checked_and_used(action_group_run):
     assert option(show, "--ids") == group
     assert not commands(lines, "monitor", "action-group", "create")
     assert {tuple(rule["properties"]["actions"]["actionGroups"]) for rule in log_alerts(lines).values()} == {(group,)}
-    (dead_letters,) = commands(lines, "monitor", "metrics", "alert", "create")
-    assert option(dead_letters, "--action") == group
+    for metric_alert in commands(lines, "monitor", "metrics", "alert", "create"):
+        assert option(metric_alert, "--action") == group
     # Another resource group's, by its id.
     other = "/subscriptions/0000/resourceGroups/rg-platform/providers/Microsoft.Insights/actionGroups/oncall"
     result = run_deploy({**REQUIRED, "ACTION_GROUP": other}, "--dry-run")
