@@ -10,6 +10,7 @@ unknown option, a misspelled command, a bad value) fails the test.
 
 from __future__ import annotations
 
+import hashlib
 import importlib.metadata
 import json
 import os
@@ -31,6 +32,13 @@ AZCLI_VENV = Path(os.environ.get("AZCLI_VENV", REPO / ".venv-azcli"))
 AZ = AZCLI_VENV / "bin" / "az"
 QUEUE_FILE = REPO / "localdev" / "service_bus_queues.json"
 REFRESH_QUEUE = "integration.token.refresh-requested"
+# The queues the app sends to and no function of it reads: deploy.sh gives them a TTL and a size.
+OUTCOME_QUEUES = (
+    "integration.token.refreshed",
+    "integration.token.refresh.failed",
+    "integration.token.refresh.systemic-failure",
+)
+OUTCOME_DEFAULTS = {"defaultMessageTimeToLive": "P1D", "--max-size": "5120"}
 
 REQUIRED = {
     "RESOURCE_GROUP": "rg-token-refresh",
@@ -132,6 +140,8 @@ def expected_queue_options(properties: dict) -> dict[str, str]:
                 if "duplicateDetectionHistoryTimeWindow" in properties:  # else the service's default
                     window = properties["duplicateDetectionHistoryTimeWindow"]
                     options["--duplicate-detection-history-time-window"] = window
+        elif key.startswith("--"):  # an option deploy.sh adds that the queue file has no key for
+            options[key] = str(value)
         elif key != "duplicateDetectionHistoryTimeWindow":
             # A property the test does not know fails here: map it in deploy.sh and here.
             options[plain[key]] = json.dumps(value) if isinstance(value, bool) else str(value)
@@ -178,7 +188,8 @@ def test_help_prints_usage():
     result = run_deploy({}, "--help")
     assert result.returncode == 0
     assert result.stdout.startswith("Usage:")
-    for name in (*REQUIRED, "--dry-run", "TOKEN_REFRESH_INTERVAL_MS", "ALERT_EMAIL", "RABBITMQ_URL"):
+    for name in (*REQUIRED, "--dry-run", "TOKEN_REFRESH_INTERVAL_MS", "ALERT_EMAIL", "ACTION_GROUP", "RABBITMQ_URL",
+                 "OUTCOME_QUEUE_TTL", "MAXIMUM_INSTANCE_COUNT", "RETRYABLE_FAILURE_ALERT_PERCENT"):  # fmt: skip
         assert name in result.stdout
 
 
@@ -192,13 +203,8 @@ def test_missing_required_setting_exits_2_with_usage(missing):
     assert result.stdout == ""
 
 
-def test_unknown_argument_and_bad_values_exit_2():
+def test_unknown_argument_exits_2():
     assert run_deploy(REQUIRED, "--dry-run", "--yes").returncode == 2
-    bad_count = run_deploy({**REQUIRED, "TOKEN_REFRESH_MAX_DELIVERY_COUNT": "ten"}, "--dry-run")
-    assert bad_count.returncode == 2
-    assert "TOKEN_REFRESH_MAX_DELIVERY_COUNT must be a whole number" in bad_count.stderr
-    bad_namespace = run_deploy({**REQUIRED, "SERVICEBUS_NAMESPACE": "tokens-sb"}, "--dry-run")
-    assert bad_namespace.returncode == 2
 
 
 # --- what the dry run shows -----------------------------------------------------------------------
@@ -252,6 +258,8 @@ def test_every_queue_of_the_queue_file_is_created_with_exactly_its_properties(ru
             expected["maxDeliveryCount"] = int(env.get("TOKEN_REFRESH_MAX_DELIVERY_COUNT", "10"))
             if "DUPLICATE_DETECTION_WINDOW" in env:
                 expected["duplicateDetectionHistoryTimeWindow"] = env["DUPLICATE_DETECTION_WINDOW"]
+        if queue in OUTCOME_QUEUES:  # the file's TTL when it has one, else the default; the size
+            expected = {**OUTCOME_DEFAULTS, **expected}
         assert queue_options(queue_command(lines, queue)) == expected_queue_options(expected), queue
     # Without DUPLICATE_DETECTION_WINDOW the file's window applies.
     if run == "minimal":
@@ -279,10 +287,11 @@ def test_duplicate_detection_window_within_limits_is_applied(window):
 
 
 def script_with_queue_file(root: Path, queues: dict) -> Path:
-    """A copy of deploy.sh next to its own localdev/service_bus_queues.json."""
+    """A copy of deploy.sh (and host.json) next to its own localdev/service_bus_queues.json."""
     (root / "scripts").mkdir(parents=True)
     (root / "localdev").mkdir()
     shutil.copy2(SCRIPT, root / "scripts" / "deploy.sh")
+    shutil.copy2(REPO / "host.json", root / "host.json")
     (root / "localdev" / "service_bus_queues.json").write_text(json.dumps({"queues": queues}))
     return root / "scripts" / "deploy.sh"
 
@@ -327,6 +336,7 @@ def test_every_property_the_service_bus_model_reads_is_applied(tmp_path):
     lines = az_lines(result.stdout)
     for queue, properties in queues.items():
         expected = {**properties, "maxDeliveryCount": 10} if queue == REFRESH_QUEUE else properties
+        expected = {**OUTCOME_DEFAULTS, **expected} if queue in OUTCOME_QUEUES else expected
         assert queue_options(queue_command(lines, queue)) == expected_queue_options(expected), queue
     assert queue_options(queue_command(lines, "integration.token.check-expiring")) == {
         "--enable-session": "true",
@@ -431,8 +441,8 @@ def test_without_optional_settings(minimal_run, minimal):
     assert "INTEGRATION_MANAGER_TOKEN" not in settings
     assert settings["INTEGRATION_MANAGER_URL"] == "https://integration-manager.invalid"
     assert "INTEGRATION_MANAGER_URL not given" in minimal_run.stderr
-    (alert,) = commands(minimal, "monitor", "metrics", "alert", "create")
-    assert "--action" not in alert
+    for alert in commands(minimal, "monitor", "metrics", "alert", "create"):
+        assert "--action" not in alert
 
 
 def test_identity_roles_are_least_privilege(full):
@@ -453,13 +463,50 @@ def test_identity_roles_are_least_privilege(full):
     }
     for argv in commands(full, "role", "assignment", "create"):
         assert option(argv, "--role") not in ("Owner", "Contributor")
-    (cosmos,) = commands(full, "cosmosdb", "sql", "role", "assignment", "create")
-    assert option(cosmos, "--role-definition-id") == "00000000-0000-0000-0000-000000000002"
-    assert option(cosmos, "--principal-id") == identity
-    assert option(cosmos, "--scope") == "/"
-    assert re.fullmatch(
-        r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}", option(cosmos, "--role-assignment-id")
-    )
+
+
+COSMOS_READER = "00000000-0000-0000-0000-000000000001"  # Cosmos DB Built-in Data Reader
+COSMOS_CONTRIBUTOR = "00000000-0000-0000-0000-000000000002"  # Cosmos DB Built-in Data Contributor
+
+
+def guid_of(text: str) -> str:
+    """deploy.sh's guid_of: the role assignment id derived from text."""
+    hex_ = hashlib.sha256(text.encode()).hexdigest()[:32]
+    return f"{hex_[:8]}-{hex_[8:12]}-{hex_[12:16]}-{hex_[16:20]}-{hex_[20:]}"
+
+
+def test_cosmos_roles_read_connections_and_write_only_the_state_container(full):
+    """shared/connection_store.py only queries the connections container; every write goes to the state container
+    (shared/claim.py, shared/state_store.py): Data Reader on the one, Data Contributor on the other, nothing on the
+    account."""
+    creates = commands(full, "cosmosdb", "sql", "role", "assignment", "create")
+    assert {(option(argv, "--role-definition-id"), option(argv, "--scope")) for argv in creates} == {
+        (COSMOS_READER, "/dbs/integrations/colls/integration_connections"),
+        (COSMOS_CONTRIBUTOR, "/dbs/integrations/colls/token_refresh_state"),
+    }
+    for argv in creates:
+        assert option(argv, "--principal-id") == "<identity-principal-id>"
+        assert option(argv, "--account-name") == FULL["COSMOS_ACCOUNT"]
+    assert len({option(argv, "--role-assignment-id") for argv in creates}) == 2
+    # The account-wide Data Contributor of earlier deployments (its id derived the way they derived it) is
+    # removed, after the scoped assignments exist.
+    (delete,) = commands(full, "cosmosdb", "sql", "role", "assignment", "delete")
+    account_wide = guid_of(f"{FULL['COSMOS_ACCOUNT']}/<identity-principal-id>/{COSMOS_CONTRIBUTOR}")
+    assert option(delete, "--role-assignment-id") == account_wide
+    assert "--yes" in delete
+    assert full.index(delete) > max(full.index(argv) for argv in creates)
+
+
+def test_cosmos_role_scopes_follow_the_names_given():
+    env = {**REQUIRED, "COSMOS_DATABASE": "platform", "COSMOS_CONNECTIONS_CONTAINER": "conns",
+           "COSMOS_STATE_CONTAINER": "refresh_state"}  # fmt: skip
+    result = run_deploy(env, "--dry-run")
+    assert result.returncode == 0, result.stderr
+    creates = commands(az_lines(result.stdout), "cosmosdb", "sql", "role", "assignment", "create")
+    assert {option(argv, "--scope") for argv in creates} == {
+        "/dbs/platform/colls/conns",
+        "/dbs/platform/colls/refresh_state",
+    }
 
 
 def test_function_app_state_container_alert_and_publish(full):
@@ -475,7 +522,8 @@ def test_function_app_state_container_alert_and_publish(full):
     assert option(container, "--ttl") == "-1"
     assert option(container, "--name") == "token_refresh_state"
 
-    (alert,) = commands(full, "monitor", "metrics", "alert", "create")
+    metric_alerts = commands(full, "monitor", "metrics", "alert", "create")
+    [alert] = [argv for argv in metric_alerts if option(argv, "--name") == "token-refresh-test-dead-letters"]
     assert "DeadletteredMessages" in option(alert, "--condition")
     assert "/Microsoft.ServiceBus/namespaces/" in option(alert, "--scopes")
     assert option(alert, "--action").endswith("/actionGroups/token-refresh-test-alerts")
@@ -606,7 +654,9 @@ if "--query" in args and args[args.index("--query") + 1] in answers:
     sys.stderr.write(err)
     sys.exit(code)
 if "show" in args[:4] and args[-2:] == ["--output", "none"]:
-    sys.exit(3)  # every existence check (`show ... --output none`): not found, so the script creates it
+    # FAKE_AZ_EXISTING: the --name values of resources that exist; every other one is not found (created)
+    existing = json.loads(os.environ.get("FAKE_AZ_EXISTING", "[]"))
+    sys.exit(0 if "--name" in args and args[args.index("--name") + 1] in existing else 3)
 if "--query" in args:
     print({values!r}.get(args[args.index("--query") + 1], ""))
 """
@@ -651,7 +701,11 @@ def test_a_real_run_runs_the_dry_run_commands_and_pipes_secrets(tmp_path, full_r
 
 
 def run_with_fake_az(
-    tmp_path: Path, answers: dict[str, list], script: Path = SCRIPT
+    tmp_path: Path,
+    answers: dict[str, list],
+    script: Path = SCRIPT,
+    existing: tuple[str, ...] = (),
+    **variables: str,
 ) -> tuple[subprocess.CompletedProcess[str], list]:
     fake_az = tmp_path / "az"
     fake_az.write_text(FAKE_AZ.format(python=sys.executable, values=FAKE_VALUES))
@@ -659,9 +713,11 @@ def run_with_fake_az(
     log = tmp_path / "az.log"
     env = {
         **REQUIRED,
+        **variables,
         "AZURE_CLI": str(fake_az),
         "FAKE_AZ_LOG": str(log),
         "FAKE_AZ_ANSWERS": json.dumps(answers),
+        "FAKE_AZ_EXISTING": json.dumps(existing),
         "DEPLOY_ZIP": str(tmp_path / "app.zip"),
     }
     result = run_deploy(env, script=script)
@@ -727,6 +783,393 @@ def test_a_real_run_stops_when_the_session_check_fails_otherwise(tmp_path):
     assert result.returncode == 1
     assert "AuthorizationFailed" in result.stderr
     assert not [argv for argv in calls if argv[:3] == ["servicebus", "queue", "create"]]
+
+
+# --- what the deployment adds for operations: alerts, diagnostics, limits ---------------------------------
+
+ALERT_RULE_TYPE = "Microsoft.Insights/scheduledQueryRules"
+
+
+def log_alerts(lines: list[list[str]]) -> dict[str, dict]:
+    """The log search alert rules (ARM bodies) by name."""
+    return {
+        option(argv, "--name"): json.loads(option(argv, "--properties"))
+        for argv in commands(lines, "resource", "create")
+        if option(argv, "--resource-type") == ALERT_RULE_TYPE
+    }
+
+
+def alert_query(rule: dict) -> str:
+    [condition] = rule["properties"]["criteria"]["allOf"]
+    return condition["query"]
+
+
+def lookback_minutes(rule: dict) -> int:
+    return int(re.search(r"ago\((\d+)m\)", alert_query(rule)).group(1))
+
+
+def window_minutes(rule: dict) -> int:
+    match = re.fullmatch(r"PT(?:(\d+)H)?(?:(\d+)M)?", rule["properties"]["windowSize"])
+    return int(match.group(1) or 0) * 60 + int(match.group(2) or 0)
+
+
+def test_alert_rules_watch_the_app_alarms_and_go_to_the_action_group(full):
+    from shared.failure_waves import ALARM as SYSTEMIC_ALARM
+    from shared.refresh_schedule import BACKLOG_ALARM
+
+    rules = log_alerts(full)
+    app = FULL["APP_NAME"]
+    names = ("systemic-failure", "refresh-backlog", "check-missed", "retryable-failures")
+    assert set(rules) == {f"{app}-{name}" for name in names}
+    in_group = f"/subscriptions/<subscription-id>/resourceGroups/{FULL['RESOURCE_GROUP']}/providers"
+    group = f"{in_group}/Microsoft.Insights/actionGroups/{app}-alerts"
+    for name, rule in rules.items():
+        properties = rule["properties"]
+        assert rule["kind"] == "LogAlert" and rule["location"] == FULL["LOCATION"]
+        assert properties["scopes"] == [f"{in_group}/Microsoft.Insights/components/{app}-insights"]
+        assert properties["actions"]["actionGroups"] == [group], name
+        assert properties["enabled"] is True and properties["autoMitigate"] is True
+        assert alert_query(rule).startswith("traces\n")
+        assert window_minutes(rule) >= lookback_minutes(rule), name  # the window covers the query's own bound
+        assert "docs/operations.md" in properties["description"]
+    # The alarms the app logs (customDimensions.alarm), by the constants the app logs them with.
+    assert f'customDimensions.alarm) == "{SYSTEMIC_ALARM}"' in alert_query(rules[f"{app}-systemic-failure"])
+    assert f'customDimensions.alarm) == "{BACKLOG_ALARM}"' in alert_query(rules[f"{app}-refresh-backlog"])
+    assert rules[f"{app}-systemic-failure"]["properties"]["severity"] == 1
+    assert rules[f"{app}-check-missed"]["properties"]["severity"] == 1
+    # The dead-letter alert stays, to the same group.
+    metric_alerts = {option(argv, "--name"): argv for argv in commands(full, "monitor", "metrics", "alert", "create")}
+    assert option(metric_alerts[f"{app}-dead-letters"], "--action") == group
+    assert option(metric_alerts[f"{app}-outcome-queue-filling"], "--action") == group
+
+
+def test_an_outcome_queue_filling_up_alerts_before_sends_fail(minimal):
+    alerts = {option(argv, "--name"): argv for argv in commands(minimal, "monitor", "metrics", "alert", "create")}
+    alert = alerts[f"{REQUIRED['APP_NAME']}-outcome-queue-filling"]
+    assert "/Microsoft.ServiceBus/namespaces/" in option(alert, "--scopes")
+    condition = option(alert, "--condition")
+    assert condition.startswith(f"max Size > {5120 * 1024 * 1024 * 8 // 10} where EntityName includes ")
+    assert condition.split(" includes ", 1)[1].split(" or ") == list(OUTCOME_QUEUES)
+
+
+def test_the_log_lines_the_alerts_count_are_the_app_own():
+    """The missed-check and retryable-failure rules count lines by their text: the app must log exactly that."""
+    check = (REPO / "shared" / "expiring_check.py").read_text()
+    refresh = (REPO / "shared" / "token_refresh.py").read_text()
+    assert '"Check-expiring run finished (' in check
+    assert '"OAuth tokens refreshed successfully (' in refresh
+    assert '"OAuth token refresh failed (%s code=%s httpStatus=%s retryable=%s' in refresh
+
+
+@pytest.mark.parametrize(
+    ("interval_ms", "lookback"),
+    [("3600000", 130), ("900000", 40), ("61000", 14), ("1000", 12), ("86100000", 2880)],
+    ids=["hourly", "15-min", "rounded-up", "every-tick", "longest"],
+)
+def test_missed_check_alert_fires_after_two_intervals(interval_ms, lookback):
+    threshold = str(int(interval_ms) + 600000)
+    env = {**REQUIRED, "TOKEN_REFRESH_INTERVAL_MS": interval_ms, "TOKEN_REFRESH_EXPIRATION_THRESHOLD_MS": threshold}
+    result = run_deploy(env, "--dry-run")
+    assert result.returncode == 0, result.stderr
+    rule = log_alerts(az_lines(result.stdout))[f"{REQUIRED['APP_NAME']}-check-missed"]
+    # Two intervals in whole minutes (at least one timer tick each) + 10 minutes for the lines to reach Azure.
+    assert lookback_minutes(rule) == lookback
+    query = alert_query(rule)
+    assert 'message startswith "Check-expiring run finished"' in query
+    assert query.endswith("| summarize runs = count() | where runs == 0")  # one row when no check ran
+
+
+def test_no_missed_check_alert_when_two_intervals_exceed_what_log_alerts_see():
+    env = {**REQUIRED, "TOKEN_REFRESH_INTERVAL_MS": "86400000", "TOKEN_REFRESH_EXPIRATION_THRESHOLD_MS": "87000000"}
+    result = run_deploy(env, "--dry-run")
+    assert result.returncode == 0, result.stderr
+    assert f"{REQUIRED['APP_NAME']}-check-missed" not in log_alerts(az_lines(result.stdout))
+    assert "no alert on missed checks" in result.stderr
+
+
+def test_retryable_failure_rate_alert_uses_the_percentage_given(minimal):
+    rule = log_alerts(minimal)[f"{REQUIRED['APP_NAME']}-retryable-failures"]
+    assert alert_query(rule).endswith("| where retryable >= 5 and retryable * 100 >= outcomes * 10")
+    result = run_deploy({**REQUIRED, "RETRYABLE_FAILURE_ALERT_PERCENT": "25"}, "--dry-run")
+    rule = log_alerts(az_lines(result.stdout))[f"{REQUIRED['APP_NAME']}-retryable-failures"]
+    query = alert_query(rule)
+    assert 'countif(message contains_cs "retryable=True")' in query
+    assert query.endswith("| where retryable >= 5 and retryable * 100 >= outcomes * 25")
+    assert lookback_minutes(rule) == 60
+
+
+def test_without_a_group_the_alerts_fire_without_actions(minimal_run, minimal):
+    for rule in log_alerts(minimal).values():
+        assert rule["properties"]["actions"]["actionGroups"] == []
+    assert "nobody is notified" in minimal_run.stderr
+
+
+@pytest.fixture(scope="module")
+def action_group_run() -> subprocess.CompletedProcess[str]:
+    result = run_deploy({**REQUIRED, "ACTION_GROUP": "platform-oncall"}, "--dry-run")
+    assert result.returncode == 0, result.stderr
+    return result
+
+
+def test_an_existing_action_group_is_checked_and_used(action_group_run):
+    lines = az_lines(action_group_run.stdout)
+    group = (
+        f"/subscriptions/<subscription-id>/resourceGroups/{REQUIRED['RESOURCE_GROUP']}"
+        "/providers/Microsoft.Insights/actionGroups/platform-oncall"
+    )
+    (show,) = commands(lines, "monitor", "action-group", "show")
+    assert option(show, "--ids") == group
+    assert not commands(lines, "monitor", "action-group", "create")
+    assert {tuple(rule["properties"]["actions"]["actionGroups"]) for rule in log_alerts(lines).values()} == {(group,)}
+    for metric_alert in commands(lines, "monitor", "metrics", "alert", "create"):
+        assert option(metric_alert, "--action") == group
+    # Another resource group's, by its id.
+    other = "/subscriptions/0000/resourceGroups/rg-platform/providers/Microsoft.Insights/actionGroups/oncall"
+    result = run_deploy({**REQUIRED, "ACTION_GROUP": other}, "--dry-run")
+    rules = log_alerts(az_lines(result.stdout))
+    assert {tuple(rule["properties"]["actions"]["actionGroups"]) for rule in rules.values()} == {(other,)}
+
+
+def test_a_real_run_stops_when_the_action_group_does_not_exist(tmp_path):
+    result, calls = run_with_fake_az(
+        tmp_path, {"name": [3, "", "ERROR: (ResourceNotFound) not found\n"]}, ACTION_GROUP="platform-oncall"
+    )
+    assert result.returncode == 1
+    [error] = [line for line in result.stderr.splitlines() if line.startswith("deploy: error:")]
+    assert "ACTION_GROUP" in error and "platform-oncall" in error
+    assert not [argv for argv in calls if argv[:2] == ["resource", "create"] and ALERT_RULE_TYPE in argv]
+
+
+def test_service_bus_and_function_app_metrics_go_to_the_workspace(full):
+    settings = commands(full, "monitor", "diagnostic-settings", "create")
+    by_type = {option(argv, "--resource").split("/providers/")[1].rsplit("/", 1)[0]: argv for argv in settings}
+    assert set(by_type) == {"Microsoft.ServiceBus/namespaces", "Microsoft.Web/sites"}
+    workspace = option(commands(full, "monitor", "log-analytics", "workspace", "create")[0], "--workspace-name")
+    for argv in settings:
+        assert option(argv, "--workspace").endswith(f"/Microsoft.OperationalInsights/workspaces/{workspace}")
+        # AzureMetrics: what the KQL of docs/operations.md reads (DeadletteredMessages...)
+        assert json.loads(option(argv, "--metrics")) == [{"category": "AllMetrics", "enabled": True}]
+    bus_logs = json.loads(option(by_type["Microsoft.ServiceBus/namespaces"], "--logs"))
+    assert bus_logs == [{"categoryGroup": "allLogs", "enabled": True}]
+    assert "--logs" not in by_type["Microsoft.Web/sites"]  # its logs reach the workspace via Application Insights
+    assert "AzureMetrics" in (REPO / "docs" / "operations.md").read_text()
+
+
+def test_outcome_queues_are_the_queues_no_function_reads(full):
+    from shared.messaging import SERVICE_BUS_QUEUES
+
+    triggers = {
+        binding["queueName"]
+        for function_json in REPO.glob("*/function.json")
+        for binding in json.loads(function_json.read_text())["bindings"]
+        if binding["type"] == "serviceBusTrigger"
+    }
+    assert set(SERVICE_BUS_QUEUES.values()) - triggers == set(OUTCOME_QUEUES)
+    capped = {
+        option(argv, "--name") for argv in commands(full, "servicebus", "queue", "create") if "--max-size" in argv
+    }
+    assert capped == set(OUTCOME_QUEUES)
+    for queue in OUTCOME_QUEUES:
+        argv = queue_command(full, queue)
+        assert option(argv, "--default-message-time-to-live") == "P1D"
+        # Expired outcomes are dropped: dead-lettered, they would fill the dead-letter queue and page someone.
+        assert "--enable-dead-lettering-on-message-expiration" not in argv
+
+
+def test_outcome_queue_ttl_and_size_can_be_set_and_the_queue_file_ttl_wins(tmp_path):
+    env = {**REQUIRED, "OUTCOME_QUEUE_TTL": "PT12H", "OUTCOME_QUEUE_MAX_SIZE_MB": "2048"}
+    result = run_deploy(env, "--dry-run")
+    assert result.returncode == 0, result.stderr
+    for queue in OUTCOME_QUEUES:
+        argv = queue_command(az_lines(result.stdout), queue)
+        assert (option(argv, "--default-message-time-to-live"), option(argv, "--max-size")) == ("PT12H", "2048")
+    queues = file_queues()
+    queues["integration.token.refreshed"] = {"defaultMessageTimeToLive": "P3D"}
+    result = run_deploy(REQUIRED, "--dry-run", script=script_with_queue_file(tmp_path, queues))
+    argv = queue_command(az_lines(result.stdout), "integration.token.refreshed")
+    assert option(argv, "--default-message-time-to-live") == "P3D"
+
+
+def test_state_container_ttl_is_set_on_every_run(full, minimal, tmp_path):
+    for lines in (full, minimal):
+        (update,) = commands(lines, "cosmosdb", "sql", "container", "update")
+        assert (option(update, "--name"), option(update, "--ttl")) == ("token_refresh_state", "-1")
+    # A run against an existing container updates it and creates nothing.
+    result, calls = run_with_fake_az(tmp_path, {}, existing=("token_refresh_state",))
+    assert result.returncode == 0, result.stderr
+    containers = [argv for argv in calls if argv[:3] == ["cosmosdb", "sql", "container"]]
+    assert not [argv for argv in containers if argv[3] == "create"]
+    [update] = [argv for argv in containers if argv[3] == "update"]
+    assert (option(update, "--name"), option(update, "--ttl")) == ("token_refresh_state", "-1")
+
+
+INDEX_QUERY = "resource.indexingPolicy"
+DEFAULT_POLICY = {"indexingMode": "consistent", "includedPaths": [{"path": "/*"}],
+                  "excludedPaths": [{"path": '/"_etag"/?'}]}  # fmt: skip
+
+
+def test_dry_run_prints_the_index_check(full):
+    [check] = [argv for argv in commands(full, "cosmosdb", "sql", "container", "show") if "--query" in argv]
+    assert option(check, "--name") == "integration_connections"
+    assert option(check, "--query") == INDEX_QUERY
+
+
+@pytest.mark.parametrize(
+    ("policy", "warned"),
+    [
+        (DEFAULT_POLICY, False),
+        ({**DEFAULT_POLICY, "excludedPaths": [{"path": "/oauth/*"}]}, True),
+        # The more precise path wins: excluded under /*, included by its own path.
+        ({"includedPaths": [{"path": "/oauth/expiresAt/?"}], "excludedPaths": [{"path": "/*"}]}, False),
+        ({**DEFAULT_POLICY, "indexingMode": "none"}, True),
+    ],
+    ids=["default", "oauth-excluded", "only-expiresAt", "none"],
+)
+def test_a_real_run_warns_with_the_fix_when_the_index_leaves_expires_at_out(tmp_path, policy, warned):
+    result, _ = run_with_fake_az(tmp_path, {INDEX_QUERY: [0, json.dumps(policy) + "\n", ""]})
+    assert result.returncode == 0, result.stderr
+    warnings = [line for line in result.stderr.splitlines() if "/oauth/expiresAt" in line and "warning" in line]
+    if warned:
+        [warning] = warnings
+        assert "ORDER BY" in warning and "includedPaths" in warning
+        assert "az cosmosdb sql container update --account-name platform-cosmos" in warning and "--idx" in warning
+    else:
+        assert not warnings, warnings
+
+
+def test_key_vault_purge_protection_on_new_and_existing_vaults(full):
+    (create,) = commands(full, "keyvault", "create")
+    assert option(create, "--enable-purge-protection") == "true"
+    (update,) = commands(full, "keyvault", "update")
+    assert (option(update, "--name"), option(update, "--enable-purge-protection")) == (option(create, "--name"), "true")
+
+
+def test_instance_cap_and_worker_threads(full, minimal):
+    host = json.loads((REPO / "host.json").read_text())
+    calls_at_once = host["extensions"]["serviceBus"]["maxConcurrentCalls"]
+    for lines in (full, minimal):
+        (create,) = commands(lines, "functionapp", "create")
+        (scale,) = commands(lines, "functionapp", "scale", "config", "set")
+        assert option(create, "--maximum-instance-count") == option(scale, "--maximum-instance-count") == "10"
+        assert option(scale, "--instance-memory") == "2048"
+        # A thread for every message the trigger hands over at once.
+        assert app_settings(lines)["PYTHON_THREADPOOL_THREAD_COUNT"] == str(calls_at_once)
+    env = {**REQUIRED, "MAXIMUM_INSTANCE_COUNT": "3", "PYTHON_THREADPOOL_THREAD_COUNT": "8"}
+    lines = az_lines(run_deploy(env, "--dry-run").stdout)
+    (scale,) = commands(lines, "functionapp", "scale", "config", "set")
+    assert option(scale, "--maximum-instance-count") == "3"
+    assert app_settings(lines)["PYTHON_THREADPOOL_THREAD_COUNT"] == "8"
+
+
+# --- every variable is checked before any az command --------------------------------------------------
+
+BAD_VALUES = [
+    ("RESOURCE_GROUP", "rg-token-refresh."),
+    ("RESOURCE_GROUP", "rg token refresh"),
+    ("LOCATION", "West Europe"),
+    ("APP_NAME", "-token-refresh"),
+    ("COSMOS_ACCOUNT", "Platform_Cosmos"),
+    ("COSMOS_RESOURCE_GROUP", "x" * 91),
+    ("COSMOS_DATABASE", "integrations/prod"),
+    ("COSMOS_CONNECTIONS_CONTAINER", "connections?"),
+    ("COSMOS_STATE_CONTAINER", " state"),
+    ("STORAGE_ACCOUNT", "st" + "x" * 23),
+    ("STORAGE_ACCOUNT", "St-Token"),
+    ("SERVICEBUS_NAMESPACE", "tokens-sb"),
+    ("SERVICEBUS_NAMESPACE", "1tokens"),
+    ("KEY_VAULT", "kv--token"),
+    ("KEY_VAULT", "1kv-token"),
+    ("IDENTITY_NAME", "id"),
+    ("LOG_ANALYTICS_WORKSPACE", "logs-"),
+    ("APP_INSIGHTS", "insights."),
+    ("DEPLOYMENT_CONTAINER", "App-Package"),
+    ("INSTANCE_MEMORY_MB", "1024"),
+    ("MAXIMUM_INSTANCE_COUNT", "0"),
+    ("MAXIMUM_INSTANCE_COUNT", "ten"),
+    ("PYTHON_RUNTIME_VERSION", "3.10"),
+    ("PYTHON_THREADPOOL_THREAD_COUNT", "0"),
+    ("TOKEN_REFRESH_INTERVAL_MS", "1h"),
+    ("TOKEN_REFRESH_EXPIRATION_THRESHOLD_MS", "600000"),  # shorter than the interval
+    ("TOKEN_REFRESH_MAX_DELIVERY_COUNT", "ten"),
+    ("DUPLICATE_DETECTION_WINDOW", "banana"),
+    ("OUTCOME_QUEUE_TTL", "banana"),
+    ("OUTCOME_QUEUE_TTL", "P15D"),
+    ("OUTCOME_QUEUE_MAX_SIZE_MB", "6000"),
+    ("RABBITMQ_EXCHANGE", "integration events"),
+    ("INTEGRATION_MANAGER_URL", "http://integration-manager.example.com"),
+    ("INTEGRATION_MANAGER_URL", "https://svc:url-canary-77@integration-manager.example.com"),
+    ("ACTION_GROUP", "/subscriptions/0/resourceGroups/rg/providers/Microsoft.Insights/metricAlerts/oncall"),
+    ("ALERT_EMAIL", "oncall"),
+    ("RETRYABLE_FAILURE_ALERT_PERCENT", "0"),
+    ("DEPLOYER_OBJECT_ID", "me"),
+    ("DEPLOYER_PRINCIPAL_TYPE", "Robot"),
+    ("TOKEN_REFRESH_ENABLED", "yes"),
+    ("TOKEN_REFRESH_SKIP_STATUSES", "revoked,,deleted"),
+    ("TOKEN_REFRESH_RATE_LIMITS", "salesforce=5"),
+    ("TOKEN_REFRESH_PAGE_SIZE", "lots"),
+]
+
+
+def one_error_line(result: subprocess.CompletedProcess[str]) -> str:
+    assert result.returncode == 2
+    assert result.stdout == "", "an az command was printed before the check"
+    errors = [line for line in result.stderr.splitlines() if line.startswith("deploy: error:")]
+    assert len(errors) == 1, result.stderr
+    return errors[0]
+
+
+@pytest.mark.parametrize(("name", "value"), BAD_VALUES, ids=[f"{name}={value[:20]}" for name, value in BAD_VALUES])
+def test_a_bad_variable_stops_before_any_command_with_one_line(name, value):
+    error = one_error_line(run_deploy({**REQUIRED, name: value}, "--dry-run"))
+    assert error.startswith(f"deploy: error: {name}=")
+    assert "; expected " in error  # the value's problem, then the form expected
+    assert "url-canary" not in error  # a URL may hold credentials: never shown
+
+
+def test_action_group_and_alert_email_together_are_refused():
+    env = {**REQUIRED, "ACTION_GROUP": "platform-oncall", "ALERT_EMAIL": "ops@example.com"}
+    error = one_error_line(run_deploy(env, "--dry-run"))
+    assert "ACTION_GROUP" in error and "ALERT_EMAIL" in error
+
+
+def app_int_settings() -> dict[str, tuple[int, int]]:
+    """Every whole-number setting of the app (shared/settings.py) and its limits."""
+    import annotated_types
+
+    from shared.settings import Settings
+
+    limits = {}
+    for field in Settings.model_fields.values():
+        if field.annotation is int:
+            low = next(m.ge for m in field.metadata if isinstance(m, annotated_types.Ge))
+            high = next(m.le for m in field.metadata if isinstance(m, annotated_types.Le))
+            limits[field.alias] = (low, high)
+    return limits
+
+
+def test_every_number_setting_of_the_app_is_checked_against_the_app_limits():
+    """deploy.sh refuses what the app would refuse at start, and passes the limits themselves: a new number
+    setting, or changed limits, fail here until deploy.sh follows."""
+    limits = app_int_settings()
+    assert len(limits) >= 15
+    for name, (low, high) in limits.items():
+        for outside in (low - 1, high + 1):
+            if outside < 0:
+                continue
+            env = {**REQUIRED, name: str(outside)}
+            if name == "TOKEN_REFRESH_INTERVAL_MS":
+                env["TOKEN_REFRESH_EXPIRATION_THRESHOLD_MS"] = str(outside)
+            error = one_error_line(run_deploy(env, "--dry-run"))
+            assert error.startswith(f"deploy: error: {name}={outside}:"), error
+    for edge in (0, 1):  # every setting at its lowest, then at its highest: accepted and set on the app
+        env = {**REQUIRED, **{name: str(bounds[edge]) for name, bounds in limits.items()}}
+        env["TOKEN_REFRESH_EXPIRATION_THRESHOLD_MS"] = str(
+            max(int(env["TOKEN_REFRESH_EXPIRATION_THRESHOLD_MS"]), int(env["TOKEN_REFRESH_INTERVAL_MS"]))
+        )
+        result = run_deploy(env, "--dry-run")
+        assert result.returncode == 0, result.stderr
+        settings = app_settings(az_lines(result.stdout))
+        assert {name: settings.get(name) for name in limits} == {name: env[name] for name in limits}
 
 
 # --- the real Azure CLI parses every command ------------------------------------------------------
@@ -823,7 +1266,7 @@ def documented_options(help_text: str) -> set[str]:
     }
 
 
-def test_real_azure_cli_accepts_every_command(full, minimal, tmp_path):
+def test_real_azure_cli_accepts_every_command(full, minimal, action_group_run, tmp_path):
     if not AZ.exists():
         pytest.fail(
             f"{AZ} is missing: run `bash scripts/install-azure-cli.sh` (installs the Azure CLI into "
@@ -835,7 +1278,7 @@ def test_real_azure_cli_accepts_every_command(full, minimal, tmp_path):
     [(code, output)] = run_az(["account", "show", "--query", "id", "--output", "tsv"], env)
     assert code == 1 and LOGIN_REQUIRED in output, output
 
-    lines = sorted({tuple(argv[1:]) for argv in full + minimal})
+    lines = sorted({tuple(argv[1:]) for argv in full + minimal + az_lines(action_group_run.stdout)})
     paths = sorted({command_path(line) for line in lines})
     jobs = [list(line) for line in lines] + [list(c) for c in CONTROLS] + [[*p, "--help"] for p in paths]
     shards = 2 if (os.cpu_count() or 1) > 1 else 1
