@@ -35,7 +35,7 @@ def local_values(services: dict[str, str]) -> dict[str, str]:
         "INTEGRATION_MANAGER_URL": STAND_IN_MANAGER_URL,
         "INTEGRATION_MANAGER_TOKEN": "local-stand-in-token",
         "TOKEN_REFRESH_INTERVAL_MS": "60000",
-        "TOKEN_REFRESH_EXPIRATION_THRESHOLD_MS": "3900000",
+        "TOKEN_REFRESH_EXPIRATION_THRESHOLD_MS": "4200000",
     }
 
 
