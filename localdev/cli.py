@@ -365,8 +365,9 @@ def _run_command(args: argparse.Namespace, loaded: list[Settings]) -> int:
         return args.handler(loaded[0], args)
     except SettingsError as error:
         if found is None:  # the usual cause: the local services' settings were never written
+            searched = " or ".join(dict.fromkeys(str(folder) for folder in (Path.cwd(), APP_ROOT)))
             raise SettingsError(
-                f"{error}. There is no local.settings.json in {Path.cwd()} or {APP_ROOT}: `make services-up` "
+                f"{error}. There is no local.settings.json in {searched}: `make services-up` "
                 "writes one for the local services (or set the settings in the environment)"
             ) from None
         raise
