@@ -16,6 +16,7 @@ client) and, when it refreshed a Cosmos document, the `expiresAt` it moved from 
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import socket
 import ssl
@@ -257,6 +258,7 @@ def main(argv: list[str] | None = None) -> int:
     import argparse
 
     from localdev.cli import load_local_settings
+    from localdev.errors import ServiceError
     from localdev.failures import report_failures
     from localdev.sample_data import REJECTED_CONNECTIONS, open_container
     from shared.settings import load_settings
@@ -271,11 +273,21 @@ def main(argv: list[str] | None = None) -> int:
         loaded.append(load_settings())
         container = open_container(loaded[0])
         rejected = Answer(400, {"error": "invalid_grant"})
-        server = StandInManager(
-            script=lambda call: rejected if call.connection_id in REJECTED_CONNECTIONS else Answer(),
-            container=container,
-            port=args.port,
-        ).start()
+        try:
+            server = StandInManager(
+                script=lambda call: rejected if call.connection_id in REJECTED_CONNECTIONS else Answer(),
+                container=container,
+                port=args.port,
+            ).start()
+        except OSError as error:
+            if error.errno != errno.EADDRINUSE:
+                raise
+            raise ServiceError(
+                "the stand-in integration-manager cannot listen: the port is in use",
+                f"127.0.0.1:{args.port}, --port",
+                "stop what listens there (an earlier stand-in?) or pass another --port and point "
+                "INTEGRATION_MANAGER_URL at it",
+            ) from None
         print(
             f"stand-in integration-manager on {server.url} "
             f"(rejects {', '.join(sorted(REJECTED_CONNECTIONS))}); Ctrl-C stops"

@@ -3,12 +3,14 @@ the setting) and the fix, a non-zero exit code and no traceback: `python -m loca
 real local services, each broken as a user would break it (docs/running-locally.md). What the line says for each
 failure, and the summary of `run --once`, without services: tests/unit/test_failures.py."""
 
+import socket
+import subprocess
 import uuid
 
 import pytest
 
 from tests.support.documents import upsert_connection
-from tests.support.helpers import MANAGER_TOKEN, run_cli
+from tests.support.helpers import APP_ROOT, CLI, MANAGER_TOKEN, run_cli
 from tests.support.network import closed_port
 
 CHECK = ("check", "--dry-run")
@@ -91,3 +93,22 @@ def test_manager_unreachable_ends_the_cycle_at_max_wait_naming_the_url_and_how_t
     assert f"manager=http://127.0.0.1:{port} " in retry
     assert MANAGER_TOKEN not in result.stdout + result.stderr
     assert manager.calls == []
+
+
+def test_the_stand_in_manager_on_a_port_in_use_is_one_line_naming_the_port(cli_env):
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        result = subprocess.run(
+            [*CLI[:-1], "localdev.stand_in_manager", "--port", str(port)],
+            cwd=APP_ROOT,
+            env=cli_env,
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
+        )
+    assert result.returncode == 1
+    line = the_error_line(result)
+    assert f"port is in use (127.0.0.1:{port}, --port)" in line and "INTEGRATION_MANAGER_URL" in line

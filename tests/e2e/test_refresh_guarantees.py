@@ -27,7 +27,17 @@ def test_a_heartbeat_shorter_than_an_invocation_is_raised_to_outlast_it(
     # ?heartbeat=2 and a longer call, RabbitMQ could close the connection and hand the message to
     # another worker mid-refresh. The local host's connections negotiate at least the longest invocation.
     seed_connection(cosmos_container)
-    manager.script = lambda call: Answer(200, delay_s=4)
+    listed = threading.Event()
+
+    def call_outlasting_the_heartbeat_and_the_listing(call):
+        # At least 4 s (two heartbeats of 2 s), and until the connections are listed: rabbitmqctl takes seconds on a
+        # loaded machine, and once the call returns the cycle ends and the host closes its connections.
+        started = time.monotonic()
+        listed.wait(10)
+        time.sleep(max(0.0, 4 - (time.monotonic() - started)))
+        return Answer(200)
+
+    manager.script = call_outlasting_the_heartbeat_and_the_listing
     env = fault_env | {
         "RABBITMQ_URL": fault_env["RABBITMQ_URL"] + "?heartbeat=2",
         "INTEGRATION_MANAGER_TIMEOUT_MS": "15000",
@@ -46,17 +56,16 @@ def test_a_heartbeat_shorter_than_an_invocation_is_raised_to_outlast_it(
         while not manager.calls and time.monotonic() < deadline:
             time.sleep(0.1)
         assert manager.calls, log.read_text()[-3000:]
-        # While the 4-s call runs: the consumers' connections (the publisher's, named integration-token-refresh,
-        # only publishes: if the broker drops it, the next publish reconnects) and the test's own tap (the
-        # broker's 60 s). Listed until all are there: on a loaded machine a worker's connection may come late.
-        consumers: list[int] = []
-        while len(consumers) < 3 and time.monotonic() < deadline:
-            connections = rabbitmq.ctl("list_connections", "timeout", "client_properties").splitlines()[2:]
-            consumers = [int(line.split()[0]) for line in connections if '"integration-token-refresh"' not in line]
+        # While the call runs: the consumers' connections (the publisher's, named integration-token-refresh, only
+        # publishes: if the broker drops it, the next publish reconnects) and the test's own tap (the broker's 60 s).
+        connections = rabbitmq.ctl("list_connections", "timeout", "client_properties").splitlines()[2:]
+        listed.set()
         assert host.wait(60) == 0, log.read_text()[-3000:]
     finally:
+        listed.set()
         host.kill()
-    assert len(consumers) >= 3 and min(consumers) >= 60, connections
+    consumers = [int(line.split()[0]) for line in connections if '"integration-token-refresh"' not in line]
+    assert len(consumers) >= 3 and min(consumers) >= 60, (connections, log.read_text()[-4000:])
     assert "RabbitMQ heartbeat 2 s is shorter than the longest invocation" in log.read_text()
     assert len(manager.calls) == 1
     assert [e.routing_key for e in tap.everything() if e.routing_key in (REFRESHED, REFRESH_FAILED)] == [REFRESHED]
