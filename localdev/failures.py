@@ -56,7 +56,9 @@ def explain(error: BaseException, settings: Settings | None) -> OperatorError | 
             return OperatorError(_scrub(settings, cause))
         if isinstance(cause, ServiceStartError):  # its first line says which; the rest is the service's log
             return OperatorError(f"{_scrub(settings, cause)} ({DEBUG_VARIABLE}=1 shows the service's log)")
-        if settings is not None and (known := _cosmos(cause, settings) or _rabbitmq(cause, settings)):
+        if settings is not None and (
+            known := _service_bus(cause, settings) or _cosmos(cause, settings) or _rabbitmq(cause, settings)
+        ):
             return known
     return None
 
@@ -140,6 +142,41 @@ def _rabbitmq(error: BaseException, settings: Settings) -> ServiceError | None:
     if isinstance(error, pika.exceptions.AMQPError):
         reason = _scrub(settings, _reason(error))
         return ServiceError(f"RabbitMQ cannot be used: {reason}", where, START_SERVICES + " or fix RABBITMQ_URL")
+    return None
+
+
+def service_bus_address(settings: Settings) -> str:
+    """The namespace's host (from the identity form, or the connection string's Endpoint), never its key."""
+    if settings.service_bus_namespace:
+        return f"{settings.service_bus_namespace}, ServiceBusConnection__fullyQualifiedNamespace"
+    connection = settings.service_bus_connection_string
+    endpoint = re.search(r"Endpoint=([^;]+)", connection.get_secret_value()) if connection else None
+    return f"{address(endpoint[1] if endpoint else None, 5671)}, ServiceBusConnection"
+
+
+def _service_bus(error: BaseException, settings: Settings) -> ServiceError | None:
+    from azure.servicebus import exceptions as service_bus
+
+    where = service_bus_address(settings)
+    if isinstance(error, service_bus.ServiceBusAuthenticationError | service_bus.ServiceBusAuthorizationError):
+        return ServiceError(
+            "Azure Service Bus refused the credentials",
+            where,
+            "check the connection string's key, or that your identity has 'Azure Service Bus Data Receiver' (and "
+            "Data Sender, to replay) on the namespace (docs/deploy.md)",
+        )
+    if isinstance(error, service_bus.MessagingEntityNotFoundError):
+        return ServiceError(
+            f"Azure Service Bus has no such queue: {_scrub(settings, error)}",
+            where,
+            "deploy the queues (`make deploy`, docs/deploy.md) or fix the queue name",
+        )
+    if isinstance(error, service_bus.ServiceBusConnectionError | service_bus.ServiceBusCommunicationError):
+        return ServiceError(
+            f"Azure Service Bus cannot be reached: {_scrub(settings, _reason(error))}",
+            where,
+            "check the namespace's name and this machine's network access to it (port 5671, or 443 over WebSockets)",
+        )
     return None
 
 

@@ -11,6 +11,7 @@ import pika
 import pytest
 from azure.core.exceptions import ServiceRequestError
 from azure.cosmos.exceptions import CosmosResourceNotFoundError
+from azure.servicebus import exceptions as service_bus
 
 from localdev import cli, local_settings
 from localdev.failures import explain, report_failures
@@ -231,3 +232,33 @@ def test_integration_managers_url_in_a_log_line_has_no_user_password_or_query():
         "https://manager.internal:8443/base"
     )
     assert manager_location(None) == "-"
+
+
+SERVICE_BUS_KEY = "c2VjcmV0LXNlcnZpY2UtYnVzLWtleQ=="
+
+
+@pytest.mark.parametrize(
+    ("error", "what", "fix"),
+    [
+        (service_bus.ServiceBusAuthenticationError(message="Unauthorized"), "refused the credentials", "Data Receiver"),
+        (service_bus.ServiceBusAuthorizationError(message="Forbidden"), "refused the credentials", "Data Receiver"),
+        (service_bus.MessagingEntityNotFoundError(message="no queue x"), "has no such queue", "make deploy"),
+        (service_bus.ServiceBusConnectionError(message="refused"), "cannot be reached", "port 5671"),
+    ],
+    ids=["authentication", "authorization", "no-queue", "unreachable"],
+)
+def test_a_service_bus_failure_names_the_namespace_and_the_fix_never_the_key(settings, monkeypatch, error, what, fix):
+    monkeypatch.setenv(
+        "ServiceBusConnection",
+        f"Endpoint=sb://ns-ops.servicebus.windows.net/;SharedAccessKeyName=ops;SharedAccessKey={SERVICE_BUS_KEY}",
+    )
+    line = str(explain(raised_from(error), load_settings()))
+    assert f"Azure Service Bus {what}" in line and fix in line
+    assert "(ns-ops.servicebus.windows.net:5671, ServiceBusConnection)" in line
+    assert SERVICE_BUS_KEY not in line
+
+
+def test_a_service_bus_failure_with_an_identity_names_the_namespace_setting(settings, monkeypatch):
+    monkeypatch.setenv("ServiceBusConnection__fullyQualifiedNamespace", "ns-ops.servicebus.windows.net")
+    line = str(explain(service_bus.ServiceBusConnectionError(message="refused"), load_settings()))
+    assert "(ns-ops.servicebus.windows.net, ServiceBusConnection__fullyQualifiedNamespace)" in line
