@@ -126,6 +126,8 @@ class IntegrationManagerClient:
     ):
         self._base_url = base_url.rstrip("/")
         self._base_path = urlsplit(self._base_url).path
+        # Where the calls go, for the log lines of failed calls (never the token: it is a header).
+        self.location = manager_location(self._base_url)
         self._timeout = (connect_timeout_s, read_timeout_s)
         self._session = session or pooled_session(trust_env=False)
         self._session.headers["Accept"] = "application/json"

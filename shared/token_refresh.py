@@ -48,7 +48,7 @@ from shared.events import (
 from shared.failure_classes import UNVERIFIED_REFRESH, FailureKind
 from shared.failure_waves import WaveReport, count_connection_failure, count_failure
 from shared.ids import connection_key, idempotency_key, outcome_event_id
-from shared.manager_client import IntegrationManagerClient, RefreshOutcome, manager_location
+from shared.manager_client import IntegrationManagerClient, RefreshOutcome
 from shared.messaging import EventPublisher, RetryScheduler
 from shared.settings import Settings, rate_limit
 from shared.state_store import StateStore
@@ -360,8 +360,7 @@ class _RefreshJob:
             f"connectionId={request.connection_id!r} integrationId={request.integration_id!r} "
             f"tenantId={request.tenant_id!r}"
         )
-        # Where the failed calls went, for the operator who must check it (never the token: it is a header).
-        self.manager = manager_location(self.settings.integration_manager_url)
+        self.manager = context.manager.location  # where the failed calls went, for the operator who must check it
 
     def _current(self) -> ConnectionState | None:
         return self.context.connections.current_state(self.request.tenant_id, self.request.connection_id)

@@ -61,6 +61,8 @@ class Manager:
     let the world check its invariants; `write_failure_metadata` makes a connection-class failure write into the
     connection document (like Nango's setRefreshFailure), which changes its `_ts`."""
 
+    location = "https://integration-manager.simulated"  # the client's, for the app's log lines
+
     def __init__(
         self,
         sim: Scheduler,
