@@ -100,7 +100,17 @@ def _command_run(settings: Settings, args: argparse.Namespace) -> int:
     from localdev.preflight import require_connections_container
     from shared import runtime
 
-    require_connections_container(settings)  # before anything is consumed: a message would fail on every delivery
+    try:
+        require_connections_container(settings)  # before anything is consumed: a message would fail on every delivery
+    except Exception as error:
+        from localdev.failures import explain
+        from shared.cosmos_errors import is_store_outage
+
+        # `run` keeps running, as the Functions host does: an outage of Cosmos DB as it starts is ridden out by the
+        # check's own retries. A wrong key, name or certificate, and any failure of `run --once`, stops it.
+        if args.once or not is_store_outage(error):
+            raise
+        logging.getLogger(__name__).warning("%s; `run` goes on: the check retries", explain(error, settings))
     host = LocalHost(
         settings,
         queue_prefix=args.queue_prefix,

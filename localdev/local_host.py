@@ -319,7 +319,12 @@ class LocalHost:
         delay = RECONNECT_INITIAL_S
         lost_at = time.monotonic()
         # Each failed attempt is one line of ours (pika's own records are at DEBUG: shared.third_party_logs).
-        logger.warning("RabbitMQ %s (%s); reconnecting", what, describe_connection_error(error, self._scrub))
+        logger.warning(
+            "RabbitMQ %s at %s (%s); reconnecting (a stale port? `make services-up` rewrites local.settings.json)",
+            what,
+            broker_address(self.settings),
+            describe_connection_error(error, self._scrub),
+        )
         while not self._stop.is_set():
             if deadline is not None and time.monotonic() + delay > deadline:
                 raise BrokerUnavailableError(
@@ -537,15 +542,6 @@ class LocalHost:
     def _check_function(self) -> str | None:
         return next((f.name for f in self.functions if f.event_type == CHECK_EXPIRING), None)
 
-    def _connect_at_start(self) -> None:
-        """A broker that is not there when `run` starts is a setting to fix (or a service to start), not an outage
-        to wait out: one line, exit 1. Once connected, a lost connection is re-established."""
-        try:
-            if self._channel is None:
-                self.connect()
-        except BROKER_CONNECTION_ERRORS as error:
-            raise self._unreachable(error) from None
-
     def _unreachable(self, error: BaseException) -> BrokerUnavailableError:
         return BrokerUnavailableError(
             f"cannot use RabbitMQ at {broker_address(self.settings)} ({describe_connection_error(error, self._scrub)})"
@@ -672,7 +668,8 @@ class LocalHost:
 
     def run_forever(self, tick_seconds: float | None = None) -> None:
         """Consume until stop() or Ctrl-C; tick the timer so TOKEN_REFRESH_INTERVAL_MS sets the cadence.
-        A lost broker connection is re-established with a growing back-off (up to RECONNECT_MAX_S).
+        A broker that is not there yet, or lost, is waited for with a growing back-off (up to RECONNECT_MAX_S), as the
+        Functions host keeps running through an outage; a broker that refuses RABBITMQ_URL's user stops it.
         With workers > 1, that many more threads consume refresh requests, each on its own connection."""
         extra = [
             threading.Thread(target=self._consume_forever, args=(function,), name=f"local-host-worker-{n}", daemon=True)
@@ -686,7 +683,6 @@ class LocalHost:
         next_tick = time.monotonic()
         announced = False
         try:
-            self._connect_at_start()
             while not self._stop.is_set():
                 try:
                     if self._channel is None:

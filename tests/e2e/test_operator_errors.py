@@ -5,12 +5,14 @@ failure, and the summary of `run --once`, without services: tests/unit/test_fail
 
 import socket
 import subprocess
+import time
 import uuid
 
 import pytest
 
 from tests.support.documents import upsert_connection
 from tests.support.helpers import APP_ROOT, CLI, MANAGER_TOKEN, run_cli
+from tests.support.host_process import Host
 from tests.support.network import closed_port
 
 CHECK = ("check", "--dry-run")
@@ -112,3 +114,28 @@ def test_the_stand_in_manager_on_a_port_in_use_is_one_line_naming_the_port(cli_e
     assert result.returncode == 1
     line = the_error_line(result)
     assert f"port is in use (127.0.0.1:{port}, --port)" in line and "INTEGRATION_MANAGER_URL" in line
+
+
+def test_run_keeps_running_through_cosmos_and_the_broker_being_down_as_it_starts_and_names_them(cli_env, tmp_path):
+    # `run` stands in for the Functions host, which keeps running through an outage: a restart that meets one (the
+    # soak's host_kill during a Cosmos blip or a broker restart) must not leave no host at all. Each attempt names
+    # where; Ctrl-C still stops it cleanly. (`run --once` and `check` stop at once: the tests above.)
+    cosmos_port, broker_port = closed_port(), closed_port()
+    env = cli_env | {
+        "COSMOS_ENDPOINT": f"https://127.0.0.1:{cosmos_port}/",
+        "RABBITMQ_URL": f"amqp://guest:guest@127.0.0.1:{broker_port}/%2F",
+        "FAULT_QUEUE_PREFIX": f"errors-{uuid.uuid4().hex[:8]}.",
+    }
+    host = Host(env, tmp_path)
+    try:
+        deadline = time.monotonic() + 30
+        while "RabbitMQ still unavailable" not in host.output() and time.monotonic() < deadline:
+            time.sleep(0.2)
+        output = host.output()
+        assert host.process.poll() is None, output[-3000:]
+        assert f"(127.0.0.1:{cosmos_port}, COSMOS_ENDPOINT)" in output and "`run` goes on" in output, output[-3000:]
+        assert f"RabbitMQ unavailable at 127.0.0.1:{broker_port}" in output, output[-3000:]
+        assert "Traceback" not in output
+        assert host.interrupt() == 0
+    finally:
+        host.kill()
